@@ -1,0 +1,25 @@
+"""Named run sizes ("profiles"): ``smoke`` for CI and laptops, ``paper`` for the paper's settings.
+
+A profile is a YAML file in ``profiles/`` with one section per notebook; a notebook reads its own
+section. The ``notebooks`` section lists the papermill parameters the book build uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """The settings of profile ``name`` (``profiles/<name>.yaml``); unknown → ``ValueError``."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown profile {name!r}; choose one of {available_profiles()}")
+    return yaml.safe_load(path.read_text()) or {}
