@@ -1,0 +1,224 @@
+"""Function feature learning (§3.3).
+
+Each network at chain index l is represented by x = vec(G_l) (aligned) or by vec(W_l) (the
+unaligned baseline). A linear map Θ projects x to one score per training task and is learned with
+cross-entropy over the task labels (paper: SGD, batch 1, lr 1e-3, momentum 0.9, lr/10 after 6
+epochs). Similarity of two networks = cosine of their projected vectors.
+
+**Kernel form.** vec(G) has d² entries (9.4 M for MLP chain 1, 3.9e8 for CNN chain 4), so we never
+store it. Start Θ at zero (we do; the paper does not say): every SGD step — with momentum and
+weight decay too — adds multiples of training vectors x_i to Θ, so Θ = A X stays in their span and
+Θ x = A (X x) = A k(x), where k holds the inner products ⟨x_i, x⟩. For chains these are
+⟨G_i, G⟩ = ‖C_iᵀ C‖²_F (:func:`ffl.chain.gram_inner`). Training updates the coefficients A instead
+of Θ: the iterates are exactly those of SGD on Θ (``tests/test_features.py`` checks this against
+``torch.optim.SGD`` on explicit features).
+
+**Normalization.** With ``normalize=True`` (default) each x is scaled to unit L2 norm first, i.e.
+the kernel is the cosine ⟨x_i, x_j⟩ / (‖x_i‖ ‖x_j‖). Raw Gram magnitudes differ by orders of
+magnitude between chain indices, and one learning rate must serve all of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ffl.chain import chain_factors, gram_inner, layer_features
+
+# Largest block of explicit vectors formed at once (in floats), to bound memory.
+_BLOCK_FLOATS = 2**26
+
+
+@dataclass
+class Representation:
+    """N networks at one index: explicit ``vectors`` (N, D), or chain ``factors`` (N, d, n) with
+    x_i = vec(C_i C_iᵀ). Exactly one of the two is set."""
+
+    vectors: torch.Tensor | None = None
+    factors: torch.Tensor | None = None
+    _sq_norms: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.vectors is None) == (self.factors is None):
+            raise ValueError("give exactly one of vectors or factors")
+
+    def __len__(self) -> int:
+        data = self.vectors if self.vectors is not None else self.factors
+        return data.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Dimension of x (d² for chain Grams, never formed)."""
+        if self.vectors is not None:
+            return self.vectors.shape[1]
+        return self.factors.shape[1] ** 2
+
+    def inner(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Raw inner products ⟨x_i, x_j⟩ for i in ``rows``, j in ``cols`` (float64)."""
+        if self.vectors is not None:
+            v = self.vectors.double()
+            return v[rows] @ v[cols].T
+        return _gram_inner_matrix(self.factors[rows], self.factors[cols])
+
+    def squared_norms(self) -> torch.Tensor:
+        """‖x_i‖² for all networks (cached)."""
+        if self._sq_norms is None:
+            if self.vectors is not None:
+                self._sq_norms = self.vectors.double().square().sum(dim=1)
+            else:
+                self._sq_norms = gram_inner(self.factors.double(), self.factors.double())
+        return self._sq_norms
+
+    def kernel(self, rows: torch.Tensor, cols: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """Kernel block K[rows, cols]; cosine-normalized when ``normalize``."""
+        k = self.inner(rows, cols)
+        if normalize:
+            norms = self.squared_norms().sqrt().clamp_min(1e-300)
+            k = k / norms[rows, None] / norms[None, cols]
+        return k
+
+
+def _gram_inner_matrix(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """Matrix of ⟨G_i, G_j⟩ for factor stacks ca (A, d, n), cb (B, d, m), the cheaper way.
+
+    Implicit: A·B·d·n·m flops via ‖C_iᵀ C_j‖². Explicit: form the Grams in blocks,
+    (A + B)·d²·n flops plus A·B·d². Both exact; the choice only changes speed and memory.
+    """
+    a, d, n = ca.shape
+    b, _, m = cb.shape
+    implicit_cost = a * b * d * n * m
+    explicit_cost = (a + b) * d * d * max(n, m) + a * b * d * d
+    ca, cb = ca.double(), cb.double()
+    out = torch.empty(a, b, dtype=torch.float64)
+    if implicit_cost <= explicit_cost:
+        for i in range(a):
+            out[i] = gram_inner(ca[i], cb)
+        return out
+    step = max(1, _BLOCK_FLOATS // (d * d))
+    for i in range(0, a, step):
+        ga = (ca[i : i + step] @ ca[i : i + step].transpose(1, 2)).flatten(1)
+        for j in range(0, b, step):
+            gb = (cb[j : j + step] @ cb[j : j + step].transpose(1, 2)).flatten(1)
+            out[i : i + step, j : j + step] = ga @ gb.T
+    return out
+
+
+def zoo_representations(
+    models: Sequence[nn.Module], kind: str, *, chain_normalize: bool = False
+) -> list[Representation]:
+    """One :class:`Representation` per index for a list of same-architecture networks.
+
+    ``kind="chain"``: aligned chain Grams G_1 … G_L (kept as factors C_l);
+    ``kind="layer"``: the unaligned per-layer weights W_1 … W_L.
+    """
+    if kind == "chain":
+        per_model = [chain_factors(m, normalize=chain_normalize) for m in models]
+        return [Representation(factors=torch.stack([f[l] for f in per_model])) for l in range(len(per_model[0]))]
+    if kind == "layer":
+        per_model = [layer_features(m) for m in models]
+        return [Representation(vectors=torch.stack([f[l] for f in per_model])) for l in range(len(per_model[0]))]
+    raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
+
+
+@dataclass
+class ProjectionConfig:
+    """Training of Θ (§3.3). Defaults are the paper's: SGD, batch 1, lr 1e-3, momentum 0.9,
+    lr/10 after 6 epochs (we train 10 epochs in all)."""
+
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 10
+    lr_step_epochs: tuple[int, ...] = (6,)
+    lr_gamma: float = 0.1
+    batch_size: int = 1
+    normalize: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ProjectionConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown projection settings {sorted(unknown)}")
+        if "lr_step_epochs" in d:
+            d["lr_step_epochs"] = tuple(d["lr_step_epochs"])
+        return cls(**d)
+
+
+@dataclass
+class Projection:
+    """A learned Θ in kernel form: scores(x) = coef · k(x) + bias, k(x)_i = ⟨x_i, x⟩."""
+
+    coef: torch.Tensor  # (T, N_train)
+    bias: torch.Tensor  # (T,)
+    train_index: torch.Tensor  # rows of the Representation that span Θ
+    normalize: bool
+
+    def project(self, rep: Representation, index: torch.Tensor) -> torch.Tensor:
+        """Projected vectors (len(index), T) of the networks ``index`` of ``rep``."""
+        k = rep.kernel(self.train_index, index, normalize=self.normalize)
+        return (self.coef @ k).T + self.bias
+
+
+def fit_projection(
+    rep: Representation,
+    train_index: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    config: ProjectionConfig | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Projection:
+    """Learn Θ with cross-entropy over task ``labels`` by SGD, in kernel form (see module doc).
+
+    Reproduces ``torch.optim.SGD`` (momentum, weight decay, step schedule) on a zero-initialized
+    ``nn.Linear`` exactly, minibatches drawn by a ``torch.Generator`` seeded with ``config.seed``.
+    """
+    cfg = config or ProjectionConfig()
+    n = len(train_index)
+    if labels.shape != (n,):
+        raise ValueError(f"need one label per training network: {n} networks, labels {tuple(labels.shape)}")
+    k = rep.kernel(train_index, train_index, normalize=cfg.normalize)  # (N, N)
+    coef = torch.zeros(num_classes, n, dtype=torch.float64)
+    bias = torch.zeros(num_classes, dtype=torch.float64)
+    coef_buf, bias_buf = torch.zeros_like(coef), torch.zeros_like(bias)
+    onehot = nn.functional.one_hot(labels, num_classes).double()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lr, first_step = cfg.lr, True
+    for epoch in range(cfg.epochs):
+        if epoch in cfg.lr_step_epochs:
+            lr *= cfg.lr_gamma
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            scores = (coef @ k[:, batch]).T + bias
+            resid = (scores.softmax(dim=1) - onehot[batch]) / len(batch)  # d(mean CE)/d(scores)
+            grad_coef = torch.zeros_like(coef)
+            grad_coef.index_add_(1, batch, resid.T)
+            grad_bias = resid.sum(dim=0)
+            if cfg.weight_decay:
+                grad_coef += cfg.weight_decay * coef
+                grad_bias = grad_bias + cfg.weight_decay * bias
+            if cfg.momentum:
+                if first_step:
+                    coef_buf, bias_buf = grad_coef.clone(), grad_bias.clone()
+                else:
+                    coef_buf.mul_(cfg.momentum).add_(grad_coef)
+                    bias_buf.mul_(cfg.momentum).add_(grad_bias)
+                grad_coef, grad_bias = coef_buf, bias_buf
+            coef -= lr * grad_coef
+            bias -= lr * grad_bias
+            first_step = False
+        if progress is not None:
+            progress(epoch)
+    return Projection(coef=coef, bias=bias, train_index=train_index, normalize=cfg.normalize)
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot products of L2-normalized rows: (len(a), len(b))."""
+    a = nn.functional.normalize(a, dim=1)
+    b = nn.functional.normalize(b, dim=1)
+    return a @ b.T

@@ -1,0 +1,97 @@
+"""Function feature learning: the kernel form equals SGD on an explicit Θ."""
+import pytest
+import torch
+from torch import nn
+
+from ffl.chain import chain_factors, chain_gram
+from ffl.features import ProjectionConfig, Representation, fit_projection, zoo_representations
+from ffl.models import MLP
+from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
+
+
+def primal_sgd_scores(x, labels, num_classes, cfg, x_eval):
+    """Reference: torch.optim.SGD on a zero-initialized nn.Linear, same minibatch order."""
+    if cfg.normalize:
+        x, x_eval = nn.functional.normalize(x, dim=1), nn.functional.normalize(x_eval, dim=1)
+    lin = nn.Linear(x.shape[1], num_classes).double()
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.SGD(lin.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_step_epochs), cfg.lr_gamma)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), cfg.batch_size):
+            b = order[start : start + cfg.batch_size]
+            opt.zero_grad()
+            nn.functional.cross_entropy(lin(x[b]), labels[b]).backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return lin(x_eval)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("batch_size,weight_decay", [(1, 0.0), (3, 1e-2)])
+def test_kernel_sgd_matches_primal_sgd(normalize, batch_size, weight_decay):
+    torch.manual_seed(0)
+    x = torch.randn(14, 9, dtype=torch.float64)
+    labels = torch.arange(14) % 3
+    cfg = ProjectionConfig(lr=0.05, momentum=0.9, weight_decay=weight_decay, epochs=5,
+                           lr_step_epochs=(3,), batch_size=batch_size, normalize=normalize, seed=3)
+    rep = Representation(vectors=torch.cat([x, torch.randn(5, 9, dtype=torch.float64)]))
+    train_index, eval_index = torch.arange(14), torch.arange(19)
+    proj = fit_projection(rep, train_index, labels, 3, cfg)
+    expected = primal_sgd_scores(x, labels, 3, cfg, rep.vectors[eval_index])
+    torch.testing.assert_close(proj.project(rep, eval_index), expected, rtol=1e-9, atol=1e-9)
+    assert expected.abs().max() > 1e-3  # it learned something
+
+
+@pytest.mark.parametrize("d,n", [(6, 2), (4, 30)])  # implicit and explicit paths
+def test_chain_kernel_equals_explicit_gram_inner_products(d, n):
+    torch.manual_seed(1)
+    factors = torch.randn(5, d, n)
+    rep = Representation(factors=factors)
+    vec_g = torch.stack([chain_gram(c).flatten() for c in factors.double()])
+    idx = torch.arange(5)
+    torch.testing.assert_close(rep.inner(idx, idx), vec_g @ vec_g.T)
+    cos = nn.functional.normalize(vec_g, dim=1)
+    torch.testing.assert_close(rep.kernel(idx[:2], idx, normalize=True), cos[:2] @ cos.T)
+    assert rep.dim == d * d
+
+
+def test_representations_of_mlps():
+    models = [MLP(in_features=12, hidden=(5, 4), num_classes=2) for _ in range(3)]
+    chains = zoo_representations(models, "chain")
+    layers = zoo_representations(models, "layer")
+    assert len(chains) == len(layers) == 3
+    torch.testing.assert_close(chains[1].factors[2], chain_factors(models[2])[1])
+    assert layers[0].vectors.shape == (3, 12 * 5)
+    with pytest.raises(ValueError, match="'chain' or 'layer'"):
+        zoo_representations(models, "weights")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="exactly one"):
+        Representation()
+    with pytest.raises(ValueError, match="unknown projection settings"):
+        ProjectionConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="strictly between"):
+        ProtocolSplit(query_fraction=1.0)
+
+
+def clustered(num_tasks=5, runs=10, dim=8, noise=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_tasks, dim, generator=gen)
+    tasks = torch.arange(num_tasks).repeat_interleave(runs)
+    x = centres[tasks] + noise * torch.randn(len(tasks), dim, generator=gen)
+    return Representation(vectors=x), tasks, torch.arange(runs).repeat(num_tasks)
+
+
+def test_protocols_separate_clustered_tasks_and_fail_on_noise():
+    cfg = ProjectionConfig(lr=0.1, epochs=20)
+    rep, tasks, runs = clustered()
+    assert classification_protocol(rep, tasks, runs, cfg)["top1"] == 1.0
+    assert retrieval_protocol(rep, tasks, runs, cfg)["rank1"] == 1.0
+    noise_rep, _, _ = clustered(noise=100.0)
+    assert classification_protocol(noise_rep, tasks, runs, cfg)["top1"] < 0.7
