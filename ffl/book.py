@@ -1,0 +1,129 @@
+"""Build the book: run every chapter notebook through papermill with a named profile, record what
+produced it, then compile the HTML with Jupyter Book 1 (notebook execution off, warnings fatal).
+
+    python -m ffl.book --profile smoke            # run all chapters, then build the HTML
+    python -m ffl.book --profile smoke --no-html  # only run the chapters
+    python -m ffl.book --html-only                # only compile the committed chapters
+
+The chapters a profile runs, and their papermill parameters, are listed in its ``chapters``
+section, so nothing is typed by hand. Each chapter is executed into a temporary file and moved
+into ``book/chapters/`` only when it succeeded: a failed run leaves the previous chapter intact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+
+from ffl.profiles import load_profile
+from ffl.provenance import REPO_ROOT, run_info
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+BOOK_DIR = REPO_ROOT / "book"
+
+
+def chapter_plan(profile: str) -> list[dict[str, Any]]:
+    """The chapters of ``profile``: dicts with ``notebook``, ``output`` and ``parameters``."""
+    plan = load_profile(profile).get("chapters")
+    if not plan:
+        raise ValueError(f"profile {profile!r} lists no chapters")
+    out = []
+    for entry in plan:
+        notebook = entry["notebook"]
+        if not (NOTEBOOK_DIR / f"{notebook}.ipynb").is_file():
+            raise FileNotFoundError(f"profile {profile!r} names notebook {notebook!r}, but "
+                                    f"{NOTEBOOK_DIR / (notebook + '.ipynb')} does not exist")
+        params = {"profile": profile, **entry.get("parameters", {})}
+        out.append({"notebook": notebook, "output": entry.get("output", notebook), "parameters": params})
+    return out
+
+
+def _mark_cells(nb: nbformat.NotebookNode) -> None:
+    # papermill's injected cell repeats the parameters shown in the provenance table: fold it away.
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-cell"]
+
+
+def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
+    """Run one chapter with papermill and write it to ``book_dir/chapters/<output>.ipynb``."""
+    target = book_dir / "chapters" / f"{entry['output']}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    params = entry["parameters"]
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / target.name
+        start = time.perf_counter()
+        papermill.execute_notebook(
+            str(NOTEBOOK_DIR / f"{entry['notebook']}.ipynb"), str(scratch),
+            parameters=params, kernel_name="python3", cwd=str(REPO_ROOT), progress_bar=False,
+        )
+        nb = nbformat.read(scratch, as_version=4)
+        nb.metadata["ffl"] = {
+            **run_info(device=str(params.get("device", "cpu")), notebook=entry["notebook"], **params),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        _mark_cells(nb)
+        nbformat.write(nb, scratch)
+        shutil.move(scratch, target)
+    return target
+
+
+def write_run_summary(book_dir: Path = BOOK_DIR) -> Path:
+    """``book/run_summary.md``: what produced each chapter, read from the chapters themselves."""
+    lines = ["| chapter | profile | data | commit | date | hardware | run time |", "|---|---|---|---|---|---|---|"]
+    for path in sorted((book_dir / "chapters").glob("*.ipynb")):
+        meta = nbformat.read(path, as_version=4).metadata.get("ffl", {})
+        lines.append(
+            f"| [{path.stem}](chapters/{path.stem}) | {meta.get('profile', '?')} | {meta.get('dataset', '—')} "
+            f"| `{meta.get('commit', '?')}` | {meta.get('date', '?')} | {meta.get('hardware', '?')} "
+            f"| {meta.get('seconds', '?')} s |"
+        )
+    out = book_dir / "run_summary.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
+    """``jupyter-book build`` with warnings as errors; returns the HTML folder."""
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(book_dir)]
+    if strict:
+        cmd += ["-W", "--keep-going"]
+    subprocess.run(cmd, check=True)
+    return book_dir.parent / "_build" / "html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ffl.book", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke", help="profile whose chapters to run (default: smoke)")
+    parser.add_argument("--only", nargs="*", help="run only these chapter outputs")
+    parser.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
+    parser.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
+    parser.add_argument("--book-dir", type=Path, default=BOOK_DIR)
+    args = parser.parse_args(argv)
+
+    if not args.html_only:
+        for entry in chapter_plan(args.profile):
+            if args.only and entry["output"] not in args.only:
+                continue
+            print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
+                  f"with {json.dumps(entry['parameters'])}", flush=True)
+            execute_chapter(entry, args.book_dir)
+        write_run_summary(args.book_dir)
+    if not args.no_html:
+        html = build_html(args.book_dir)
+        print(f"[ffl.book] HTML in {html}/index.html")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

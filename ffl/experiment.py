@@ -1,0 +1,144 @@
+"""One paper section's experiment, end to end: profile → zoo → features → protocols → table.
+
+Notebooks call :func:`run_experiment`; it validates its inputs before any work, trains (or loads)
+the zoo, and evaluates both protocols for unaligned layers and aligned chains at every index.
+Zoos and results are cached on disk, keyed by everything that determines them, so re-running a
+notebook is cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+import ffl
+from ffl.data import DATASETS
+from ffl.features import ProjectionConfig, zoo_representations
+from ffl.models import ARCHS
+from ffl.profiles import available_profiles, load_profile
+from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
+from ffl.zoo import Zoo, ZooSpec, train_zoo
+
+FEATURE_KINDS = ("layer", "chain")
+
+
+def default_cache_dir() -> Path:
+    """``$FFL_CACHE`` or ``./cache``: where zoos and results land."""
+    return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
+
+
+def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dict[str, Any]:
+    """Fail at once, with the valid choices, on an unknown arch/dataset/profile; return the
+    profile's settings for ``section``."""
+    if profile not in available_profiles():
+        raise ValueError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    settings = load_profile(profile).get(section)
+    if settings is None:
+        raise ValueError(f"profile {profile!r} has no settings for {section!r}")
+    if arch not in settings["zoo"]["arch"]:
+        raise ValueError(
+            f"profile {profile!r} defines no {arch!r} zoo for {section!r}; "
+            f"it has {sorted(settings['zoo']['arch'])}"
+        )
+    return settings
+
+
+def zoo_spec(settings: dict[str, Any], *, arch: str, dataset: str, data_root: str | None,
+             download: bool, seed: int) -> ZooSpec:
+    """The :class:`ZooSpec` a profile section asks for."""
+    zoo = settings["zoo"]
+    fields = {
+        "arch": arch,
+        "dataset": dataset,
+        "tasks": list(range(zoo["tasks"])),
+        "runs": zoo["runs"],
+        "seed": seed,
+        "data_root": data_root,
+        "download": download,
+        "data_kwargs": dict(zoo.get("data_kwargs", {}).get(dataset, {})),
+        **zoo["arch"][arch],
+    }
+    return ZooSpec.from_dict(fields)
+
+
+def _key(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate_zoo(
+    zoo: Zoo,
+    projection: ProjectionConfig,
+    split: ProtocolSplit,
+    *,
+    chain_normalize: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Both protocols, for layer and chain features at every index: a long table with columns
+    ``index, feature, protocol, metric, value``."""
+    models = [zoo.model(i) for i in range(len(zoo))]
+    rows = []
+    jobs = [(kind, rep) for kind in FEATURE_KINDS
+            for rep in enumerate(zoo_representations(models, kind, chain_normalize=chain_normalize), 1)]
+    for kind, (index, rep) in tqdm(jobs, desc="protocols", disable=not progress):
+        for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
+            for metric, value in fn(rep, zoo.tasks, zoo.runs, projection, split).items():
+                rows.append({"index": index, "feature": kind, "protocol": protocol,
+                             "metric": metric, "value": value, "dim": rep.dim})
+    return pd.DataFrame(rows)
+
+
+@dataclasses.dataclass
+class Experiment:
+    zoo: Zoo
+    results: pd.DataFrame
+    settings: dict[str, Any]
+
+
+def run_experiment(
+    section: str,
+    *,
+    arch: str,
+    profile: str,
+    dataset: str,
+    data_root: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Experiment:
+    """Train or load the zoo of a paper section and evaluate it (cached)."""
+    settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
+    spec = zoo_spec(settings, arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed)
+    projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
+    split = ProtocolSplit(**settings.get("split", {}))
+    chain_normalize = bool(settings.get("chain_normalize", False))
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    spec_dict = dataclasses.asdict(spec)
+    spec_dict.pop("data_root", None)  # where the data lives does not change the zoo
+    zoo = train_zoo(spec, cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}", device=device, progress=progress)
+
+    result_key = _key({"zoo": spec_dict, "projection": dataclasses.asdict(projection),
+                       "split": dataclasses.asdict(split), "chain_normalize": chain_normalize,
+                       "ffl": ffl.__version__})
+    result_file = cache / "results" / f"{section}-{arch}-{dataset}-{result_key}.csv"
+    if result_file.is_file():
+        results = pd.read_csv(result_file)
+    else:
+        results = evaluate_zoo(zoo, projection, split, chain_normalize=chain_normalize, progress=progress)
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = result_file.with_suffix(".tmp")
+        results.to_csv(tmp, index=False)
+        tmp.replace(result_file)  # atomic: a killed run leaves no half-written table
+    return Experiment(zoo=zoo, results=results, settings=settings)

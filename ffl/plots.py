@@ -1,0 +1,55 @@
+"""Figures in the style of the paper's Figures 2–3: per index, the unaligned "layer" feature beside
+the aligned "chain" feature, with the paper's own numbers drawn next to ours when it reports them."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+FEATURE_LABELS = {"layer": "layer (unaligned)", "chain": "chain (aligned)"}
+PALETTE = {
+    "layer (unaligned), ours": "#9ecae1",
+    "chain (aligned), ours": "#08519c",
+    "layer (unaligned), paper": "#fdae6b",
+    "chain (aligned), paper": "#a63603",
+}
+
+
+def protocol_bars(
+    results: pd.DataFrame,
+    metric: str,
+    *,
+    paper: pd.DataFrame | None = None,
+    title: str | None = None,
+    ax: plt.Axes | None = None,
+) -> plt.Axes:
+    """Bar chart of ``metric`` per index for layer vs chain features.
+
+    ``results`` (and ``paper``, if given) have columns ``index``, ``feature`` ("layer"/"chain"),
+    ``metric`` and ``value`` (a fraction in [0, 1]).
+    """
+    frames = [results.assign(source="ours")]
+    if paper is not None and len(paper):
+        frames.append(paper.assign(source="paper"))
+    data = pd.concat(frames, ignore_index=True)
+    data = data[data["metric"] == metric]
+    if data.empty:
+        raise ValueError(f"no results for metric {metric!r}")
+    data = data.assign(
+        series=data["feature"].map(FEATURE_LABELS) + ", " + data["source"],
+        percent=100 * data["value"],
+    )
+    order = [s for s in PALETTE if s in set(data["series"])]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.barplot(data=data, x="index", y="percent", hue="series", hue_order=order, palette=PALETTE, ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.0f", fontsize=7, padding=1)
+    ax.set_xlabel("index l (layer W_l / chain G_l)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    if title:
+        ax.set_title(title)
+    sns.despine(ax=ax)
+    return ax

@@ -1,0 +1,63 @@
+"""What produced a result: code commit, date, hardware, software. Recorded in every executed
+notebook (metadata and visibly on the page) so a reader knows what they are looking at."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str = "cpu") -> str:
+    """One line: the accelerator if ``device`` is a GPU, else the CPU, with core count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
+    return f"{_cpu_name()}, {os.cpu_count()} cores"
+
+
+def run_info(device: str = "cpu", **params: Any) -> dict[str, Any]:
+    """Commit, UTC date, hardware and library versions, plus the run's own parameters."""
+    import ffl
+
+    return {
+        **params,
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": hardware(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ffl": ffl.__version__,
+    }
+
+
+def markdown_table(info: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | `{v}` |" for k, v in info.items())
+    return f"| run | value |\n|---|---|\n{rows}\n"
