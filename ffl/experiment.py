@@ -121,7 +121,7 @@ def run_experiment(
     settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
     spec = zoo_spec(settings, arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed)
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
-    split = ProtocolSplit(**settings.get("split", {}))
+    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
     chain_normalize = bool(settings.get("chain_normalize", False))
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

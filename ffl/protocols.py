@@ -1,12 +1,14 @@
 """The paper's evaluation protocols (§4), for aligned chains and the unaligned baseline alike.
 
-* **Local-solution classification**: per task, the first 60 % of runs train Θ and the rest are
-  classified into tasks by arg-max of their projected vector; top-1 accuracy.
-* **Retrieval on unseen tasks** (official code): Θ is learned on the first 60 % of tasks (30 of 50);
-  each remaining task gives its first 20 % of runs as queries (20 of 100) and the rest as gallery
-  (80); similarity = dot product of L2-normalized projected vectors; CMC rank-k and mAP.
+* **Local-solution classification**: per task, 60 % of the runs (drawn at random) train Θ and
+  the rest are classified into tasks by arg-max of their projected vector; top-1 accuracy.
+* **Retrieval on unseen tasks** (as the official code does): Θ is learned on 60 % of the tasks
+  (30 of 50, drawn at random); each remaining task gives 20 % of its runs as queries (20 of 100)
+  and the rest as gallery (80); similarity = dot product of L2-normalized projected vectors
+  (Θ's outputs); CMC rank-k and mAP.
 
-Fractions rather than counts let split sizes scale with the profile.
+As in the official code the splits are random; here they are drawn from ``ProtocolSplit.seed`` so
+a run is repeatable. Fractions rather than counts let split sizes scale with the profile.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ class ProtocolSplit:
     train_run_fraction: float = 0.6
     train_task_fraction: float = 0.6
     query_fraction: float = 0.2
+    seed: int = 0
+
+    def generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
 
     def __post_init__(self) -> None:
         for name in ("train_run_fraction", "train_task_fraction", "query_fraction"):
@@ -34,12 +40,14 @@ class ProtocolSplit:
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
 
 
-def _first_fraction_per_task(tasks: torch.Tensor, runs: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the networks whose run number is among the first ``fraction`` of its task's runs."""
+def _fraction_per_task(tasks: torch.Tensor, runs: torch.Tensor, fraction: float,
+                       gen: torch.Generator) -> torch.Tensor:
+    """Mask of a random ``fraction`` of each task's runs (the same draw for the same ``gen``)."""
     mask = torch.zeros(len(tasks), dtype=torch.bool)
     for t in tasks.unique():
         members = (tasks == t).nonzero().squeeze(1)
-        members = members[runs[members].argsort()]
+        members = members[runs[members].argsort()]  # canonical order before the draw
+        members = members[torch.randperm(len(members), generator=gen)]
         cut = int(round(fraction * len(members)))
         if cut == 0 or cut == len(members):
             raise ValueError(f"task {int(t)} has {len(members)} runs: too few to split at {fraction}")
@@ -52,6 +60,28 @@ def _task_labels(tasks: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.searchsorted(uniq, tasks), len(uniq)
 
 
+def classification_split(tasks: torch.Tensor, runs: torch.Tensor,
+                         split: ProtocolSplit = ProtocolSplit()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the networks that train Θ and of those classified (per task 60 / 40 %)."""
+    train = _fraction_per_task(tasks, runs, split.train_run_fraction, split.generator(1))
+    return train.nonzero().squeeze(1), (~train).nonzero().squeeze(1)
+
+
+def retrieval_split(tasks: torch.Tensor, runs: torch.Tensor, split: ProtocolSplit = ProtocolSplit()
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of the networks that train Θ (all runs of the seen tasks), of the queries and of
+    the gallery (the unseen tasks' runs, 20 / 80 %)."""
+    task_ids = tasks.unique()
+    task_ids = task_ids[torch.randperm(len(task_ids), generator=split.generator(2))]
+    n_train_tasks = int(round(split.train_task_fraction * len(task_ids)))
+    if not 0 < n_train_tasks < len(task_ids):
+        raise ValueError(f"{len(task_ids)} tasks are too few to split at {split.train_task_fraction}")
+    seen = torch.isin(tasks, task_ids[:n_train_tasks])
+    unseen = (~seen).nonzero().squeeze(1)
+    is_query = _fraction_per_task(tasks[unseen], runs[unseen], split.query_fraction, split.generator(3))
+    return seen.nonzero().squeeze(1), unseen[is_query], unseen[~is_query]
+
+
 def classification_protocol(
     rep: Representation,
     tasks: torch.Tensor,
@@ -61,8 +91,7 @@ def classification_protocol(
 ) -> dict[str, float]:
     """Local-solution classification: top-1 of predicting each test run's task."""
     labels, num_classes = _task_labels(tasks)
-    train = _first_fraction_per_task(tasks, runs, split.train_run_fraction)
-    train_index, test_index = train.nonzero().squeeze(1), (~train).nonzero().squeeze(1)
+    train_index, test_index = classification_split(tasks, runs, split)
     proj = fit_projection(rep, train_index, labels[train_index], num_classes, config)
     scores = proj.project(rep, test_index)
     return {"top1": top1(scores, labels[test_index])}
@@ -77,18 +106,9 @@ def retrieval_protocol(
     ranks: Sequence[int] = (1, 5, 10),
 ) -> dict[str, float]:
     """Retrieval of runs of tasks never seen while learning Θ: CMC rank-k and mAP."""
-    task_ids = tasks.unique()
-    n_train_tasks = int(round(split.train_task_fraction * len(task_ids)))
-    if not 0 < n_train_tasks < len(task_ids):
-        raise ValueError(f"{len(task_ids)} tasks are too few to split at {split.train_task_fraction}")
-    seen = torch.isin(tasks, task_ids[:n_train_tasks])
-    train_index = seen.nonzero().squeeze(1)
+    train_index, query, gallery = retrieval_split(tasks, runs, split)
     labels, num_classes = _task_labels(tasks[train_index])
     proj = fit_projection(rep, train_index, labels, num_classes, config)
-
-    unseen = (~seen).nonzero().squeeze(1)
-    is_query = _first_fraction_per_task(tasks[unseen], runs[unseen], split.query_fraction)
-    query, gallery = unseen[is_query], unseen[~is_query]
     sim = cosine_similarity(proj.project(rep, query), proj.project(rep, gallery))
     out = {f"rank{k}": v for k, v in cmc(sim, tasks[query], tasks[gallery], ranks).items()}
     out["mAP"] = mean_average_precision(sim, tasks[query], tasks[gallery])

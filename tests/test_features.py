@@ -6,7 +6,8 @@ from torch import nn
 from ffl.chain import chain_factors, chain_gram
 from ffl.features import ProjectionConfig, Representation, fit_projection, zoo_representations
 from ffl.models import MLP
-from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
+from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split,
+                           retrieval_protocol, retrieval_split)
 
 
 def primal_sgd_scores(x, labels, num_classes, cfg, x_eval):
@@ -95,3 +96,20 @@ def test_protocols_separate_clustered_tasks_and_fail_on_noise():
     assert retrieval_protocol(rep, tasks, runs, cfg)["rank1"] == 1.0
     noise_rep, _, _ = clustered(noise=100.0)
     assert classification_protocol(noise_rep, tasks, runs, cfg)["top1"] < 0.7
+
+
+def test_split_sizes_follow_the_paper():
+    tasks = torch.arange(50).repeat_interleave(100)
+    runs = torch.arange(100).repeat(50)
+    train, test = classification_split(tasks, runs)
+    assert len(train) == 50 * 60 and len(test) == 50 * 40
+    assert all((tasks[train] == t).sum() == 60 for t in range(50))
+    seen, query, gallery = retrieval_split(tasks, runs)
+    assert len(tasks[seen].unique()) == 30 and len(seen) == 3000
+    assert len(query) == 20 * 20 and len(gallery) == 20 * 80
+    assert not set(tasks[seen].tolist()) & set(tasks[query].tolist())
+    assert set(tasks[query].tolist()) == set(tasks[gallery].tolist())
+    again = retrieval_split(tasks, runs)
+    assert all(torch.equal(a, b) for a, b in zip((seen, query, gallery), again))
+    other = retrieval_split(tasks, runs, ProtocolSplit(seed=1))
+    assert not torch.equal(other[1], query)
