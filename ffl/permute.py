@@ -1,0 +1,147 @@
+"""Hidden-neuron permutations that leave a network's function unchanged (§3.2's symmetry).
+
+A permutation ``p`` of a hidden layer's neurons is a 1-D index tensor: neuron ``j`` of the permuted
+network is neuron ``p[j]`` of the original. :func:`permute_hidden` applies one per hidden layer,
+consistently on both sides of the layer:
+
+* MLP: rows of ``layers[k].weight`` and ``layers[k].bias``, columns of ``layers[k+1].weight``.
+* ConvNet: output channels of ``convs[k]`` (weight, bias), BatchNorm ``bns[k]`` (γ, β, running
+  mean and variance), input channels of ``convs[k+1]`` or the columns of ``fc.weight``.
+  ResNet units tie the permutations: unit k ≥ 2 adds its zero-padded input to its output, so
+  ``p_k[:n_{k-1}]`` must equal ``p_{k-1}`` and ``p_k[n_{k-1}:]`` may only permute the padded channels
+  (checked unless ``check=False``).
+* GRU: layer k's gate blocks r, z, n of ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
+  ``bias_hh_l{k}`` are each permuted identically on the rows; the recurrent ``weight_hh_l{k}`` on
+  the columns too; the next layer's ``weight_ih_l{k+1}`` (or ``fc.weight``) on the columns.
+
+:func:`permute_one_side` permutes only the neurons' incoming side — an inconsistent permutation
+that changes the function, the negative control of the invariance checks.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ffl.models import MLP, ConvNet, GRUNet
+
+
+def hidden_sizes(model: nn.Module) -> list[int]:
+    """Number of neurons of every permutable hidden layer, input to output."""
+    if isinstance(model, MLP):
+        return [layer.out_features for layer in model.layers[:-1]]
+    if isinstance(model, ConvNet):
+        return list(model.widths)
+    if isinstance(model, GRUNet):
+        return [model.gru.hidden_size] * model.gru.num_layers
+    raise TypeError(f"no hidden-permutation rule for {type(model).__name__}")
+
+
+def random_hidden_permutations(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One uniformly random function-preserving permutation per hidden layer (ResNet: tied)."""
+    sizes = hidden_sizes(model)
+    perms: list[torch.Tensor] = []
+    for k, n in enumerate(sizes):
+        if isinstance(model, ConvNet) and model.residual and k > 0:
+            m = sizes[k - 1]
+            free = m + torch.randperm(n - m, generator=generator)
+            perms.append(torch.cat([perms[-1], free]))
+        else:
+            perms.append(torch.randperm(n, generator=generator))
+    return perms
+
+
+def check_ties(model: nn.Module, perms: Sequence[torch.Tensor]) -> bool:
+    """Whether ``perms`` respects the skip connections of ``model`` (always true without skips)."""
+    if not (isinstance(model, ConvNet) and model.residual):
+        return True
+    for k in range(1, len(perms)):
+        m = len(perms[k - 1])
+        if not (torch.equal(perms[k][:m], perms[k - 1]) and bool((perms[k][m:] >= m).all())):
+            return False
+    return True
+
+
+def _gate_index(p: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([g * n + p for g in range(3)])
+
+
+@torch.no_grad()
+def _permute_in_place(model: nn.Module, perms: Sequence[torch.Tensor], incoming_only: Sequence[bool]) -> None:
+    def rows(t: torch.Tensor | None, idx: torch.Tensor) -> None:
+        if t is not None:
+            t.copy_(t[idx])
+
+    def cols(t: torch.Tensor, idx: torch.Tensor) -> None:
+        t.copy_(t[:, idx])
+
+    if isinstance(model, MLP):
+        for k, p in enumerate(perms):
+            rows(model.layers[k].weight, p)
+            rows(model.layers[k].bias, p)
+            if not incoming_only[k]:
+                cols(model.layers[k + 1].weight, p)
+    elif isinstance(model, ConvNet):
+        for k, p in enumerate(perms):
+            rows(model.convs[k].weight, p)
+            rows(model.convs[k].bias, p)
+            bn = model.bns[k]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                rows(t, p)
+            if not incoming_only[k]:
+                cols(model.convs[k + 1].weight if k + 1 < len(model.convs) else model.fc.weight, p)
+    elif isinstance(model, GRUNet):
+        gru, n = model.gru, model.gru.hidden_size
+        for k, p in enumerate(perms):
+            g = _gate_index(p, n)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                rows(getattr(gru, f"{name}_l{k}", None), g)
+            if not incoming_only[k]:
+                cols(getattr(gru, f"weight_hh_l{k}"), p)
+                nxt = getattr(gru, f"weight_ih_l{k + 1}") if k + 1 < gru.num_layers else model.fc.weight
+                cols(nxt, p)
+    else:
+        raise TypeError(f"no hidden-permutation rule for {type(model).__name__}")
+
+
+def _validate(model: nn.Module, perms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    sizes = hidden_sizes(model)
+    if len(perms) != len(sizes):
+        raise ValueError(f"{type(model).__name__} has {len(sizes)} hidden layers, got {len(perms)} permutations")
+    out = []
+    for k, (p, n) in enumerate(zip(perms, sizes)):
+        p = torch.as_tensor(p, dtype=torch.long)
+        if p.shape != (n,) or not torch.equal(p.sort().values, torch.arange(n)):
+            raise ValueError(f"permutation {k} is not a permutation of {n} neurons")
+        out.append(p)
+    return out
+
+
+def permute_hidden(model: nn.Module, perms: Sequence[torch.Tensor], *, check: bool = True) -> nn.Module:
+    """A copy of ``model`` with hidden layer k's neurons permuted by ``perms[k]`` (function unchanged).
+
+    ``check=False`` allows permutations that break ResNet's skip ties (they change the function).
+    """
+    perms = _validate(model, perms)
+    if check and not check_ties(model, perms):
+        raise ValueError("permutations break the residual skip ties (p_k[:n_{k-1}] must equal p_{k-1})")
+    out = copy.deepcopy(model)
+    _permute_in_place(out, perms, [False] * len(perms))
+    return out
+
+
+def permute_one_side(model: nn.Module, layer: int, perm: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with only the incoming side of hidden layer ``layer`` permuted.
+
+    The next layer still reads the neurons in their old order, so the function changes (for any
+    ``perm`` other than the identity, generically): the negative control of the invariance checks.
+    """
+    sizes = hidden_sizes(model)
+    perms = [torch.arange(n) for n in sizes]
+    perms[layer] = torch.as_tensor(perm, dtype=torch.long)
+    perms = _validate(model, perms)
+    out = copy.deepcopy(model)
+    _permute_in_place(out, perms, [k == layer for k in range(len(perms))])
+    return out
