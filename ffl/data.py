@@ -327,9 +327,320 @@ def _load_cifar100(task: int, root: Path, *, download: bool, max_train_per_class
                     classes=[names[c] for c in classes])
 
 
-def _load_tiny_imagenet(task: int, root: Path, *, download: bool, **kw: Any) -> TaskData:
-    raise NotImplementedError("tiny_imagenet loader: coming next")
+# --------------------------------------------------------------------------------------------
+# Tiny ImageNet
+# --------------------------------------------------------------------------------------------
+
+TINY_IMAGENET_DIR = "tiny-imagenet-200"
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+_NO_BOX = "0\t0\t63\t63"  # whole 64×64 image, when the npz comes without val boxes
+_CACHE_DIR = ".ffl_cache"  # decoded 32×32 arrays, inside tiny-imagenet-200/
+
+# (base folder, split, wnid) -> uint8 (n, 3, 32, 32)
+_TINY_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
-def _load_namedata(task: int, root: Path, *, download: bool, seed: int, **kw: Any) -> TaskData:
-    raise NotImplementedError("namedata loader: coming next")
+def _tiny_missing_message(base: Path, missing: Sequence[Path]) -> str:
+    root = base.parent
+    npz = root / "tiny_imagenet" / "tiny_imagenet_200_jpeg.npz"
+    hint = (f" An offline .npz copy exists at {npz}: write the official layout from it with "
+            f"ffl.data.materialize_tiny_imagenet({str(npz)!r}, {str(root)!r})."
+            if npz.is_file() else
+            " From an offline .npz copy (see /work/shared/data/tiny_imagenet), write it with "
+            "ffl.data.materialize_tiny_imagenet(npz_path, data_root).")
+    return ("Tiny ImageNet not found: missing " + ", ".join(str(p) for p in missing)
+            + f". Expected the official layout {base}/{{wnids.txt, train/<wnid>/images/*.JPEG, "
+            "val/val_annotations.txt, val/images/*.JPEG}. Get it with "
+            "load_task('tiny_imagenet', ..., download=True) (notebooks: `-p download true`), or "
+            f"download {TINY_IMAGENET_URL} (md5 {TINY_IMAGENET_MD5}) and unzip it into {root}."
+            + hint)
+
+
+def _tiny_base(root: Path, download: bool) -> Path:
+    base = root / TINY_IMAGENET_DIR
+    needed = [base / "wnids.txt", base / "val" / "val_annotations.txt"]
+    if download and not all(p.is_file() for p in needed):
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        def fetch(tmp: Path) -> Path:
+            download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(tmp),
+                                         md5=TINY_IMAGENET_MD5)
+            return tmp / TINY_IMAGENET_DIR
+        _atomic_download(base, fetch)
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(_tiny_missing_message(base, missing))
+    return base
+
+
+def _read_wnids(base: Path) -> list[str]:
+    return [w.strip() for w in (base / "wnids.txt").read_text().split("\n") if w.strip()]
+
+
+def _read_val_annotations(base: Path) -> dict[str, list[str]]:
+    """wnid -> val image file names, in file order (val_annotations.txt: file, wnid, box)."""
+    out: dict[str, list[str]] = {}
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            out.setdefault(parts[1], []).append(parts[0])
+    return out
+
+
+def _natural_key(name: str) -> tuple[str, int]:
+    # n01443537_10.JPEG after n01443537_9.JPEG, val_10.JPEG after val_9.JPEG
+    stem = name.rsplit(".", 1)[0]
+    head, _, num = stem.rpartition("_")
+    return (head, int(num)) if num.isdigit() else (stem, -1)
+
+
+def _decode_resize(paths: Sequence[Path], size: int = 32) -> torch.Tensor:
+    """Decode JPEGs to RGB (Tiny ImageNet has grayscale ones) and resize to ``size``×``size``
+    with antialiased bilinear interpolation (bit-identical to PIL's ``resize(BILINEAR)``)."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(np.array(im.convert("RGB")))  # copy: a writable, owned array
+    if not arrays:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    if len({a.shape for a in arrays}) == 1:  # the official data: all 64×64, one batched call
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return TF.resize(batch, [size, size], antialias=True).contiguous()
+    return torch.stack([TF.resize(torch.from_numpy(a).permute(2, 0, 1), [size, size],
+                                  antialias=True) for a in arrays])
+
+
+def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder: Path,
+                disk_cache: bool) -> torch.Tensor:
+    """Decoded 32×32 images of one class and split: process cache, then the on-disk cache
+    (valid only if it lists exactly ``files``), then JPEG decoding."""
+    key = (str(base.resolve()), split, wnid)
+    if key in _TINY_CACHE:
+        return _TINY_CACHE[key]
+    cache = base / _CACHE_DIR / f"{split}_{wnid}_32.npz"
+    images = None
+    if disk_cache and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                if z["files"].tolist() == list(files):
+                    images = torch.from_numpy(z["images"].copy())
+        except (OSError, ValueError, KeyError):
+            images = None  # unreadable cache: decode again
+    if images is None:
+        images = _decode_resize([folder / f for f in files])
+        if disk_cache:
+            try:  # best effort (data_root may be read-only); write-then-rename, never half a file
+                cache.parent.mkdir(exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as f:
+                    np.savez(f, files=np.array(list(files), dtype=str), images=images.numpy())
+                os.replace(f.name, cache)
+            except OSError:
+                pass
+    _TINY_CACHE[key] = images
+    return images
+
+
+def _load_tiny_imagenet(task: int, root: Path, *, download: bool,
+                        max_train_per_class: int | None = None,
+                        max_test_per_class: int | None = None,
+                        disk_cache: bool = True) -> TaskData:
+    base = _tiny_base(root, download)
+    wnids = _read_wnids(base)
+    classes = task_classes("tiny_imagenet", task)
+    if classes[-1] >= len(wnids):
+        raise ValueError(f"task {task} needs classes {classes} but {base / 'wnids.txt'} lists "
+                         f"only {len(wnids)} wnids")
+    val = _read_val_annotations(base)
+    xs = {"train": [], "val": []}
+    ys = {"train": [], "val": []}
+    for i, c in enumerate(classes):
+        wnid = wnids[c]
+        folder = base / "train" / wnid / "images"
+        train_files = sorted((p.name for p in folder.glob("*.JPEG")), key=_natural_key) \
+            if folder.is_dir() else []
+        val_files = sorted(val.get(wnid, []), key=_natural_key)
+        missing = [p for p, fs in ((folder, train_files), (base / "val" / "images", val_files))
+                   if not fs]
+        if missing:
+            raise FileNotFoundError(_tiny_missing_message(
+                base, [Path(f"{p} (no images of class {wnid})") for p in missing]))
+        for split, files, fold, limit in (("train", train_files, folder, max_train_per_class),
+                                          ("val", val_files, base / "val" / "images",
+                                           max_test_per_class)):
+            img = _tiny_class(base, split, wnid, files, fold, disk_cache)
+            img = img[:limit] if limit is not None else img
+            xs[split].append(img)
+            ys[split].append(torch.full((len(img),), i, dtype=torch.int64))
+    norm = lambda x: _normalize(torch.cat(x), TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)  # noqa: E731
+    return TaskData(norm(xs["train"]), torch.cat(ys["train"]), norm(xs["val"]),
+                    torch.cat(ys["val"]), classes=[wnids[c] for c in classes])
+
+
+def materialize_tiny_imagenet(npz_path: str | os.PathLike, out_root: str | os.PathLike,
+                              classes: Sequence[int | str] | None = None, *,
+                              overwrite: bool = False) -> Path:
+    """Write the official ``tiny-imagenet-200/`` layout under ``out_root`` from the offline
+    ``.npz`` copy (keys ``wnids, words, {train,val}_{jpeg,offsets,labels,files}``; see
+    ``/work/shared/data/tiny_imagenet/PROVENANCE.md``), so ``load_task('tiny_imagenet', …,
+    data_root=out_root)`` works offline (§4).
+
+    ``classes``: indices or wnids to write (default all 200). ``wnids.txt`` always lists all
+    wnids of the npz in official order, so task numbers stay those of the full dataset; only the
+    chosen classes get ``train/<wnid>/images/*.JPEG`` and ``val`` entries. JPEG bytes are written
+    unchanged. Bounding boxes in ``val/val_annotations.txt`` come from a ``val_annotations.txt``
+    next to the npz when present (else ``0 0 63 63``); ``words.txt`` holds only the npz's words.
+    The folder is assembled in a temporary directory and renamed into place when complete; an
+    existing ``tiny-imagenet-200`` raises ``FileExistsError`` unless ``overwrite=True``.
+    Note the offline copy holds 100 of the 500 train images per class.
+    """
+    npz_path, out_root = Path(npz_path), Path(out_root)
+    out = out_root / TINY_IMAGENET_DIR
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    with np.load(npz_path) as z:
+        wnids = [str(w) for w in z["wnids"]]
+        words = [str(w) for w in z["words"]] if "words" in z.files else wnids
+        if classes is None:
+            chosen = list(range(len(wnids)))
+        else:
+            chosen = [wnids.index(c) if isinstance(c, str) else int(c) for c in classes]
+        boxes: dict[str, str] = {}
+        ann = npz_path.parent / "val_annotations.txt"
+        if ann.is_file():
+            for line in ann.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) == 6:
+                    boxes[parts[0]] = "\t".join(parts[2:])
+        out_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".ffl-materialize-", dir=out_root) as tmp:
+            dst = Path(tmp) / TINY_IMAGENET_DIR
+            (dst / "val" / "images").mkdir(parents=True)
+            (dst / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
+            (dst / "words.txt").write_text("".join(f"{w}\t{t}\n" for w, t in zip(wnids, words)))
+            keep = set(chosen)
+            for split in ("train", "val"):
+                jpeg, offsets = z[f"{split}_jpeg"], z[f"{split}_offsets"]
+                labels, files = z[f"{split}_labels"], z[f"{split}_files"]
+                lines = []
+                for k in np.flatnonzero(np.isin(labels, list(keep))):
+                    wnid, name = wnids[int(labels[k])], str(files[k])
+                    if split == "train":
+                        folder = dst / "train" / wnid / "images"
+                        folder.mkdir(parents=True, exist_ok=True)
+                    else:
+                        folder = dst / "val" / "images"
+                        lines.append(f"{name}\t{wnid}\t{boxes.get(name, _NO_BOX)}\n")
+                    (folder / name).write_bytes(jpeg[offsets[k]:offsets[k + 1]].tobytes())
+                if split == "val":
+                    (dst / "val" / "val_annotations.txt").write_text("".join(lines))
+            if out.exists():
+                os.replace(out, Path(tmp) / ".replaced")
+            os.replace(dst, out)
+    for key in [k for k in _TINY_CACHE if k[0] == str(out.resolve())]:
+        del _TINY_CACHE[key]  # the files changed under this root
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# NameData (char-RNN surnames)
+# --------------------------------------------------------------------------------------------
+
+ALL_LETTERS = string.ascii_letters + " .,;'"
+N_LETTERS = len(ALL_LETTERS)  # 57
+NAMEDATA_URL = "https://download.pytorch.org/tutorial/data.zip"
+# The 18 files of the tutorial's data/names/, sorted: label i = NAMEDATA_LANGUAGES[i].
+NAMEDATA_LANGUAGES = ("Arabic", "Chinese", "Czech", "Dutch", "English", "French", "German",
+                      "Greek", "Irish", "Italian", "Japanese", "Korean", "Polish", "Portuguese",
+                      "Russian", "Scottish", "Spanish", "Vietnamese")
+
+
+def unicode_to_ascii(s: str) -> str:
+    """Fold a name to the 57 letters exactly as the PyTorch char-RNN tutorial does: Unicode NFD,
+    drop combining marks (category Mn), keep only :data:`ALL_LETTERS`."""
+    return "".join(c for c in unicodedata.normalize("NFD", s)
+                   if unicodedata.category(c) != "Mn" and c in ALL_LETTERS)
+
+
+def name_to_tensor(name: str) -> torch.Tensor:
+    """One-hot encoding ``(len(name), N_LETTERS)`` float32 of an ASCII-folded name (the
+    tutorial's ``lineToTensor`` without its batch dimension)."""
+    idx = torch.tensor([ALL_LETTERS.index(c) for c in name], dtype=torch.int64)
+    return F.one_hot(idx, N_LETTERS).float()
+
+
+def read_names(path: str | os.PathLike) -> list[str]:
+    """Lines of a ``names/<Language>.txt`` file, ASCII-folded, as the tutorial reads them
+    (``read().strip().split('\\n')``); names empty after folding are dropped."""
+    lines = Path(path).read_text(encoding="utf-8").strip().split("\n")
+    return [n for n in map(unicode_to_ascii, lines) if n]
+
+
+def _names_to_padded(names: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(n) for n in names], dtype=torch.int64)
+    idx = torch.full((len(names), max_len), -1, dtype=torch.int64)
+    for i, n in enumerate(names):
+        idx[i, :len(n)] = torch.tensor([ALL_LETTERS.index(c) for c in n], dtype=torch.int64)
+    x = F.one_hot(idx.clamp(min=0), N_LETTERS).float() * (idx >= 0).unsqueeze(-1)  # zero padding
+    return x, lengths
+
+
+def _load_namedata(task: int, root: Path, *, download: bool, seed: int,
+                   test_fraction: float = 0.2, dedupe: bool = True,
+                   max_per_class: int | None = None) -> TaskData:
+    """Task r = languages 2r, 2r+1 of :data:`NAMEDATA_LANGUAGES` (§4).
+
+    Per language: names are read as the tutorial does; with ``dedupe=True`` (default) repeated
+    lines are dropped first (e.g. Arabic.txt has 2,000 lines but 108 distinct names; keeping the
+    repeats would put the same name in train and test). The names are shuffled by a generator
+    seeded by ``(seed, language)``, optionally cut to ``max_per_class``, and the last
+    ``round(test_fraction·n)`` (at least 1) go to test. Train and test are then shuffled together
+    with a seeded permutation so classes are mixed.
+    """
+    base = root / "names"
+    languages = [NAMEDATA_LANGUAGES[c] for c in task_classes("namedata", task)]
+    paths = [base / f"{lang}.txt" for lang in languages]
+    missing = [p for p in paths if not p.is_file()]
+    if missing and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        def fetch(tmp: Path) -> Path:
+            # No official checksum is published for data.zip, so none is checked.
+            download_and_extract_archive(NAMEDATA_URL, download_root=str(tmp))
+            return tmp / "data" / "names"
+        _atomic_download(base, fetch)
+        missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            "NameData not found: missing " + ", ".join(str(p) for p in missing)
+            + f". Expected {base}/<Language>.txt for the 18 languages {NAMEDATA_LANGUAGES}. "
+            "Get them with load_task('namedata', ..., download=True) (notebooks: "
+            f"`-p download true`), or download {NAMEDATA_URL} and copy its data/names/ folder "
+            f"to {base}.")
+    splits: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    for label, (lang, path) in enumerate(zip(languages, paths)):
+        names = read_names(path)
+        if dedupe:
+            names = list(dict.fromkeys(names))
+        g = torch.Generator().manual_seed(_seed_of("ffl-namedata", seed, lang))
+        names = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
+        if max_per_class is not None:
+            names = names[:max_per_class]
+        if len(names) < 2:
+            raise ValueError(f"{path} has fewer than 2 usable names")
+        n_test = min(len(names) - 1, max(1, round(test_fraction * len(names))))
+        splits["train"] += [(n, label) for n in names[:-n_test]]
+        splits["test"] += [(n, label) for n in names[-n_test:]]
+    max_len = max(len(n) for rows in splits.values() for n, _ in rows)
+    out = {}
+    for split, rows in splits.items():
+        g = torch.Generator().manual_seed(_seed_of("ffl-namedata", seed, task, split))
+        rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        x, lengths = _names_to_padded([n for n, _ in rows], max_len)
+        out[split] = (x, torch.tensor([y for _, y in rows], dtype=torch.int64), lengths)
+    (x_tr, y_tr, l_tr), (x_te, y_te, l_te) = out["train"], out["test"]
+    return TaskData(x_tr, y_tr, x_te, y_te, classes=languages, lengths_train=l_tr,
+                    lengths_test=l_te)

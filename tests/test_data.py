@@ -155,9 +155,21 @@ def test_synthetic_shapes_and_balance():
     assert small.x_train.shape[0] == 10 and small.x_test.shape[0] == 4
 
 
-def test_synthetic_deterministic_within_and_across_processes():
-    a, b = load_task("synthetic", 5, seed=1), load_task("synthetic", 5, seed=1)
+def test_synthetic_deterministic_and_independent_of_global_rng():
+    torch.manual_seed(123)
+    a = load_task("synthetic", 5, seed=1)
+    torch.manual_seed(456)
+    b = load_task("synthetic", 5, seed=1)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, load_task("synthetic", 5, seed=2).x_train)
+    assert not torch.equal(a.x_train, load_task("synthetic", 6, seed=1).x_train)
+    # train and test are different draws
+    assert not torch.equal(a.x_train[:128], a.x_test)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch takes a few seconds
+def test_synthetic_deterministic_across_processes():
+    a = load_task("synthetic", 5, seed=1)
     code = ("import hashlib, ffl.data as d; t = d.load_task('synthetic', 5, seed=1); "
             "print(hashlib.sha256(t.x_train.numpy().tobytes() + t.y_train.numpy().tobytes())"
             ".hexdigest())")
@@ -165,8 +177,6 @@ def test_synthetic_deterministic_within_and_across_processes():
                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     here = hashlib.sha256(a.x_train.numpy().tobytes() + a.y_train.numpy().tobytes()).hexdigest()
     assert out == here
-    assert not torch.equal(a.x_train, load_task("synthetic", 5, seed=2).x_train)
-    assert not torch.equal(a.x_train, load_task("synthetic", 6, seed=1).x_train)
 
 
 def _mean_difference(t: TaskData) -> torch.Tensor:
@@ -240,3 +250,286 @@ def test_cifar100_real_md5_check_rejects_fake(tmp_path):
     write_fake_cifar100(tmp_path)
     with pytest.raises(RuntimeError, match="md5"):
         load_task("cifar100", 0, data_root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny ImageNet: fake in the official folder layout, the npz helper, and real data
+# --------------------------------------------------------------------------------------------
+
+def _colour(c: int) -> tuple[int, int, int]:
+    return (30 + 50 * c, 220 - 50 * c, 100)
+
+
+def write_fake_tiny_imagenet(root: Path, n_classes: int = 4, n_train: int = 3,
+                             n_val: int = 2) -> list[str]:
+    """``root/tiny-imagenet-200`` in the official layout: wnids.txt, train/<wnid>/images/
+    <wnid>_<k>.JPEG (64×64, one solid colour per class; one grayscale image, as the real set
+    has), val/images/val_<k>.JPEG and val/val_annotations.txt (classes interleaved)."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    wnids = [f"n{c:08d}" for c in range(n_classes)]
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
+    for c, w in enumerate(wnids):
+        folder = base / "train" / w / "images"
+        folder.mkdir(parents=True)
+        for k in range(n_train):
+            img = Image.new("RGB", (64, 64), _colour(c))
+            if c == 0 and k == 0:
+                img = Image.new("L", (64, 64), 128)
+            img.save(folder / f"{w}_{k}.JPEG", quality=95)
+    lines = []
+    for k in range(n_val * n_classes):
+        c = k % n_classes
+        Image.new("RGB", (64, 64), _colour(c)).save(base / "val" / "images" / f"val_{k}.JPEG",
+                                                    quality=95)
+        lines.append(f"val_{k}.JPEG\t{wnids[c]}\t0\t0\t63\t63\n")
+    (base / "val" / "val_annotations.txt").write_text("".join(lines))
+    return wnids
+
+
+def _unnormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    return (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255
+
+
+def test_tiny_imagenet_fake_layout(tmp_path):
+    wnids = write_fake_tiny_imagenet(tmp_path)
+    t = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    assert t.classes == wnids
+    assert t.x_train.shape == (12, 3, 32, 32) and t.x_test.shape == (8, 3, 32, 32)
+    assert t.x_train.dtype == torch.float32 and t.y_train.dtype == torch.int64
+    assert t.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert t.y_test.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    rgb = _unnormalize(t.x_train, data.TINY_IMAGENET_MEAN, data.TINY_IMAGENET_STD).mean((2, 3))
+    assert torch.allclose(rgb[0], torch.tensor([128.0] * 3), atol=3)  # grayscale → RGB
+    for i in range(1, 12):
+        assert torch.allclose(rgb[i], torch.tensor(_colour(int(t.y_train[i])), dtype=torch.float),
+                              atol=4)
+    small = load_task("tiny_imagenet", 0, data_root=tmp_path, max_train_per_class=1,
+                      max_test_per_class=1)
+    assert small.y_train.tolist() == [0, 1, 2, 3] and small.y_test.tolist() == [0, 1, 2, 3]
+
+
+def test_tiny_imagenet_disk_cache_reused_and_invalidated(tmp_path):
+    from PIL import Image
+
+    wnids = write_fake_tiny_imagenet(tmp_path)
+    a = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    cache = tmp_path / "tiny-imagenet-200" / ".ffl_cache"
+    assert len(list(cache.glob("*.npz"))) == 8
+    data._TINY_CACHE.clear()  # as a fresh process would
+    b = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
+    # a new file makes the cached listing stale: it must be decoded again
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(
+        tmp_path / "tiny-imagenet-200" / "train" / wnids[1] / "images" / f"{wnids[1]}_3.JPEG")
+    data._TINY_CACHE.clear()
+    c = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    assert c.y_train.bincount().tolist() == [3, 4, 3, 3]
+    data._TINY_CACHE.clear()
+    d = load_task("tiny_imagenet", 0, data_root=tmp_path, disk_cache=False)
+    assert torch.equal(c.x_train, d.x_train)
+
+
+def test_tiny_imagenet_missing(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_task("tiny_imagenet", 0, data_root=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "tiny-imagenet-200" / "wnids.txt") in msg
+    assert "val_annotations.txt" in msg and "download=True" in msg
+    assert "materialize_tiny_imagenet" in msg
+    write_fake_tiny_imagenet(tmp_path, n_classes=8)
+    import shutil
+    shutil.rmtree(tmp_path / "tiny-imagenet-200" / "train" / "n00000005")
+    with pytest.raises(FileNotFoundError, match="n00000005"):
+        load_task("tiny_imagenet", 1, data_root=tmp_path)
+    with pytest.raises(ValueError, match="wnids"):
+        load_task("tiny_imagenet", 2, data_root=tmp_path)  # wnids.txt lists only 8
+
+
+def test_download_failure_leaves_nothing(tmp_path, monkeypatch):
+    """An interrupted download (here: the archive step writes part of the folder, then fails)
+    leaves no half-written dataset behind."""
+    import torchvision.datasets.utils as tvu
+
+    def broken(url, download_root, extract_root=None, filename=None, md5=None, **kw):
+        part = Path(download_root) / "tiny-imagenet-200"
+        part.mkdir()
+        (part / "wnids.txt").write_text("n00000000\n")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", broken)
+    with pytest.raises(OSError, match="connection reset"):
+        load_task("tiny_imagenet", 0, data_root=tmp_path, download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_imagenet_download_moves_complete_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    calls = []
+
+    def fake(url, download_root, extract_root=None, filename=None, md5=None, **kw):
+        calls.append((url, md5))
+        write_fake_tiny_imagenet(Path(download_root))
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake)
+    t = load_task("tiny_imagenet", 0, data_root=tmp_path, download=True)
+    assert calls == [(data.TINY_IMAGENET_URL, data.TINY_IMAGENET_MD5)]
+    assert t.x_train.shape[0] == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-imagenet-200"]  # no temp left over
+    load_task("tiny_imagenet", 0, data_root=tmp_path, download=True)
+    assert len(calls) == 1  # present: not downloaded again
+
+
+def write_fake_tiny_npz(path: Path, n_classes: int = 5, n_train: int = 2, n_val: int = 2) -> None:
+    """A small .npz in the format of /work/shared/data/tiny_imagenet (JPEG bytes + offsets)."""
+    from PIL import Image
+    import io
+
+    wnids = np.array([f"n{c:08d}" for c in range(n_classes)])
+    arrays = {"wnids": wnids, "words": np.array([f"thing {c}" for c in range(n_classes)])}
+    for split, n in (("train", n_train), ("val", n_val)):
+        blobs, labels, files = [], [], []
+        for k in range(n * n_classes):
+            c = k // n if split == "train" else k % n_classes
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), _colour(c)).save(buf, format="JPEG")
+            blobs.append(buf.getvalue())
+            labels.append(c)
+            files.append(f"{wnids[c]}_{k % n}.JPEG" if split == "train" else f"val_{k}.JPEG")
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        arrays[f"{split}_labels"] = np.array(labels, dtype=np.int16)
+        arrays[f"{split}_files"] = np.array(files)
+    np.savez(path, **arrays)
+
+
+def test_materialize_tiny_imagenet_from_npz(tmp_path):
+    npz = tmp_path / "tiny.npz"
+    write_fake_tiny_npz(npz)
+    out = data.materialize_tiny_imagenet(npz, tmp_path / "root", classes=[0, 1, 2, "n00000003"])
+    assert out == tmp_path / "root" / "tiny-imagenet-200"
+    assert (out / "wnids.txt").read_text().split() == [f"n{c:08d}" for c in range(5)]
+    assert not (out / "train" / "n00000004").exists()  # class 4 not chosen
+    assert len((out / "val" / "val_annotations.txt").read_text().splitlines()) == 8
+    t = load_task("tiny_imagenet", 0, data_root=tmp_path / "root")
+    assert t.y_train.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert t.y_test.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(FileExistsError):
+        data.materialize_tiny_imagenet(npz, tmp_path / "root")
+    data.materialize_tiny_imagenet(npz, tmp_path / "root", overwrite=True)
+    assert (out / "train" / "n00000004" / "images" / "n00000004_1.JPEG").is_file()
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["tiny-imagenet-200"]
+
+
+@pytest.mark.skipif(not (SHARED / "tiny_imagenet").is_dir(), reason="no shared real data")
+def test_real_tiny_imagenet_via_materialize(tmp_path):
+    npz = SHARED / "tiny_imagenet" / "tiny_imagenet_200_jpeg.npz"
+    data.materialize_tiny_imagenet(npz, tmp_path, classes=range(4, 8))
+    t = load_task("tiny_imagenet", 1, data_root=tmp_path)
+    wnids = (SHARED / "tiny_imagenet" / "wnids.txt").read_text().split()
+    assert t.classes == wnids[4:8]
+    assert t.x_train.shape == (400, 3, 32, 32) and t.x_test.shape == (200, 3, 32, 32)
+    assert t.y_train.bincount().tolist() == [100] * 4 and t.y_test.bincount().tolist() == [50] * 4
+    # normalized with Tiny ImageNet statistics: roughly zero mean, unit-ish spread
+    assert t.x_train.mean().abs() < 0.3 and 0.6 < t.x_train.std() < 1.3
+    # val boxes come from the shared val_annotations.txt
+    line = (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").read_text().splitlines()[0]
+    assert line in (SHARED / "tiny_imagenet" / "val_annotations.txt").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# NameData
+# --------------------------------------------------------------------------------------------
+
+def write_fake_names(root: Path) -> Path:
+    """``root/names/{Arabic,Chinese}.txt`` (UTF-8, trailing newline, a repeat and accents)."""
+    base = root / "names"
+    base.mkdir(parents=True)
+    (base / "Arabic.txt").write_text("Nader\nKhoury\nNader\nHaddad\nSaliba\nAntar\n", encoding="utf-8")
+    (base / "Chinese.txt").write_text("Ang\nAu-Yong\nBai\nBan\nBao\nBei\nBian\nBui\nCai\nCao\n",
+                                      encoding="utf-8")
+    return base
+
+
+def test_letters_and_ascii_folding():
+    assert data.N_LETTERS == 57 == len(data.ALL_LETTERS)
+    assert data.unicode_to_ascii("Ślusàrski") == "Slusarski"  # the tutorial's own example
+    assert data.unicode_to_ascii("Müller-Lüdenscheidt") == "MullerLudenscheidt"  # '-' not a letter
+    x = data.name_to_tensor("Bai")
+    assert x.shape == (3, 57) and x.dtype == torch.float32
+    assert x.sum(1).tolist() == [1, 1, 1]
+    assert x.argmax(1).tolist() == [data.ALL_LETTERS.index(c) for c in "Bai"]
+    assert data.NAMEDATA_LANGUAGES == tuple(sorted(data.NAMEDATA_LANGUAGES))
+    assert len(data.NAMEDATA_LANGUAGES) == 18
+
+
+def test_namedata_fake(tmp_path):
+    write_fake_names(tmp_path)
+    t = load_task("namedata", 0, data_root=tmp_path)
+    assert t.classes == ["Arabic", "Chinese"]
+    assert t.x_train.dim() == 3 and t.x_train.shape[2] == 57
+    assert t.x_train.shape[1] == t.x_test.shape[1] == 6  # "Khoury", "Haddad", "Saliba", "AuYong"
+    # deduped: 5 Arabic (1 test), 10 Chinese (2 test)
+    assert t.y_train.bincount().tolist() == [4, 8] and t.y_test.bincount().tolist() == [1, 2]
+    for x, lengths in ((t.x_train, t.lengths_train), (t.x_test, t.lengths_test)):
+        assert x.sum(2).sum(1).long().tolist() == lengths.tolist()  # one-hot up to length, 0 after
+        assert (x.sum(2) <= 1).all()
+    names = lambda x, l: {"".join(data.ALL_LETTERS[i] for i in row[:n].argmax(1).tolist())  # noqa: E731
+                          for row, n in zip(x, l.tolist())}
+    train, test = names(t.x_train, t.lengths_train), names(t.x_test, t.lengths_test)
+    assert not train & test
+    assert train | test == {"Nader", "Khoury", "Haddad", "Saliba", "Antar", "Ang", "AuYong", "Bai",
+                            "Ban", "Bao", "Bei", "Bian", "Bui", "Cai", "Cao"}
+    again = load_task("namedata", 0, data_root=tmp_path)
+    assert torch.equal(again.x_train, t.x_train) and torch.equal(again.y_test, t.y_test)
+    other = [load_task("namedata", 0, data_root=tmp_path, seed=s) for s in range(1, 6)]
+    assert any(names(o.x_test, o.lengths_test) != test for o in other)
+    full = load_task("namedata", 0, data_root=tmp_path, dedupe=False)
+    assert len(full.y_train) + len(full.y_test) == 16
+    capped = load_task("namedata", 0, data_root=tmp_path, max_per_class=3)
+    assert len(capped.y_train) + len(capped.y_test) == 6
+
+
+def test_namedata_packs_for_a_gru(tmp_path):
+    write_fake_names(tmp_path)
+    t = load_task("namedata", 0, data_root=tmp_path)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(t.x_train, t.lengths_train, batch_first=True,
+                                                     enforce_sorted=False)
+    _, h = torch.nn.GRU(57, 4, batch_first=True)(packed)
+    assert h.shape == (1, len(t.y_train), 4)
+
+
+def test_namedata_missing(tmp_path):
+    write_fake_names(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        load_task("namedata", 1, data_root=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "names" / "Czech.txt") in msg and str(tmp_path / "names" / "Dutch.txt") in msg
+    assert "download=True" in msg and data.NAMEDATA_URL in msg
+
+
+def test_namedata_download(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def fake(url, download_root, extract_root=None, filename=None, md5=None, **kw):
+        assert url == data.NAMEDATA_URL
+        write_fake_names(Path(download_root) / "data")  # the zip holds data/names/*.txt
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake)
+    t = load_task("namedata", 0, data_root=tmp_path / "root", download=True)
+    assert t.classes == ["Arabic", "Chinese"]
+    assert [p.name for p in (tmp_path / "root").iterdir()] == ["names"]
+
+
+@pytest.mark.skipif(not (SHARED / "names").is_dir(), reason="no shared real data")
+def test_real_namedata_all_tasks():
+    total = 0
+    for r in range(num_tasks("namedata")):
+        t = load_task("namedata", r, data_root=SHARED, dedupe=False)
+        assert t.classes == [data.NAMEDATA_LANGUAGES[c] for c in task_classes("namedata", r)]
+        assert set(t.y_test.tolist()) == {0, 1}
+        total += len(t.y_train) + len(t.y_test)
+    assert total == 20074  # every line of the tutorial's 18 files (PROVENANCE.md)
