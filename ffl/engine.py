@@ -1,0 +1,572 @@
+"""Batched training of K networks at once (the zoo engine behind :func:`ffl.zoo.train_zoo`).
+
+The paper trains 5,000 networks per experiment (§4). One small network cannot keep a CPU core or
+a GPU busy, so instead of a Python loop over models this module trains K networks as *one*
+computation while keeping every network's science exactly as if it were trained alone:
+
+* **Same models.** ``stack_models`` takes K ordinary models built by
+  :func:`ffl.models.build_model` and replaces each leaf layer by a batched twin holding the K
+  networks' parameters stacked along a leading dimension (``(K, out, in)`` for a linear layer).
+  The model's own ``forward`` is kept. Activations use the *folded* layout: the K networks sit
+  side by side in the channel/feature dimension, ``(B, K*C, H, W)`` for images and ``(B, K*F)``
+  for vectors, so that
+
+  - a convolution is one grouped convolution (``groups=K``),
+  - a BatchNorm over the K*C channels is exactly per-network BatchNorm (own statistics, own
+    running averages),
+  - element-wise activations, pooling, ``flatten(1)`` and residual additions act per network,
+  - a linear layer is one ``torch.baddbmm`` over the K networks,
+  - a GRU is a hand-written batched GRU (``torch.vmap`` has no batching rule for ``aten::gru``).
+
+* **Same loss and optimizer.** The loss is the *sum* over networks of each network's mean
+  cross-entropy, so the gradient of network k is its solo gradient. SGD (momentum, weight decay)
+  and Adam are element-wise, so one optimizer over the stacked tensors is K independent ones.
+
+* **Same data order.** Network k draws its minibatch order (and crop/flip augmentation) from its
+  own generator, seeded from its own data seed; :func:`train_loop` (the plain-PyTorch reference
+  used by the equivalence test and the benchmark) draws from the same streams.
+
+Determinism: on CPU the same seeds give the same bytes. On CUDA kernels may differ at float
+rounding level between runs unless deterministic algorithms are enabled.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "TrainConfig",
+    "NetworkData",
+    "stack_models",
+    "unstack_state",
+    "train_batched",
+    "train_loop",
+    "epoch_plan",
+    "augment_batch",
+    "lr_at",
+    "UnsupportedModel",
+]
+
+
+class UnsupportedModel(TypeError):
+    """A model contains a layer the batched engine has no batched twin for."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters of one network (the paper's §4 settings live in ZooSpec.paper).
+
+    ``steps``: if set, training is step-based (``epochs`` ignored; ``lr_step_steps`` are the lr
+    milestones in steps); each network walks through its own reshuffled epochs as needed.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    epochs: int = 50
+    lr_step_epochs: list[int] = field(default_factory=lambda: [30])
+    lr_gamma: float = 0.1
+    augment: bool = False
+    steps: int | None = None
+    lr_step_steps: list[int] = field(default_factory=list)
+    crop_padding: int = 4
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+
+
+@dataclass
+class NetworkData:
+    """Training/test tensors of the distinct tasks that a batch of networks trains on.
+
+    ``x_train``: (U, n_train, *input_shape) for U distinct tasks (same n for all tasks), labels
+    ``y_train`` (U, n_train) int64; likewise the test split. Network k uses task ``task_index[k]``.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @classmethod
+    def from_tasks(cls, tasks: Sequence, device: torch.device | str = "cpu") -> NetworkData:
+        """Stack :class:`ffl.data.TaskData`-like objects (same split sizes and shapes)."""
+        def stack(name: str) -> torch.Tensor:
+            ts = [getattr(t, name) for t in tasks]
+            shapes = {tuple(t.shape) for t in ts}
+            if len(shapes) != 1:
+                raise ValueError(f"tasks batched together need equal {name} shapes, got {sorted(shapes)}")
+            return torch.stack(ts).to(device)
+
+        return cls(stack("x_train"), stack("y_train").long(), stack("x_test"), stack("y_test").long())
+
+    @property
+    def n_train(self) -> int:
+        return self.x_train.shape[1]
+
+
+def lr_at(cfg: TrainConfig, epoch: int, step: int) -> float:
+    """Learning rate in ``epoch`` (0-based) / global ``step``: ``lr * gamma**(milestones passed)``,
+    computed as torch's MultiStepLR does (repeated multiplication)."""
+    if cfg.steps is not None:
+        passed = sum(1 for m in cfg.lr_step_steps if step >= m)
+    else:
+        passed = sum(1 for m in cfg.lr_step_epochs if epoch >= m)
+    lr = cfg.lr
+    for _ in range(passed):
+        lr = lr * cfg.lr_gamma
+    return lr
+
+
+def epoch_plan(gen: torch.Generator, n: int, augment: bool, pad: int = 4):
+    """One network's epoch: a permutation of its n samples and, with augmentation, per position a
+    crop offset (oy, ox) in [0, 2*pad] and a flip bit. Drawn from the network's own generator."""
+    perm = torch.randperm(n, generator=gen)
+    if not augment:
+        return perm, None, None
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    flips = torch.randint(0, 2, (n,), generator=gen)
+    return perm, offsets, flips
+
+
+def augment_batch(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) then horizontal flip, per sample.
+
+    ``x``: (..., C, H, W) images; ``offsets`` (..., 2) and ``flips`` (...) for the same leading
+    dims. Equivalent to torchvision's ``RandomCrop(H, padding=pad)`` + ``RandomHorizontalFlip``
+    with the given draws.
+    """
+    lead = x.shape[:-3]
+    C, H, W = x.shape[-3:]
+    xf = x.reshape(-1, C, H, W)
+    off = offsets.reshape(-1, 2).to(x.device)
+    fl = flips.reshape(-1).to(x.device).bool()
+    xp = F.pad(xf, (pad, pad, pad, pad))
+    n = xf.shape[0]
+    ar_h = torch.arange(H, device=x.device)
+    ar_w = torch.arange(W, device=x.device)
+    rows = off[:, 0:1] + ar_h  # (n, H)
+    cols = torch.where(fl[:, None], off[:, 1:2] + (W - 1 - ar_w), off[:, 1:2] + ar_w)  # (n, W)
+    Wp = W + 2 * pad
+    flat = (rows[:, :, None] * Wp + cols[:, None, :]).reshape(n, 1, H * W).expand(n, C, H * W)
+    out = torch.gather(xp.reshape(n, C, -1), 2, flat)
+    return out.reshape(*lead, C, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched layers (folded layout: networks side by side in dim 1 / the feature dim)
+# --------------------------------------------------------------------------------------------
+
+
+def _stack(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    if tensors[0] is None:
+        return None
+    return torch.stack([t.detach() for t in tensors]).contiguous()
+
+
+class BatchedLinear(nn.Module):
+    """K linear layers; input (..., K*in) → output (..., K*out); one ``baddbmm``."""
+
+    def __init__(self, mods: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.K = len(mods)
+        self.in_features, self.out_features = mods[0].in_features, mods[0].out_features
+        self.weight = nn.Parameter(_stack([m.weight for m in mods]))
+        b = _stack([m.bias for m in mods])
+        self.bias = nn.Parameter(b) if b is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        K, fin = self.K, self.in_features
+        if x.shape[-1] != K * fin:
+            raise UnsupportedModel(
+                f"batched linear expects last dim K*in = {K}*{fin}, got {tuple(x.shape)}; the model's "
+                "forward must keep the batch in dim 0 and features last (use flatten(1))")
+        x3 = x.reshape(-1, K, fin).transpose(0, 1)  # (K, N, in), strided view
+        wt = self.weight.transpose(1, 2)  # (K, in, out)
+        if self.bias is not None:
+            y = torch.baddbmm(self.bias.unsqueeze(1), x3, wt)
+        else:
+            y = torch.bmm(x3, wt)
+        return y.transpose(0, 1).reshape(*lead, K * self.out_features)
+
+
+class BatchedConv2d(nn.Module):
+    """K conv layers as one grouped convolution on (B, K*C, H, W)."""
+
+    def __init__(self, mods: Sequence[nn.Conv2d]) -> None:
+        super().__init__()
+        m = mods[0]
+        if m.padding_mode != "zeros":
+            raise UnsupportedModel(f"padding_mode {m.padding_mode!r} not supported")
+        self.K = len(mods)
+        self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
+        self.out_channels = m.out_channels
+        self.weight = nn.Parameter(_stack([c.weight for c in mods]))
+        b = _stack([c.bias for c in mods])
+        self.bias = nn.Parameter(b) if b is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(self.K * self.out_channels, *self.weight.shape[2:])
+        b = self.bias.reshape(-1) if self.bias is not None else None
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups * self.K)
+
+
+class BatchedBatchNorm(nn.Module):
+    """K BatchNorm layers (1d or 2d): a BatchNorm over K*C channels is per-network BatchNorm."""
+
+    def __init__(self, mods: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+        super().__init__()
+        m = mods[0]
+        if m.momentum is None:
+            raise UnsupportedModel("BatchNorm with momentum=None (cumulative average) not supported")
+        self.K, self.eps, self.momentum = len(mods), m.eps, m.momentum
+        self.affine, self.track = m.affine, m.track_running_stats
+        if self.affine:
+            self.weight = nn.Parameter(_stack([b.weight for b in mods]))
+            self.bias = nn.Parameter(_stack([b.bias for b in mods]))
+        else:
+            self.weight = self.bias = None
+        if self.track:
+            self.register_buffer("running_mean", _stack([b.running_mean for b in mods]))
+            self.register_buffer("running_var", _stack([b.running_var for b in mods]))
+            self.register_buffer("num_batches_tracked", _stack([b.num_batches_tracked for b in mods]))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch = self.training or not self.track
+        if self.training and self.track:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x,
+            self.running_mean.view(-1) if self.track else None,
+            self.running_var.view(-1) if self.track else None,
+            self.weight.reshape(-1) if self.affine else None,
+            self.bias.reshape(-1) if self.affine else None,
+            use_batch, self.momentum, self.eps,
+        )
+
+
+class BatchedGRU(nn.Module):
+    """K multi-layer GRUs (PyTorch's gate equations), hand-written with ``bmm``.
+
+    Input (T, B, K*F) (or (B, T, K*F) when ``batch_first``); optional ``h0`` (L, B, K*H).
+    Returns (output (..., K*H), h_n (L, B, K*H)) like ``nn.GRU``. Unidirectional only.
+    """
+
+    def __init__(self, mods: Sequence[nn.GRU]) -> None:
+        super().__init__()
+        m = mods[0]
+        if m.bidirectional or getattr(m, "proj_size", 0):
+            raise UnsupportedModel("bidirectional/projected GRU not supported")
+        if m.dropout:
+            raise UnsupportedModel("GRU dropout not supported (random streams would differ)")
+        self.K, self.L, self.H = len(mods), m.num_layers, m.hidden_size
+        self.batch_first, self.has_bias = m.batch_first, m.bias
+        for name, _ in m.named_parameters():
+            setattr(self, name, nn.Parameter(_stack([getattr(g, name) for g in mods])))
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        T, B, _ = x.shape
+        K, H = self.K, self.H
+        inp = x.reshape(T, B, K, -1).permute(2, 0, 1, 3).reshape(K, T * B, -1)  # (K, T*B, F)
+        hs = []
+        for layer in range(self.L):
+            w_ih = getattr(self, f"weight_ih_l{layer}")  # (K, 3H, F)
+            w_hh = getattr(self, f"weight_hh_l{layer}")  # (K, 3H, H)
+            if self.has_bias:
+                gi = torch.baddbmm(getattr(self, f"bias_ih_l{layer}").unsqueeze(1), inp, w_ih.transpose(1, 2))
+                b_hh = getattr(self, f"bias_hh_l{layer}").unsqueeze(1)
+            else:
+                gi = torch.bmm(inp, w_ih.transpose(1, 2))
+                b_hh = None
+            gi = gi.view(K, T, B, 3 * H)
+            if h0 is None:
+                h = x.new_zeros(K, B, H)
+            else:
+                h = h0[layer].reshape(B, K, H).transpose(0, 1)
+            outs = []
+            whh_t = w_hh.transpose(1, 2)
+            for t in range(T):
+                gh = torch.baddbmm(b_hh, h, whh_t) if b_hh is not None else torch.bmm(h, whh_t)
+                i_r, i_z, i_n = gi[:, t].chunk(3, dim=-1)
+                h_r, h_z, h_n = gh.chunk(3, dim=-1)
+                r = torch.sigmoid(i_r + h_r)
+                z = torch.sigmoid(i_z + h_z)
+                n = torch.tanh(i_n + r * h_n)
+                h = (1 - z) * n + z * h
+                outs.append(h)
+            hs.append(h)
+            inp = torch.stack(outs, 1).reshape(K, T * B, H)  # (K, T*B, H)
+        out = inp.view(K, T, B, H).permute(1, 2, 0, 3).reshape(T, B, K * H)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        h_n = torch.stack(hs).permute(0, 2, 1, 3).reshape(self.L, B, K * H)
+        return out, h_n
+
+
+_STATELESS = (
+    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Flatten,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Softplus, nn.SiLU,
+)
+
+
+def _batched_twin(mods: Sequence[nn.Module]) -> nn.Module | None:
+    m = mods[0]
+    if isinstance(m, nn.Linear):
+        return BatchedLinear(mods)
+    if isinstance(m, nn.Conv2d):
+        return BatchedConv2d(mods)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return BatchedBatchNorm(mods)
+    if isinstance(m, nn.GRU):
+        return BatchedGRU(mods)
+    if isinstance(m, nn.Dropout):
+        if m.p == 0:
+            return copy.deepcopy(m)
+        raise UnsupportedModel("Dropout with p > 0 not supported (random streams would differ)")
+    if isinstance(m, nn.Flatten) and m.start_dim != 1:
+        raise UnsupportedModel("Flatten must start at dim 1")
+    if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d | nn.MaxPool2d | nn.AvgPool2d):
+        return copy.deepcopy(m)
+    if isinstance(m, _STATELESS):
+        return copy.deepcopy(m)
+    return None
+
+
+def stack_models(models: Sequence[nn.Module]) -> nn.Module:
+    """One module computing K same-architecture models at once (folded layout, see module doc).
+
+    The result's ``state_dict`` has the models' own keys with a leading K dimension. Raises
+    :class:`UnsupportedModel` for a layer with no batched twin.
+    """
+    models = list(models)
+    template = copy.deepcopy(models[0])
+
+    def convert(parent_name: str, parent: nn.Module, peers: list[nn.Module]) -> None:
+        for name, child in list(parent.named_children()):
+            peer_children = [p._modules[name] for p in peers]
+            twin = _batched_twin(peer_children)
+            if twin is not None:
+                parent._modules[name] = twin
+                continue
+            own = list(child.named_parameters(recurse=False)) + list(child.named_buffers(recurse=False))
+            if own:
+                raise UnsupportedModel(
+                    f"layer {parent_name + name!r} ({type(child).__name__}) has no batched twin")
+            if not list(child.children()) and not isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+                # a parameter-free leaf we do not know: safe only if it acts element-wise
+                raise UnsupportedModel(f"layer {parent_name + name!r} ({type(child).__name__}) unknown to the engine")
+            convert(parent_name + name + ".", child, peer_children)
+
+    own = list(template.named_parameters(recurse=False)) + list(template.named_buffers(recurse=False))
+    if own:
+        raise UnsupportedModel(f"{type(template).__name__} holds parameters directly; no batched twin")
+    convert("", template, models)
+    return template
+
+
+def unstack_state(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Network k's ``state_dict`` from a stacked one."""
+    return {name: t[k] for name, t in state.items()}
+
+
+def fold_input(x: torch.Tensor) -> torch.Tensor:
+    """(B, K, *shape) per-network inputs → folded (B, K*shape[0], *shape[1:])."""
+    B, K = x.shape[:2]
+    if x.dim() == 2:
+        return x
+    return x.reshape(B, K * x.shape[2], *x.shape[3:])
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: TrainConfig, n: int):
+    """Yield (epoch, step, start, stop) over the training run for a task of n samples."""
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    step = 0
+    epoch = 0
+    while step < total:
+        for s in range(steps_per_epoch):
+            if step >= total:
+                return
+            start = s * cfg.batch_size
+            yield epoch, step, start, min(start + cfg.batch_size, n)
+            step += 1
+        epoch += 1
+
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    return cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
+@torch.no_grad()
+def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task_index: torch.Tensor,
+                      K: int, chunk: int) -> torch.Tensor:
+    """Per-network accuracy of the stacked ``net`` (eval mode) on its task's split (U, n, ...)."""
+    n = x.shape[1]
+    correct = torch.zeros(K, dtype=torch.long, device=x.device)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        xb = x[:, a:b][task_index].transpose(0, 1)  # (nb, K, ...)
+        yb = y[:, a:b][task_index].transpose(0, 1)  # (nb, K)
+        logits = net(fold_input(xb))
+        pred = logits.view(b - a, K, -1).argmax(-1)
+        correct += (pred == yb).sum(0)
+    return correct.double() / n
+
+
+@dataclass
+class BatchResult:
+    """Stacked final ``state_dict`` (on CPU) and final train/test accuracy per network."""
+
+    state: dict[str, torch.Tensor]
+    train_acc: list[float]
+    test_acc: list[float]
+    seconds: float
+
+
+def train_batched(
+    models: Sequence[nn.Module],
+    data: NetworkData,
+    task_index: Sequence[int],
+    data_seeds: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, int], None] | None = None,
+    eval_chunk: int | None = None,
+    evaluate: bool = True,
+) -> BatchResult:
+    """Train K models (already initialized) as one computation; return their stacked weights.
+
+    ``task_index[k]`` selects network k's task in ``data``; ``data_seeds[k]`` seeds its minibatch
+    order and augmentation. ``on_step(step, total)`` is called after every optimizer step.
+    """
+    t0 = time.perf_counter()
+    K = len(models)
+    device = torch.device(device)
+    net = stack_models(models).to(device)
+    net.train()
+    params = [p for p in net.parameters()]
+    opt = _make_optimizer(params, cfg)
+    tidx = torch.as_tensor(list(task_index), dtype=torch.long, device=device)
+    gens = [torch.Generator().manual_seed(int(s)) for s in data_seeds]
+    n = data.n_train
+    total = total_steps(cfg, n)
+    kar = torch.arange(K, device=device)
+    cur_epoch = -1
+    perm = offs = flips = None
+    for epoch, step, a, b in _schedule(cfg, n):
+        if epoch != cur_epoch:
+            cur_epoch = epoch
+            plans = [epoch_plan(g, n, cfg.augment, cfg.crop_padding) for g in gens]
+            perm = torch.stack([p[0] for p in plans]).to(device)  # (K, n)
+            if cfg.augment:
+                offs = torch.stack([p[1] for p in plans]).to(device)
+                flips = torch.stack([p[2] for p in plans]).to(device)
+        lr = lr_at(cfg, epoch, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = perm[:, a:b]  # (K, Bs)
+        xb = data.x_train[tidx[:, None], idx].transpose(0, 1)  # (Bs, K, ...)
+        yb = data.y_train[tidx[:, None], idx].transpose(0, 1)  # (Bs, K)
+        if cfg.augment:
+            xb = augment_batch(xb, offs[:, a:b].transpose(0, 1), flips[:, a:b].transpose(0, 1), cfg.crop_padding)
+        Bs = b - a
+        logits = net(fold_input(xb.contiguous()))
+        loss = F.cross_entropy(logits.reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step + 1, total)
+    del kar
+    net.eval()
+    if evaluate:
+        chunk = eval_chunk or max(1, min(1024, 2**22 // max(1, K * int(data.x_train[0, 0].numel()))))
+        train_acc = _accuracy_batched(net, data.x_train, data.y_train, tidx, K, chunk).tolist()
+        test_acc = _accuracy_batched(net, data.x_test, data.y_test, tidx, K, chunk).tolist()
+    else:
+        train_acc = test_acc = [float("nan")] * K
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0)
+
+
+def train_loop(
+    models: Sequence[nn.Module],
+    data: NetworkData,
+    task_index: Sequence[int],
+    data_seeds: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    evaluate: bool = True,
+) -> BatchResult:
+    """Reference: a plain PyTorch loop training each model alone (torch.optim, MultiStepLR-equal
+    learning rates, same per-network data order and augmentation draws as :func:`train_batched`)."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    states, tr, te = [], [], []
+    n = data.n_train
+    for k, model in enumerate(models):
+        model = model.to(device).train()
+        opt = _make_optimizer(model.parameters(), cfg)
+        gen = torch.Generator().manual_seed(int(data_seeds[k]))
+        u = int(task_index[k])
+        X, Y = data.x_train[u], data.y_train[u]
+        cur_epoch = -1
+        for epoch, step, a, b in _schedule(cfg, n):
+            if epoch != cur_epoch:
+                cur_epoch = epoch
+                perm, offs, flips = epoch_plan(gen, n, cfg.augment, cfg.crop_padding)
+                perm = perm.to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, epoch, step)
+            idx = perm[a:b]
+            xb, yb = X[idx], Y[idx]
+            if cfg.augment:
+                xb = augment_batch(xb, offs[a:b], flips[a:b], cfg.crop_padding)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        if evaluate:
+            with torch.no_grad():
+                tr.append((model(X).argmax(-1) == Y).double().mean().item())
+                te.append((model(data.x_test[u]).argmax(-1) == data.y_test[u]).double().mean().item())
+        else:
+            tr.append(float("nan"))
+            te.append(float("nan"))
+        states.append({k2: v.detach().cpu() for k2, v in model.state_dict().items()})
+    stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
+    return BatchResult(stacked, tr, te, time.perf_counter() - t0)

@@ -1,0 +1,761 @@
+"""A zoo: T tasks × R runs of one architecture, trained, saved and loaded (§4).
+
+The paper trains 100 runs of each network on each of 50 tasks. :func:`train_zoo` trains such a
+zoo with the batched engine (:mod:`ffl.engine`), stores it in one directory and loads it back:
+
+``root/``
+    ``spec.json``      the :class:`ZooSpec` and the engine chunking (written first)
+    ``shards/*.safetensors`` + ``shards/*.json``
+                       one shard per (task, block of runs): the stacked ``state_dict`` tensors
+                       (leading dim = runs in the block) and a sidecar with each network's task,
+                       run, seeds, final train/test accuracy and the shard's sha256
+    ``manifest.json``  written last, when every shard exists: spec, library version, networks,
+                       shards (file, bytes, sha256)
+    ``provenance.json`` device, hardware and wall time of the run(s) (not part of the zoo bytes)
+
+Loading never unpickles (safetensors + JSON). Every file is written atomically (temporary file +
+``os.replace``). A killed run resumes at the first unfinished chunk and ends with the same bytes
+as an uninterrupted run (on CPU). A truncated or tampered shard raises an error naming the file.
+
+Seeds: network (task t, run r) is initialized from ``run_seed(spec.seed, t, r)`` and draws its
+minibatch order/augmentation from ``data_seed(spec.seed, t, r)``; both are SHA-256 derived, so
+they differ across runs and tasks and do not depend on how the zoo is chunked or sharded.
+
+Scale-out: ``train_zoo(..., shard=(rank, world))`` trains only chunks ``c % world == rank``
+(``python -m ffl.zoo train`` under ``torchrun`` does this and merges on rank 0);
+:func:`merge_zoos` combines zoos trained in separate directories.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "ffl-zoo"
+FORMAT_VERSION = 1
+#: spec fields that do not change the zoo (where the data lives, whether to download it)
+NON_IDENTITY_FIELDS = ("data_root", "download")
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ZooSpec:
+    """Everything that determines a zoo (§4): architecture, data, tasks × runs, training.
+
+    ``steps``/``lr_step_steps``: step-based training (NameData: 10,000 steps, lr/10 at 7,000);
+    when ``steps`` is None training is epoch-based (``epochs``, ``lr_step_epochs``).
+    """
+
+    arch: str = "mlp"
+    dataset: str = "synthetic"
+    tasks: list[int] = field(default_factory=lambda: [0, 1])
+    runs: int = 2
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    epochs: int = 50
+    lr_step_epochs: list[int] = field(default_factory=lambda: [30])
+    lr_gamma: float = 0.1
+    augment: bool = False
+    seed: int = 0
+    data_root: str | None = None
+    download: bool = False
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    lr_step_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, int):
+            self.tasks = list(range(self.tasks))
+        self.tasks = [int(t) for t in self.tasks]
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct, got {self.tasks}")
+        self.runs = int(self.runs)
+        if self.runs < 1 or not self.tasks:
+            raise ValueError("a zoo needs at least one task and one run")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+        self.lr_step_epochs = [int(e) for e in self.lr_step_epochs]
+        self.lr_step_steps = [int(e) for e in self.lr_step_steps]
+        self.model_kwargs = _jsonable(dict(self.model_kwargs))
+        self.data_kwargs = _jsonable(dict(self.data_kwargs))
+        if self.data_root is not None:
+            self.data_root = str(self.data_root)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ZooSpec:
+        """Build from a mapping (e.g. a profile section); unknown keys → ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ZooSpec fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the zoo's bytes (all but ``data_root``/``download``)."""
+        d = self.to_dict()
+        for k in NON_IDENTITY_FIELDS:
+            d.pop(k, None)
+        return d
+
+    @classmethod
+    def paper(cls, arch: str, dataset: str, **overrides: Any) -> ZooSpec:
+        """The paper's settings (``paper`` profile; official code for the CNNs).
+
+        * CNNs (``cnn``, ``plainnet6``, ``resnet5``): SGD lr 0.1, momentum 0.9, weight decay 1e-4,
+          batch 128, 50 epochs, lr/10 at epoch 30, crop+flip augmentation.
+        * MLP-4: the same SGD, 100 epochs, lr/10 at epoch 70, no augmentation.
+        * GRU-2 on NameData: batch 1, lr 0.1, 10,000 steps, lr/10 after 7,000 (plain SGD).
+        * all tasks of the dataset × 100 runs.
+        For Adam pass ``optimizer="adam", lr=1e-3``.
+        """
+        from ffl.data import num_tasks
+
+        base: dict[str, Any] = dict(arch=arch, dataset=dataset, runs=100, optimizer="sgd", lr=0.1,
+                                    momentum=0.9, weight_decay=1e-4, batch_size=128)
+        if arch == "mlp":
+            base.update(epochs=100, lr_step_epochs=[70], augment=False)
+        elif arch == "gru":
+            base.update(batch_size=1, momentum=0.0, weight_decay=0.0, steps=10_000, lr_step_steps=[7_000],
+                        epochs=1, lr_step_epochs=[])
+        else:
+            base.update(epochs=50, lr_step_epochs=[30], augment=True)
+        base["tasks"] = list(range(num_tasks(dataset)))
+        base.update(overrides)
+        return cls.from_dict(base)
+
+    def train_config(self):
+        from ffl.engine import TrainConfig
+
+        return TrainConfig(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, batch_size=self.batch_size,
+                           epochs=self.epochs, lr_step_epochs=list(self.lr_step_epochs),
+                           lr_gamma=self.lr_gamma, augment=self.augment, steps=self.steps,
+                           lr_step_steps=list(self.lr_step_steps))
+
+    @property
+    def num_networks(self) -> int:
+        return len(self.tasks) * self.runs
+
+
+def _jsonable(x: Any) -> Any:
+    """Tuples → lists, recursively (so a spec round-trips through JSON unchanged)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def spec_diff(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two spec identities."""
+    out = []
+    for k in sorted(set(stored) | set(asked)):
+        if stored.get(k, "<absent>") != asked.get(k, "<absent>"):
+            out.append(f"{k}: existing {stored.get(k, '<absent>')!r}, asked {asked.get(k, '<absent>')!r}")
+    return out
+
+
+def _derive(*parts: Any) -> int:
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def run_seed(seed: int, task: int, run: int) -> int:
+    """Initialization seed of network (task, run): SHA-256 of (seed, task, run), 63 bits."""
+    return _derive("ffl-zoo-init", seed, task, run)
+
+
+def data_seed(seed: int, task: int, run: int) -> int:
+    """Seed of network (task, run)'s minibatch order and augmentation."""
+    return _derive("ffl-zoo-data", seed, task, run)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ZooCorruptError(ValueError):
+    """A zoo file is truncated, tampered with or unreadable (the message names the file)."""
+
+
+def _shard_name(task: int, r0: int, r1: int) -> str:
+    return f"t{task:05d}-r{r0:05d}-{r1 - 1:05d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Chunking
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Runs ``r0 … r1-1`` of task ``spec.tasks[task_pos]`` (one shard file)."""
+
+    task_pos: int
+    task: int
+    r0: int
+    r1: int
+
+    @property
+    def name(self) -> str:
+        return _shard_name(self.task, self.r0, self.r1)
+
+
+def chunks(spec: ZooSpec, batch_networks: int) -> list[list[Piece]]:
+    """Engine batches: consecutive networks in task-major order, ``batch_networks`` at a time,
+    each cut at task boundaries into pieces (one shard file per piece)."""
+    N, R = spec.num_networks, spec.runs
+    out = []
+    for a in range(0, N, batch_networks):
+        b = min(a + batch_networks, N)
+        pieces = []
+        i = a
+        while i < b:
+            tp, r0 = divmod(i, R)
+            r1 = min(R, r0 + (b - i))
+            pieces.append(Piece(tp, spec.tasks[tp], r0, r1))
+            i += r1 - r0
+        out.append(pieces)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The zoo
+# --------------------------------------------------------------------------------------------
+
+
+class Zoo:
+    """A trained zoo on disk (see module doc). Networks are ordered task-major:
+    ``i = task_position * runs + run``."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], *, verify: str = "lazy", cache_shards: int = 2) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.spec = ZooSpec.from_dict({**manifest["spec"]})
+        nets = manifest["networks"]
+        self.tasks = torch.tensor([n["task"] for n in nets], dtype=torch.int64)
+        self.runs = torch.tensor([n["run"] for n in nets], dtype=torch.int64)
+        self.seeds = torch.tensor([n["seed"] for n in nets], dtype=torch.int64)
+        self.accuracy = {
+            "train": torch.tensor([n["train_acc"] for n in nets], dtype=torch.float64),
+            "test": torch.tensor([n["test_acc"] for n in nets], dtype=torch.float64),
+        }
+        self._shards = {s["file"]: s for s in manifest["shards"]}
+        self._verified: set[str] = set()
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_n = cache_shards
+        for s in manifest["shards"]:
+            path = self.root / s["file"]
+            if not path.is_file():
+                raise ZooCorruptError(f"zoo shard missing: {path}")
+            size = path.stat().st_size
+            if size != s["bytes"]:
+                raise ZooCorruptError(f"zoo shard {path} has {size} bytes, manifest says {s['bytes']} (truncated or modified)")
+        if verify == "full":
+            self.verify()
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, *, verify: str = "lazy") -> Zoo:
+        """Load a complete zoo. ``verify``: ``"lazy"`` (sizes now, SHA-256 of each shard when it
+        is first read) or ``"full"`` (SHA-256 of every shard now)."""
+        root = Path(root)
+        mpath = root / "manifest.json"
+        if not mpath.is_file():
+            done = len(list((root / "shards").glob("*.json"))) if (root / "shards").is_dir() else 0
+            raise FileNotFoundError(
+                f"no complete zoo at {root} (no manifest.json; {done} shard(s) present). "
+                "Run train_zoo(spec, root) to train or resume it.")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ZooCorruptError(f"zoo manifest {mpath} is not valid JSON: {e}") from e
+        if manifest.get("format") != FORMAT:
+            raise ZooCorruptError(f"{mpath} is not an ffl zoo manifest")
+        return cls(root, manifest, verify=verify)
+
+    def __len__(self) -> int:
+        return len(self.manifest["networks"])
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return f"Zoo({s.arch} on {s.dataset}: {len(s.tasks)} tasks × {s.runs} runs, root={str(self.root)!r})"
+
+    def verify(self) -> None:
+        """Check every shard's SHA-256 against the manifest."""
+        for f in self._shards:
+            self._check(f)
+
+    def _check(self, f: str) -> None:
+        if f in self._verified:
+            return
+        s = self._shards[f]
+        path = self.root / f
+        if not path.is_file():
+            raise ZooCorruptError(f"zoo shard missing: {path}")
+        if path.stat().st_size != s["bytes"]:
+            raise ZooCorruptError(f"zoo shard {path} has {path.stat().st_size} bytes, manifest says {s['bytes']}")
+        if _sha256_file(path) != s["sha256"]:
+            raise ZooCorruptError(f"zoo shard {path} does not match its SHA-256 in the manifest (tampered or corrupt)")
+        self._verified.add(f)
+
+    def _shard(self, f: str) -> dict[str, torch.Tensor]:
+        if f in self._cache:
+            self._cache.move_to_end(f)
+            return self._cache[f]
+        self._check(f)
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.root / f))
+        except Exception as e:  # noqa: BLE001 - any parse failure names the file
+            raise ZooCorruptError(f"zoo shard {self.root / f} cannot be read: {e}") from e
+        self._cache[f] = tensors
+        while len(self._cache) > self._cache_n:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Network i's ``state_dict`` (CPU tensors, model key names)."""
+        net = self.manifest["networks"][i]
+        tensors = self._shard(net["shard"])
+        return {k: v[net["row"]].clone() for k, v in tensors.items()}
+
+    def model(self, i: int) -> nn.Module:
+        """Network i as an ``nn.Module`` in eval mode on CPU."""
+        from ffl.models import build_model
+
+        net = self.manifest["networks"][i]
+        m = build_model(self.spec.arch, net["num_classes"], **self.manifest["build_kwargs"])
+        m.load_state_dict(self.state_dict(i))
+        return m.eval()
+
+    def models(self, indices: Sequence[int] | None = None):
+        """Iterate over networks as modules (shard-cached, so sequential access is cheap)."""
+        for i in range(len(self)) if indices is None else indices:
+            yield self.model(int(i))
+
+    def stacked(self, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """State dicts of several networks stacked along a new first dimension."""
+        idx = range(len(self)) if indices is None else [int(i) for i in indices]
+        sds = [self.state_dict(i) for i in idx]
+        return {k: torch.stack([s[k] for s in sds]) for k in sds[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def default_batch_networks(spec: ZooSpec, device: str | torch.device) -> int:
+    """Networks per engine batch: 64 on CPU; on CUDA as many as fit in ~60% of free memory
+    (estimated from parameters, optimizer state and activations), at most 2048."""
+    N = spec.num_networks
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return min(N, 64)
+    from ffl.models import build_model
+
+    m = build_model(spec.arch, 2, **spec.model_kwargs)
+    n_params = sum(p.numel() for p in m.parameters())
+    state_bytes = n_params * 4 * (4 if spec.optimizer == "adam" else 3)
+    # activations: measured-free estimate, generous for the CNNs at batch 128
+    act = spec.batch_size * _activation_floats(spec.arch, spec.model_kwargs) * 4 * 3
+    free, _ = torch.cuda.mem_get_info(dev)
+    k = int(0.6 * free // max(1, state_bytes + act))
+    return max(1, min(N, k, 2048))
+
+
+def _activation_floats(arch: str, kw: dict[str, Any]) -> int:
+    if arch == "mlp":
+        return 3072 + 4 * sum(kw.get("hidden", (500, 500, 500)))
+    if arch in ("cnn", "plainnet6", "resnet5"):
+        widths = kw.get("widths", (32, 64, 128, 256, 256) if arch == "plainnet6" else (32, 64, 128, 256))
+        hw, total = 32 * 32, 3 * 32 * 32
+        for i, w in enumerate(widths):
+            total += 4 * w * hw  # conv out, bn out, act out, pool
+            if i < 3:
+                hw //= 4
+        return total
+    return 64 * 3 * kw.get("hidden", 128) * 4
+
+
+def _load_tasks(spec: ZooSpec, tasks: Sequence[int]) -> dict[int, Any]:
+    from ffl.data import load_task
+
+    return {t: load_task(spec.dataset, t, data_root=spec.data_root, download=spec.download,
+                         seed=spec.seed, **spec.data_kwargs) for t in tasks}
+
+
+def _build_kwargs(spec: ZooSpec, example: Any) -> dict[str, Any]:
+    kw = dict(spec.model_kwargs)
+    if spec.arch == "mlp" and "in_features" not in kw:
+        kw["in_features"] = int(math.prod(example.x_train.shape[1:]))
+    return _jsonable(kw)
+
+
+def _read_sidecar(root: Path, piece: Piece) -> dict[str, Any] | None:
+    """The sidecar of a finished shard, if it and its shard are intact (else None)."""
+    side = root / "shards" / f"{piece.name}.json"
+    shard = root / "shards" / f"{piece.name}.safetensors"
+    if not side.is_file() or not shard.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if shard.stat().st_size != meta.get("bytes") or _sha256_file(shard) != meta.get("sha256"):
+        warnings.warn(f"shard {shard} does not match its sidecar; it will be retrained", stacklevel=3)
+        return None
+    return meta
+
+
+def _check_or_write_spec(root: Path, spec: ZooSpec, batch_networks: int | None, device) -> int:
+    """Create/validate ``root/spec.json``; return the chunk size to use."""
+    spath = root / "spec.json"
+    if spath.is_file():
+        stored = json.loads(spath.read_text())
+        diff = spec_diff(stored["spec"], spec.identity())
+        if diff:
+            raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
+                             + "\nUse another root (or delete it) to train this spec.")
+        stored_k = int(stored["batch_networks"])
+        if batch_networks is not None and batch_networks != stored_k:
+            warnings.warn(f"zoo at {root} was started with batch_networks={stored_k}; using that "
+                          f"(not {batch_networks}) so resumed chunks match", stacklevel=3)
+        return stored_k
+    k = batch_networks or default_batch_networks(spec, device)
+    _atomic_write_json(spath, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                               "spec": spec.identity(), "batch_networks": k})
+    return k
+
+
+def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
+    """Write manifest.json if every shard is present; return whether the zoo is complete."""
+    import ffl
+
+    metas = []
+    for chunk in chunks(spec, k):
+        for p in chunk:
+            side = root / "shards" / f"{p.name}.json"
+            if not side.is_file():
+                return False
+            metas.append(json.loads(side.read_text()))
+    networks, shards = [], []
+    for meta in metas:
+        shards.append({"file": meta["file"], "bytes": meta["bytes"], "sha256": meta["sha256"],
+                       "task": meta["task"], "runs": [meta["r0"], meta["r1"]]})
+        networks.extend(meta["networks"])
+    for i, n in enumerate(networks):
+        n["index"] = i
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": ffl.__version__,
+        "spec": spec.identity(), "arch": spec.arch, "build_kwargs": metas[0]["build_kwargs"],
+        "hyperparameters": dataclasses.asdict(spec.train_config()), "batch_networks": k,
+        "num_networks": len(networks), "networks": networks, "shards": shards,
+    }
+    _atomic_write_json(root / "manifest.json", manifest)
+    return True
+
+
+def _write_piece(root: Path, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
+                 nets: list[dict[str, Any]], build_kwargs: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    tensors = {name: t[rows].contiguous() for name, t in state.items()}
+    data = save(tensors, metadata={"format": "pt"})
+    fname = f"shards/{piece.name}.safetensors"
+    _atomic_write_bytes(root / fname, data)
+    meta = {"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "task": piece.task, "r0": piece.r0, "r1": piece.r1, "build_kwargs": build_kwargs,
+            "networks": nets}
+    _atomic_write_json(root / "shards" / f"{piece.name}.json", meta)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="net", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total} nets [{elapsed}<{remaining}, {rate_fmt}]")
+
+    def update(self, n: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_zoo(
+    spec: ZooSpec,
+    root: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    batch_networks: int | None = None,
+) -> Zoo | None:
+    """Train (or load, or resume) the zoo of ``spec`` in directory ``root`` (§4).
+
+    * a complete zoo with the same spec at ``root`` is loaded, not retrained;
+    * a partial one is resumed (finished shards are kept, verified by SHA-256);
+    * a zoo with a different spec at ``root`` → ``ValueError`` listing the differing fields.
+
+    ``batch_networks``: networks trained together in one engine batch (default: 64 on CPU, memory
+    based on CUDA). It fixes the chunking and is stored, so a resumed run reuses it.
+    ``shard=(rank, world)``: train only chunks ``c % world == rank``; returns the zoo if it is
+    complete afterwards (the last rank to finish writes the manifest), else ``None``.
+    """
+    from ffl.engine import NetworkData, train_batched
+    from ffl.models import build_model
+
+    root = Path(root)
+    if not isinstance(spec, ZooSpec):
+        spec = ZooSpec.from_dict(dict(spec))
+    mpath = root / "manifest.json"
+    if mpath.is_file():
+        zoo = Zoo.load(root)
+        diff = spec_diff(zoo.manifest["spec"], spec.identity())
+        if diff:
+            raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
+                             + "\nUse another root (or delete it) to train this spec.")
+        return zoo
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "shards").mkdir(exist_ok=True)
+    k = _check_or_write_spec(root, spec, batch_networks, device)
+    rank, world = shard if shard is not None else (0, 1)
+    all_chunks = chunks(spec, k)
+    mine = [c for ci, c in enumerate(all_chunks) if ci % world == rank]
+    todo = [c for c in mine if any(_read_sidecar(root, p) is None for p in c)]
+    n_done = sum(p.r1 - p.r0 for c in mine if c not in todo for p in c)
+    n_mine = sum(p.r1 - p.r0 for c in mine for p in c)
+    t_start = time.time()
+    if todo:
+        cfg = spec.train_config()
+        needed = sorted({p.task for c in todo for p in c})
+        task_data = _load_tasks(spec, needed)
+        build_kwargs = _build_kwargs(spec, task_data[needed[0]])
+        dev = torch.device(device)
+        desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
+        bar = _Progress(n_mine, progress, desc)
+        bar.update(n_done)
+        for ci, chunk in enumerate(todo):
+            tasks_here = sorted({p.task for p in chunk})
+            data = NetworkData.from_tasks([task_data[t] for t in tasks_here], dev)
+            models, tidx, dseeds, nets_meta = [], [], [], []
+            for p in chunk:
+                ncls = task_data[p.task].num_classes
+                for r in range(p.r0, p.r1):
+                    s = run_seed(spec.seed, p.task, r)
+                    torch.manual_seed(s)
+                    models.append(build_model(spec.arch, ncls, **build_kwargs))
+                    tidx.append(tasks_here.index(p.task))
+                    dseeds.append(data_seed(spec.seed, p.task, r))
+                    nets_meta.append({"task": p.task, "run": r, "seed": s, "data_seed": dseeds[-1],
+                                      "num_classes": ncls, "classes": list(map(str, task_data[p.task].classes)),
+                                      "shard": f"shards/{p.name}.safetensors", "row": r - p.r0})
+            K = len(models)
+            last = [0]
+
+            def on_step(step: int, total: int, K=K, last=last) -> None:
+                frac = K * step / total
+                bar.update(frac - last[0])
+                last[0] = frac
+
+            res = train_batched(models, data, tidx, dseeds, cfg, device=dev, on_step=on_step)
+            i = 0
+            for p in chunk:
+                n = p.r1 - p.r0
+                metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
+                         for j, m in enumerate(nets_meta[i:i + n])]
+                _write_piece(root, p, res.state, slice(i, i + n), metas, build_kwargs)
+                i += n
+            _maybe_die_after_chunk()
+            del models, res, data
+        bar.close()
+    prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
+            "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c)}
+    try:
+        from ffl.provenance import hardware
+
+        prov["hardware"] = hardware(str(device))
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        pass
+    _atomic_write_json(root / f"provenance-rank{rank}.json" if world > 1 else root / "provenance.json", prov)
+    if _finalize(root, spec, k):
+        return Zoo.load(root)
+    if world == 1:
+        raise RuntimeError(f"zoo at {root} is incomplete after training (a shard is missing)")
+    return None
+
+
+def _maybe_die_after_chunk() -> None:
+    """Test hook: ``FFL_ZOO_DIE_AFTER_CHUNKS=n`` kills the process (no cleanup, like SIGKILL)
+    after n chunks were written."""
+    n = os.environ.get("FFL_ZOO_DIE_AFTER_CHUNKS")
+    if n is None:
+        return
+    _maybe_die_after_chunk.count = getattr(_maybe_die_after_chunk, "count", 0) + 1
+    if _maybe_die_after_chunk.count >= int(n):
+        os._exit(99)
+
+
+def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zoo:
+    """Merge zoo directories trained with ``shard=(rank, world)`` (same spec, same chunking) into
+    ``out``; the result is byte-identical to a single-process run. Missing shards → error."""
+    parts = [Path(p) for p in parts]
+    out = Path(out)
+    specs = [json.loads((p / "spec.json").read_text()) for p in parts]
+    for p, s in zip(parts[1:], specs[1:]):
+        diff = spec_diff(specs[0]["spec"], s["spec"])
+        if diff or s["batch_networks"] != specs[0]["batch_networks"]:
+            raise ValueError(f"cannot merge {parts[0]} and {p}: different specs/chunking: {diff}")
+    spec = ZooSpec.from_dict(specs[0]["spec"])
+    k = int(specs[0]["batch_networks"])
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    if (out / "spec.json").is_file():
+        _check_or_write_spec(out, spec, k, "cpu")
+    else:
+        _atomic_write_json(out / "spec.json", specs[0])
+    missing = []
+    for chunk in chunks(spec, k):
+        for piece in chunk:
+            src = next((p for p in parts if _read_sidecar(p, piece) is not None), None)
+            if src is None:
+                if _read_sidecar(out, piece) is None:
+                    missing.append(piece.name)
+                continue
+            if src.resolve() == out.resolve():
+                continue
+            for ext in (".safetensors", ".json"):
+                dst = out / "shards" / f"{piece.name}{ext}"
+                tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+                shutil.copyfile(src / "shards" / f"{piece.name}{ext}", tmp)
+                os.replace(tmp, dst)
+    if missing:
+        raise FileNotFoundError(f"cannot merge: shards missing from every part: {missing[:10]}"
+                                + (" …" if len(missing) > 10 else ""))
+    if not _finalize(out, spec, k):
+        raise RuntimeError("merge incomplete")
+    return Zoo.load(out)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI (torchrun-able)
+# --------------------------------------------------------------------------------------------
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ffl.zoo", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train/resume a zoo (one shard per rank under torchrun)")
+    tr.add_argument("--spec", required=True, help="JSON file with the ZooSpec fields")
+    tr.add_argument("--root", required=True)
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--batch-networks", type=int, default=None)
+    tr.add_argument("--quiet", action="store_true")
+    mg = sub.add_parser("merge", help="merge zoo parts trained in separate directories")
+    mg.add_argument("parts", nargs="+")
+    mg.add_argument("--out", required=True)
+    info = sub.add_parser("info", help="summarize a zoo")
+    info.add_argument("root")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "merge":
+        z = merge_zoos(args.parts, args.out)
+        print(z)
+        return 0
+    if args.cmd == "info":
+        z = Zoo.load(args.root)
+        print(z, f"mean test acc {float(z.accuracy['test'].mean()):.4f}")
+        return 0
+    spec = ZooSpec.from_dict(json.loads(Path(args.spec).read_text()))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = args.device
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        dist.init_process_group(backend)
+        if rank == 0:  # write spec.json (and check an existing one) before the other ranks start
+            root = Path(args.root)
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "shards").mkdir(exist_ok=True)
+            if not (root / "manifest.json").is_file():
+                _check_or_write_spec(root, spec, args.batch_networks, device)
+        dist.barrier()
+        train_zoo(spec, args.root, device=device, progress=not args.quiet and rank == 0,
+                  shard=(rank, world), batch_networks=args.batch_networks)
+        dist.barrier()
+        if rank == 0:
+            k = json.loads((Path(args.root) / "spec.json").read_text())["batch_networks"]
+            if not _finalize(Path(args.root), spec, k):
+                print("zoo incomplete after all ranks finished", file=sys.stderr)
+                dist.destroy_process_group()
+                return 1
+            print(Zoo.load(args.root))
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    z = train_zoo(spec, args.root, device=device, progress=not args.quiet, batch_networks=args.batch_networks)
+    print(z)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())

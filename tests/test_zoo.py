@@ -1,0 +1,181 @@
+"""Zoo storage (§4): train/load/resume, spec mismatch, corruption, kill-and-resume, sharding."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffl.zoo import (Zoo, ZooCorruptError, ZooSpec, chunks, data_seed, merge_zoos, run_seed,
+                     train_zoo)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_spec(**kw) -> ZooSpec:
+    base = dict(arch="mlp", dataset="synthetic", tasks=[0, 1, 2], runs=3,
+                model_kwargs={"hidden": [8, 8]}, epochs=2, lr=0.05, lr_step_epochs=[1], batch_size=64,
+                data_kwargs={"n_train": 96, "n_test": 32})
+    base.update(kw)
+    return ZooSpec.from_dict(base)
+
+
+def shard_bytes(root: Path) -> dict[str, bytes]:
+    files = sorted((root / "shards").glob("*")) + [root / "manifest.json"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo") / "z"
+    train_zoo(tiny_spec(), root, progress=False, batch_networks=4)
+    return root
+
+
+def test_api(zoo_dir):
+    zoo = Zoo.load(zoo_dir)
+    spec = tiny_spec()
+    assert len(zoo) == 9 and zoo.spec.identity() == spec.identity()
+    assert zoo.tasks.dtype == torch.int64 and zoo.tasks.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert zoo.runs.tolist() == [0, 1, 2] * 3
+    assert zoo.accuracy["test"].shape == (9,) and zoo.accuracy["train"].shape == (9,)
+    assert (zoo.accuracy["train"] > 0.5).float().mean() > 0.5  # they learned something
+    m = zoo.model(4)
+    assert not m.training and next(m.parameters()).device.type == "cpu"
+    sd = zoo.state_dict(4)
+    assert set(sd) == set(m.state_dict())
+    seeds = zoo.seeds.tolist()
+    assert len(set(seeds)) == 9 and seeds[4] == run_seed(0, 1, 1)
+    assert run_seed(0, 1, 1) != run_seed(0, 1, 2) != run_seed(1, 1, 1)
+    assert data_seed(0, 1, 1) != run_seed(0, 1, 1)
+    man = zoo.manifest
+    assert man["library_version"] and man["hyperparameters"]["lr"] == 0.05
+    assert all(s["sha256"] and s["bytes"] > 0 for s in man["shards"])
+
+
+def test_init_matches_build_model_seed(zoo_dir):
+    """Network i starts from build_model under torch.manual_seed(run_seed) (checked via a 0-epoch zoo)."""
+    from ffl.models import build_model
+
+    zoo0 = train_zoo(tiny_spec(epochs=0, lr_step_epochs=[]), zoo_dir.parent / "z0", progress=False)
+    torch.manual_seed(run_seed(0, 2, 1))
+    ref = build_model("mlp", 2, in_features=3072, hidden=[8, 8])
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, zoo0.state_dict(7)[k])
+
+
+def test_cached_and_spec_mismatch(zoo_dir):
+    before = shard_bytes(zoo_dir)
+    zoo = train_zoo(tiny_spec(), zoo_dir, progress=False)  # loads, no retraining
+    assert len(zoo) == 9 and shard_bytes(zoo_dir) == before
+    # data_root does not change the zoo
+    train_zoo(tiny_spec(data_root="/elsewhere"), zoo_dir, progress=False)
+    with pytest.raises(ValueError, match=r"lr: existing 0.05, asked 0.2"):
+        train_zoo(tiny_spec(lr=0.2), zoo_dir, progress=False)
+    with pytest.raises(ValueError, match="unknown ZooSpec fields"):
+        ZooSpec.from_dict({"arch": "mlp", "learning_rate": 1})
+
+
+def test_partial_zoo_spec_mismatch(tmp_path):
+    root = tmp_path / "z"
+    (root).mkdir()
+    spec = tiny_spec()
+    (root / "spec.json").write_text(json.dumps({"spec": tiny_spec(runs=5).identity(), "batch_networks": 4}))
+    with pytest.raises(ValueError, match="runs: existing 5, asked 3"):
+        train_zoo(spec, root, progress=False)
+
+
+def test_truncated_and_tampered(zoo_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo_dir, bad)
+    shard = sorted((bad / "shards").glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(ZooCorruptError, match=shard.name):
+        Zoo.load(bad)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    zoo = Zoo.load(bad)  # sizes agree; the hash is checked when the shard is read
+    with pytest.raises(ZooCorruptError, match=shard.name):
+        for i in range(len(zoo)):
+            zoo.state_dict(i)
+    with pytest.raises(ZooCorruptError, match=shard.name):
+        Zoo.load(bad, verify="full")
+
+
+def test_chunks_cover_once():
+    spec = tiny_spec(tasks=[3, 5, 7], runs=5)
+    seen = [(p.task, r) for c in chunks(spec, 4) for p in c for r in range(p.r0, p.r1)]
+    assert seen == [(t, r) for t in [3, 5, 7] for r in range(5)]
+    assert all(sum(p.r1 - p.r0 for p in c) <= 4 for c in chunks(spec, 4))
+
+
+def test_paper_presets():
+    s = ZooSpec.paper("cnn", "cifar100")
+    assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs, s.lr_step_epochs, s.augment) == \
+        (0.1, 0.9, 1e-4, 128, 50, [30], True)
+    assert len(s.tasks) == 50 and s.runs == 100
+    m = ZooSpec.paper("mlp", "cifar100")
+    assert (m.epochs, m.lr_step_epochs, m.augment) == (100, [70], False)
+    g = ZooSpec.paper("gru", "namedata")
+    assert (g.batch_size, g.lr, g.steps, g.lr_step_steps) == (1, 0.1, 10_000, [7_000])
+    a = ZooSpec.paper("mlp", "cifar100", optimizer="adam", lr=1e-3)
+    assert a.optimizer == "adam" and a.lr == 1e-3
+
+
+def _cli(args, env=None, **kw):
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ffl.zoo", *args], env=e, capture_output=True, text=True, **kw)
+
+
+def test_kill_and_resume(zoo_dir, tmp_path):
+    """A run killed (os._exit, no cleanup) after its first chunk resumes without retraining that
+    chunk and ends with exactly the bytes of an uninterrupted run."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(tiny_spec().to_dict()))
+    root = tmp_path / "z"
+    r = _cli(["train", "--spec", str(spec_file), "--root", str(root), "--quiet", "--batch-networks", "4"],
+             env={"FFL_ZOO_DIE_AFTER_CHUNKS": "1"})
+    assert r.returncode == 99, r.stderr
+    assert not (root / "manifest.json").exists()
+    first = sorted((root / "shards").glob("*.safetensors"))
+    assert len(first) == 2  # chunk 0 = task 0 runs 0-2 + task 1 run 0
+    mtimes = {f: f.stat().st_mtime_ns for f in first}
+    with pytest.raises(FileNotFoundError, match="no complete zoo"):
+        Zoo.load(root)
+    r = _cli(["train", "--spec", str(spec_file), "--root", str(root), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert {f: f.stat().st_mtime_ns for f in first} == mtimes  # not retrained
+    assert shard_bytes(root) == shard_bytes(zoo_dir)
+
+
+def test_merge_parts(zoo_dir, tmp_path):
+    spec = tiny_spec()
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_zoo(spec, a, progress=False, shard=(0, 2), batch_networks=4) is None
+    assert train_zoo(spec, b, progress=False, shard=(1, 2), batch_networks=4) is None
+    zoo = merge_zoos([a, b], tmp_path / "merged")
+    assert len(zoo) == 9
+    assert shard_bytes(tmp_path / "merged") == shard_bytes(zoo_dir)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(zoo_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 -m ffl.zoo train`` (gloo, CPU) = the single-process zoo, bytewise."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(tiny_spec().to_dict()))
+    root = tmp_path / "z"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "ffl.zoo", "train",
+                        "--spec", str(spec_file), "--root", str(root), "--quiet", "--batch-networks", "4"],
+                       env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert shard_bytes(root) == shard_bytes(zoo_dir)
+    assert len(Zoo.load(root)) == 9
