@@ -198,7 +198,9 @@ def synthetic_task(task: int, *, seed: int = 0, n_train: int = 256, n_test: int 
     functions, while two tasks' directions are nearly independent random vectors in the
     3·grid² = 48-dim smooth subspace, so tasks are distinguishable. With the defaults the mean
     difference is estimated well from 256 samples (cosine ≈ 0.87 to d_t) and test accuracy is
-    near 100 %.
+    near 100 %. Checked with MLP-4 (SGD, 30 epochs): two seeds on one task reach 100 % test
+    accuracy and their logit margins on shared probe inputs correlate at 0.98-0.99, while
+    networks of different tasks correlate at |r| < 0.4.
 
     Samples are balanced (``n//2`` per class, in a seeded random order) and drawn from a second
     generator seeded by ``(seed, t, split)``; everything uses explicit ``torch.Generator`` seeds,

@@ -244,6 +244,33 @@ def test_cifar100_limits_and_cache(fake_cifar100):
     assert any(k[0] == str(fake_cifar100.resolve()) for k in data._CIFAR100_CACHE)
 
 
+def test_cifar100_download_goes_through_torchvision_atomically(tmp_path, monkeypatch):
+    """download=True calls torchvision's download (stubbed: it writes the fake files, whose
+    pickles are byte-deterministic so their md5 is known in advance) into a temporary folder,
+    then moves the complete cifar-100-python/ into data_root."""
+    from torchvision.datasets import CIFAR100
+
+    md5 = write_fake_cifar100(tmp_path / "probe")
+    calls = []
+
+    class StubDownloadCIFAR100(CIFAR100):
+        train_list = [["train", md5["train"]]]
+        test_list = [["test", md5["test"]]]
+        meta = {**CIFAR100.meta, "md5": md5["meta"]}
+
+        def download(self) -> None:
+            calls.append(self.root)
+            if not self._check_integrity():
+                write_fake_cifar100(Path(self.root))
+
+    monkeypatch.setattr(data, "_cifar100_class", lambda: StubDownloadCIFAR100)
+    root = tmp_path / "root"
+    t = load_task("cifar100", 1, data_root=root, download=True)
+    assert t.classes == ["class02", "class03"]
+    assert len(calls) == 1 and Path(calls[0]).parent == root  # a temporary folder inside root
+    assert [p.name for p in root.iterdir()] == ["cifar-100-python"]
+
+
 def test_cifar100_real_md5_check_rejects_fake(tmp_path):
     """Without the fixture's subclass, torchvision's md5 check refuses the fake files: the
     loader reports it instead of silently using corrupted data."""
