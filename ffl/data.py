@@ -21,14 +21,21 @@ Files are never fetched silently: with ``download=False`` (the default) a missin
 temporary folder inside ``data_root`` and are moved into place only when complete, so an
 interrupted download never leaves a half-written dataset behind.
 
+Splits: CIFAR-100 uses its official train/test sets; Tiny ImageNet trains on ``train`` and
+tests on the labelled ``val`` set (its ``test`` set has no labels); NameData is split 80/20 per
+language by ``seed``; synthetic tasks draw train and test from the task's mixture.
+
+On-disk layouts under ``data_root``: ``cifar-100-python/{train,test,meta}``;
+``tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/val_annotations.txt,
+val/images/*.JPEG}`` (see :func:`materialize_tiny_imagenet` for the offline ``.npz`` copy);
+``names/<Language>.txt``.
+
 ``data_root=None`` means ``$FFL_DATA_ROOT`` if set, else ``./data``.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import shutil
 import string
 import tempfile
 import unicodedata
