@@ -145,3 +145,110 @@ def permute_one_side(model: nn.Module, layer: int, perm: torch.Tensor) -> nn.Mod
     out = copy.deepcopy(model)
     _permute_in_place(out, perms, [k == layer for k in range(len(perms))])
     return out
+
+
+# ----------------------------------------------------------------------------- numerical proof
+
+
+@torch.no_grad()
+def randomize_batchnorm_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm layer non-trivial γ, β, running mean and variance (in place), as a
+    trained network has, so that permutation checks exercise them (fresh BN layers are 1, 0, 0, 1)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            if m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.copy_(0.3 * torch.randn(n, generator=generator))
+            m.running_mean.copy_(0.3 * torch.randn(n, generator=generator))
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+    return model
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def invariance_check(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    permutations: int = 10,
+    generator: torch.Generator | None = None,
+    explicit_max_dim: int = 2187,
+    **chain_kw,
+) -> list[dict]:
+    """Apply ``permutations`` random function-preserving permutations; one row per (draw, index l).
+
+    Row fields: ``draw``, ``chain`` (l), ``dim`` (d_l), ``max_abs_dW`` (largest change of a raw
+    weight of layer l, :func:`ffl.chain.layer_features`), ``rel_dW`` (‖ΔW_l‖/‖W_l‖),
+    ``max_abs_dG`` (largest change of an entry of G_l, from the explicit Grams when
+    d_l ≤ ``explicit_max_dim``, else the bound ‖ΔG_l‖_F), ``dG_explicit`` (which of the two),
+    ``fro_dG`` (‖ΔG_l‖_F without G), ``rel_dG`` (‖ΔG_l‖_F/‖G_l‖_F) and ``max_abs_dout`` (largest
+    change of an output on ``x``). ``chain_kw`` go to :func:`ffl.chain.chain_factors`.
+    """
+    from ffl.chain import chain_factors, chain_gram, gram_distance, gram_inner, layer_features
+
+    model = model.eval()
+    y = _out(model, x)
+    fa, wa = chain_factors(model, **chain_kw), layer_features(model)
+    norms = [gram_inner(c.double(), c.double()).sqrt().item() for c in fa]
+    grams = {l: chain_gram(c) for l, c in enumerate(fa) if c.shape[0] <= explicit_max_dim}
+    rows = []
+    for draw in range(permutations):
+        other = permute_hidden(model, random_hidden_permutations(model, generator))
+        dout = (_out(other, x) - y).abs().max().item()
+        fb, wb = chain_factors(other, **chain_kw), layer_features(other)
+        for l, (ca, cb) in enumerate(zip(fa, fb)):
+            fro = gram_distance(ca, cb).item()
+            explicit = l in grams
+            rows.append(dict(
+                draw=draw, chain=l + 1, dim=ca.shape[0],
+                max_abs_dW=(wa[l] - wb[l]).abs().max().item(),
+                rel_dW=((wa[l] - wb[l]).norm() / wa[l].norm()).item(),
+                max_abs_dG=(grams[l] - chain_gram(cb)).abs().max().item() if explicit else fro,
+                dG_explicit=explicit, fro_dG=fro, rel_dG=fro / norms[l], max_abs_dout=dout,
+            ))
+    return rows
+
+
+def broken_permutation_check(
+    model: nn.Module, x: torch.Tensor, *, generator: torch.Generator | None = None, **chain_kw
+) -> list[dict]:
+    """Negative controls: permutations that do *not* preserve the function must change it.
+
+    One row per hidden layer k with only its incoming side permuted (:func:`permute_one_side`,
+    a random permutation other than the identity), and for ResNets one row per residual unit k
+    whose permutation mixes a skip-fed channel with a zero-padded one. Fields: ``control``,
+    ``layer`` (k, 1-based), ``max_abs_dout`` and ``rel_dG`` of chain k+1.
+    """
+    from ffl.chain import chain_factors, gram_distance, gram_inner
+
+    model = model.eval()
+    y, fa = _out(model, x), chain_factors(model, **chain_kw)
+
+    def row(control: str, k: int, other: nn.Module) -> dict:
+        ca, cb = fa[k + 1], chain_factors(other, **chain_kw)[k + 1]
+        rel = (gram_distance(ca, cb) / gram_inner(ca.double(), ca.double()).sqrt()).item()
+        return dict(control=control, layer=k + 1, max_abs_dout=(_out(other, x) - y).abs().max().item(), rel_dG=rel)
+
+    rows = []
+    sizes = hidden_sizes(model)
+    for k, n in enumerate(sizes):
+        p = torch.randperm(n, generator=generator)
+        while torch.equal(p, torch.arange(n)):
+            p = torch.randperm(n, generator=generator)
+        rows.append(row("one side only", k, permute_one_side(model, k, p)))
+    if isinstance(model, ConvNet) and model.residual:
+        for k in range(1, len(sizes)):
+            m = sizes[k - 1]
+            if sizes[k] == m:
+                continue  # no zero-padded channels to mix with
+            perms = random_hidden_permutations(model, generator)
+            perms[k] = perms[k].clone()
+            perms[k][[0, m]] = perms[k][[m, 0]]
+            for j in range(k + 1, len(sizes)):
+                perms[j] = torch.cat([perms[j - 1], perms[j][sizes[j - 1]:]])
+            rows.append(row("skip tie broken", k, permute_hidden(model, perms, check=False)))
+    return rows
