@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,30 +95,45 @@ class TrainConfig:
 class NetworkData:
     """Training/test tensors of the distinct tasks that a batch of networks trains on.
 
-    ``x_train``: (U, n_train, *input_shape) for U distinct tasks (same n for all tasks), labels
-    ``y_train`` (U, n_train) int64; likewise the test split. Network k uses task ``task_index[k]``.
+    ``x_train``: (U, n_max, *input_shape) for U distinct tasks, zero-padded to the largest task
+    (``n_train[u]`` = task u's true size); ``y_train`` (U, n_max) int64; likewise the test split.
+    Sequence tasks (NameData) also carry ``lengths_*`` (U, n_max) and are padded in time too.
+    Network k uses task ``task_index[k]``.
     """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    n_train: list[int]
+    n_test: list[int]
+    lengths_train: torch.Tensor | None = None
+    lengths_test: torch.Tensor | None = None
 
     @classmethod
     def from_tasks(cls, tasks: Sequence, device: torch.device | str = "cpu") -> NetworkData:
-        """Stack :class:`ffl.data.TaskData`-like objects (same split sizes and shapes)."""
-        def stack(name: str) -> torch.Tensor:
-            ts = [getattr(t, name) for t in tasks]
-            shapes = {tuple(t.shape) for t in ts}
-            if len(shapes) != 1:
-                raise ValueError(f"tasks batched together need equal {name} shapes, got {sorted(shapes)}")
-            return torch.stack(ts).to(device)
+        """Stack :class:`ffl.data.TaskData`-like objects (padding sizes and sequence lengths)."""
+        def stack(name: str, pad_value: float = 0) -> torch.Tensor | None:
+            ts = [getattr(t, name, None) for t in tasks]
+            if ts[0] is None:
+                return None
+            shape = [max(t.shape[d] for t in ts) for d in range(ts[0].dim())]
+            out = torch.full((len(ts), *shape), pad_value, dtype=ts[0].dtype)
+            for u, t in enumerate(ts):
+                out[(u, *[slice(0, n) for n in t.shape])] = t
+            return out.to(device)
 
-        return cls(stack("x_train"), stack("y_train").long(), stack("x_test"), stack("y_test").long())
+        return cls(stack("x_train"), stack("y_train").long(), stack("x_test"), stack("y_test").long(),
+                   [len(t.y_train) for t in tasks], [len(t.y_test) for t in tasks],
+                   stack("lengths_train", 1), stack("lengths_test", 1))
 
-    @property
-    def n_train(self) -> int:
-        return self.x_train.shape[1]
+    def subset(self, u: int) -> NetworkData:
+        """Task u alone (unpadded)."""
+        a, b = self.n_train[u], self.n_test[u]
+        return NetworkData(self.x_train[u:u + 1, :a], self.y_train[u:u + 1, :a], self.x_test[u:u + 1, :b],
+                           self.y_test[u:u + 1, :b], [a], [b],
+                           None if self.lengths_train is None else self.lengths_train[u:u + 1, :a],
+                           None if self.lengths_test is None else self.lengths_test[u:u + 1, :b])
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int) -> float:
@@ -381,7 +397,50 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     if own:
         raise UnsupportedModel(f"{type(template).__name__} holds parameters directly; no batched twin")
     convert("", template, models)
+    template._ffl_K = len(models)
+    template._ffl_fold = "channel"
+    special = _SPECIAL_FORWARDS.get(type(template).__name__)
+    if special is not None:
+        template._ffl_fold = special[1]
+        template.forward = types.MethodType(special[0], template)
     return template
+
+
+def _convnet_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """:class:`ffl.models.ConvNet.forward` in the folded layout; the residual skip zero-pads each
+    network's channels separately (a plain ``F.pad`` on K*C channels would mix networks)."""
+    K = self._ffl_K
+    h = x
+    for l, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+        y = bn(conv(h))
+        if self.residual and l > 0:
+            B, _, H, W = h.shape
+            cin, cout = h.shape[1] // K, y.shape[1] // K
+            y = y + F.pad(h.view(B, K, cin, H, W), (0, 0, 0, 0, 0, cout - cin)).view(B, K * cout, H, W)
+        h = self.act(y)
+        if l < self.pools:
+            h = F.max_pool2d(h, 2)
+    return self.fc(h.mean(dim=(2, 3)))
+
+
+def _grunet_forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """:class:`ffl.models.GRUNet.forward` in the folded layout: x (B, T, K*F) one-hot,
+    ``lengths`` (B, K); reads each network's last valid step."""
+    K = self._ffl_K
+    out, _ = self.gru(x)
+    B, T = out.shape[:2]
+    out = out.view(B, T, K, -1)
+    if lengths is None:
+        last = out[:, -1]
+    else:
+        bi = torch.arange(B, device=out.device)[:, None]
+        ki = torch.arange(K, device=out.device)[None, :]
+        last = out[bi, lengths.to(out.device) - 1, ki]
+    return self.fc(last.reshape(B, -1))
+
+
+#: model class name → (batched forward, input folding); other models keep their own forward
+_SPECIAL_FORWARDS = {"ConvNet": (_convnet_forward, "channel"), "GRUNet": (_grunet_forward, "last")}
 
 
 def unstack_state(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -389,11 +448,14 @@ def unstack_state(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Ten
     return {name: t[k] for name, t in state.items()}
 
 
-def fold_input(x: torch.Tensor) -> torch.Tensor:
-    """(B, K, *shape) per-network inputs → folded (B, K*shape[0], *shape[1:])."""
+def fold_input(x: torch.Tensor, fold: str = "channel") -> torch.Tensor:
+    """(B, K, *shape) per-network inputs → the folded layout: images (B, K*C, H, W) (``"channel"``,
+    the first per-example dim), sequences (B, T, K*F) (``"last"``)."""
     B, K = x.shape[:2]
     if x.dim() == 2:
         return x
+    if fold == "last" and x.dim() > 3:
+        return x.movedim(1, -2).reshape(*x.shape[:1], *x.shape[2:-1], K * x.shape[-1])
     return x.reshape(B, K * x.shape[2], *x.shape[3:])
 
 
@@ -408,40 +470,90 @@ def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _schedule(cfg: TrainConfig, n: int):
-    """Yield (epoch, step, start, stop) over the training run for a task of n samples."""
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    step = 0
-    epoch = 0
-    while step < total:
-        for s in range(steps_per_epoch):
-            if step >= total:
-                return
-            start = s * cfg.batch_size
-            yield epoch, step, start, min(start + cfg.batch_size, n)
-            step += 1
-        epoch += 1
+class _Stream:
+    """One network's sample stream: successive epochs (permutation + augmentation draws, see
+    :func:`epoch_plan`) from its own generator, consumed in order."""
+
+    def __init__(self, seed: int, n: int, augment: bool, pad: int) -> None:
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.n, self.augment, self.pad = n, augment, pad
+        self.buf: list[tuple] = []
+        self.pos = 0
+
+    def take(self, m: int):
+        parts, got = [], 0
+        while got < m:
+            if not self.buf or self.pos == len(self.buf[0]):
+                self.buf = [x for x in epoch_plan(self.gen, self.n, self.augment, self.pad) if x is not None]
+                self.pos = 0
+            j = min(len(self.buf[0]), self.pos + m - got)
+            parts.append([x[self.pos:j] for x in self.buf])
+            got += j - self.pos
+            self.pos = j
+        return [torch.cat(c) for c in zip(*parts)]
 
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
+    """Optimizer steps of one network on a task of n samples."""
     return cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(n / cfg.batch_size)
 
 
+def _batches(streams: Sequence[_Stream], cfg: TrainConfig, device: torch.device, block: int = 64):
+    """Yield (epoch, step, idx (K, Bs), offsets (K, Bs, 2) | None, flips (K, Bs) | None) on ``device``.
+
+    Epoch-based: each epoch is one permutation per network, cut into ceil(n/B) batches (the last
+    one smaller), as a shuffling DataLoader does; all networks need the same n. Step-based: each
+    network's batches are consecutive B-sized windows of its endless stream of epochs.
+    """
+    B = cfg.batch_size
+    ns = {s.n for s in streams}
+    if cfg.steps is None:
+        if len(ns) != 1:
+            raise ValueError(f"epoch-based training of networks batched together needs equal task sizes, got {sorted(ns)}; "
+                             "use step-based training (steps=...) or batch tasks of equal size")
+        n = ns.pop()
+        spe = math.ceil(n / B)
+        step = 0
+        for epoch in range(cfg.epochs):
+            draws = [torch.stack(c).to(device) for c in zip(*[s.take(n) for s in streams])]
+            for j in range(spe):
+                a, b = j * B, min((j + 1) * B, n)
+                yield (epoch, step, *[d[:, a:b] for d in draws], *([None] * (3 - len(draws))))
+                step += 1
+        return
+    spe = math.ceil(min(ns) / B)
+    step = 0
+    while step < cfg.steps:
+        S = min(block, cfg.steps - step)
+        draws = [torch.stack(c).to(device) for c in zip(*[s.take(S * B) for s in streams])]
+        for j in range(S):
+            yield (step // spe, step, *[d[:, j * B:(j + 1) * B] for d in draws], *([None] * (3 - len(draws))))
+            step += 1
+
+
+def _forward(net: nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    return net(x) if lengths is None else net(x, lengths)
+
+
 @torch.no_grad()
-def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, task_index: torch.Tensor,
-                      K: int, chunk: int) -> torch.Tensor:
-    """Per-network accuracy of the stacked ``net`` (eval mode) on its task's split (U, n, ...)."""
-    n = x.shape[1]
-    correct = torch.zeros(K, dtype=torch.long, device=x.device)
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        xb = x[:, a:b][task_index].transpose(0, 1)  # (nb, K, ...)
-        yb = y[:, a:b][task_index].transpose(0, 1)  # (nb, K)
-        logits = net(fold_input(xb))
-        pred = logits.view(b - a, K, -1).argmax(-1)
-        correct += (pred == yb).sum(0)
-    return correct.double() / n
+def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor | None,
+                      n: Sequence[int], task_index: torch.Tensor, fold: str, budget: int) -> list[float]:
+    """Per-network accuracy of the stacked ``net`` (eval mode) on its own task's split."""
+    K = len(task_index)
+    dev = x.device
+    n_k = torch.as_tensor([n[int(u)] for u in task_index], device=dev)
+    n_max = int(n_k.max())
+    chunk = max(1, min(n_max, budget // max(1, K * int(x[0, 0].numel()))))
+    correct = torch.zeros(K, dtype=torch.long, device=dev)
+    for a in range(0, n_max, chunk):
+        pos = torch.arange(a, min(a + chunk, n_max), device=dev)
+        xb = x[task_index[None, :], pos[:, None]]  # (nb, K, ...)
+        yb = y[task_index[None, :], pos[:, None]]
+        lb = None if lengths is None else lengths[task_index[None, :], pos[:, None]]
+        logits = _forward(net, fold_input(xb, fold), lb)
+        pred = logits.view(len(pos), K, -1).argmax(-1)
+        correct += ((pred == yb) & (pos[:, None] < n_k[None, :])).sum(0)
+    return (correct.double() / n_k.double()).tolist()
 
 
 @dataclass
@@ -452,6 +564,7 @@ class BatchResult:
     train_acc: list[float]
     test_acc: list[float]
     seconds: float
+    steps: int = 0
 
 
 def train_batched(
@@ -463,62 +576,58 @@ def train_batched(
     *,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, int], None] | None = None,
-    eval_chunk: int | None = None,
     evaluate: bool = True,
+    max_steps: int | None = None,
 ) -> BatchResult:
     """Train K models (already initialized) as one computation; return their stacked weights.
 
     ``task_index[k]`` selects network k's task in ``data``; ``data_seeds[k]`` seeds its minibatch
     order and augmentation. ``on_step(step, total)`` is called after every optimizer step.
+    ``max_steps`` stops early (benchmarks).
     """
     t0 = time.perf_counter()
     K = len(models)
     device = torch.device(device)
     net = stack_models(models).to(device)
+    fold = net._ffl_fold
     net.train()
-    params = [p for p in net.parameters()]
-    opt = _make_optimizer(params, cfg)
+    opt = _make_optimizer(list(net.parameters()), cfg)
     tidx = torch.as_tensor(list(task_index), dtype=torch.long, device=device)
-    gens = [torch.Generator().manual_seed(int(s)) for s in data_seeds]
-    n = data.n_train
-    total = total_steps(cfg, n)
-    kar = torch.arange(K, device=device)
-    cur_epoch = -1
-    perm = offs = flips = None
-    for epoch, step, a, b in _schedule(cfg, n):
-        if epoch != cur_epoch:
-            cur_epoch = epoch
-            plans = [epoch_plan(g, n, cfg.augment, cfg.crop_padding) for g in gens]
-            perm = torch.stack([p[0] for p in plans]).to(device)  # (K, n)
-            if cfg.augment:
-                offs = torch.stack([p[1] for p in plans]).to(device)
-                flips = torch.stack([p[2] for p in plans]).to(device)
+    streams = [_Stream(s, data.n_train[int(u)], cfg.augment, cfg.crop_padding) for s, u in zip(data_seeds, task_index)]
+    total = total_steps(cfg, streams[0].n)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    done = 0
+    for epoch, step, idx, offs, flips in _batches(streams, cfg, device):
+        if step >= total:
+            break
         lr = lr_at(cfg, epoch, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = perm[:, a:b]  # (K, Bs)
-        xb = data.x_train[tidx[:, None], idx].transpose(0, 1)  # (Bs, K, ...)
-        yb = data.y_train[tidx[:, None], idx].transpose(0, 1)  # (Bs, K)
+        idx_t = idx.t()
+        xb = data.x_train[tidx[None, :], idx_t]  # (Bs, K, ...)
+        yb = data.y_train[tidx[None, :], idx_t]  # (Bs, K)
+        lb = None if data.lengths_train is None else data.lengths_train[tidx[None, :], idx_t]
         if cfg.augment:
-            xb = augment_batch(xb, offs[:, a:b].transpose(0, 1), flips[:, a:b].transpose(0, 1), cfg.crop_padding)
-        Bs = b - a
-        logits = net(fold_input(xb.contiguous()))
+            xb = augment_batch(xb, offs.transpose(0, 1), flips.t(), cfg.crop_padding)
+        Bs = xb.shape[0]
+        logits = _forward(net, fold_input(xb, fold), lb)
         loss = F.cross_entropy(logits.reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        done = step + 1
         if on_step is not None:
-            on_step(step + 1, total)
-    del kar
+            on_step(done, total)
     net.eval()
     if evaluate:
-        chunk = eval_chunk or max(1, min(1024, 2**22 // max(1, K * int(data.x_train[0, 0].numel()))))
-        train_acc = _accuracy_batched(net, data.x_train, data.y_train, tidx, K, chunk).tolist()
-        test_acc = _accuracy_batched(net, data.x_test, data.y_test, tidx, K, chunk).tolist()
+        budget = 2**25 if device.type == "cuda" else 2**22
+        train_acc = _accuracy_batched(net, data.x_train, data.y_train, data.lengths_train, data.n_train, tidx, fold, budget)
+        test_acc = _accuracy_batched(net, data.x_test, data.y_test, data.lengths_test, data.n_test, tidx, fold, budget)
     else:
         train_acc = test_acc = [float("nan")] * K
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0)
+    return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done)
 
 
 def train_loop(
@@ -530,43 +639,51 @@ def train_loop(
     *,
     device: torch.device | str = "cpu",
     evaluate: bool = True,
+    max_steps: int | None = None,
 ) -> BatchResult:
-    """Reference: a plain PyTorch loop training each model alone (torch.optim, MultiStepLR-equal
-    learning rates, same per-network data order and augmentation draws as :func:`train_batched`)."""
+    """Reference: a plain PyTorch loop training each model alone (``torch.optim``, the same
+    learning rates, the same per-network data order and augmentation draws as
+    :func:`train_batched`)."""
     t0 = time.perf_counter()
     device = torch.device(device)
     states, tr, te = [], [], []
-    n = data.n_train
+    done = 0
     for k, model in enumerate(models):
         model = model.to(device).train()
         opt = _make_optimizer(model.parameters(), cfg)
-        gen = torch.Generator().manual_seed(int(data_seeds[k]))
         u = int(task_index[k])
-        X, Y = data.x_train[u], data.y_train[u]
-        cur_epoch = -1
-        for epoch, step, a, b in _schedule(cfg, n):
-            if epoch != cur_epoch:
-                cur_epoch = epoch
-                perm, offs, flips = epoch_plan(gen, n, cfg.augment, cfg.crop_padding)
-                perm = perm.to(device)
+        d = data.subset(u)
+        X, Y, Lt = d.x_train[0], d.y_train[0], None if d.lengths_train is None else d.lengths_train[0]
+        stream = _Stream(data_seeds[k], d.n_train[0], cfg.augment, cfg.crop_padding)
+        total = total_steps(cfg, stream.n)
+        if max_steps is not None:
+            total = min(total, max_steps)
+        for epoch, step, idx, offs, flips in _batches([stream], cfg, device):
+            if step >= total:
+                break
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch, step)
-            idx = perm[a:b]
-            xb, yb = X[idx], Y[idx]
+            i = idx[0]
+            xb, yb = X[i], Y[i]
             if cfg.augment:
-                xb = augment_batch(xb, offs[a:b], flips[a:b], cfg.crop_padding)
-            loss = F.cross_entropy(model(xb), yb)
+                xb = augment_batch(xb, offs[0], flips[0], cfg.crop_padding)
+            out = model(xb) if Lt is None else model(xb, Lt[i])
+            loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            done = step + 1
         model.eval()
         if evaluate:
             with torch.no_grad():
-                tr.append((model(X).argmax(-1) == Y).double().mean().item())
-                te.append((model(data.x_test[u]).argmax(-1) == data.y_test[u]).double().mean().item())
+                def acc(x, y, lens):
+                    out = model(x) if lens is None else model(x, lens)
+                    return (out.argmax(-1) == y).double().mean().item()
+                tr.append(acc(X, Y, Lt))
+                te.append(acc(d.x_test[0], d.y_test[0], None if d.lengths_test is None else d.lengths_test[0]))
         else:
             tr.append(float("nan"))
             te.append(float("nan"))
         states.append({k2: v.detach().cpu() for k2, v in model.state_dict().items()})
     stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-    return BatchResult(stacked, tr, te, time.perf_counter() - t0)
+    return BatchResult(stacked, tr, te, time.perf_counter() - t0, done)

@@ -14,6 +14,14 @@ from ffl.zoo import (Zoo, ZooCorruptError, ZooSpec, chunks, data_seed, merge_zoo
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_spec(**kw) -> ZooSpec:
     base = dict(arch="mlp", dataset="synthetic", tasks=[0, 1, 2], runs=3,
                 model_kwargs={"hidden": [8, 8]}, epochs=2, lr=0.05, lr_step_epochs=[1], batch_size=64,
