@@ -125,8 +125,7 @@ def run_experiment(
     chain_normalize = bool(settings.get("chain_normalize", False))
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    spec_dict = dataclasses.asdict(spec)
-    spec_dict.pop("data_root", None)  # where the data lives does not change the zoo
+    spec_dict = spec.identity()  # where the data lives does not change the zoo
     zoo = train_zoo(spec, cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}", device=device, progress=progress)
 
     result_key = _key({"zoo": spec_dict, "projection": dataclasses.asdict(projection),

@@ -38,7 +38,7 @@ class Representation:
 
     vectors: torch.Tensor | None = None
     factors: torch.Tensor | None = None
-    _sq_norms: torch.Tensor | None = field(default=None, repr=False)
+    _inner: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.vectors is None) == (self.factors is None):
@@ -56,20 +56,22 @@ class Representation:
         return self.factors.shape[1] ** 2
 
     def inner(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Raw inner products ⟨x_i, x_j⟩ for i in ``rows``, j in ``cols`` (float64)."""
-        if self.vectors is not None:
-            v = self.vectors.double()
-            return v[rows] @ v[cols].T
-        return _gram_inner_matrix(self.factors[rows], self.factors[cols])
+        """Raw inner products ⟨x_i, x_j⟩ for i in ``rows``, j in ``cols`` (float64).
+
+        The full N × N matrix is computed once (both protocols need nearly all of it) and cached.
+        """
+        if self._inner is None:
+            if self.vectors is not None:
+                v = self.vectors.double()
+                self._inner = v @ v.T
+            else:
+                self._inner = _gram_inner_matrix(self.factors)
+        return self._inner[rows][:, cols]
 
     def squared_norms(self) -> torch.Tensor:
-        """‖x_i‖² for all networks (cached)."""
-        if self._sq_norms is None:
-            if self.vectors is not None:
-                self._sq_norms = self.vectors.double().square().sum(dim=1)
-            else:
-                self._sq_norms = gram_inner(self.factors.double(), self.factors.double())
-        return self._sq_norms
+        """‖x_i‖² for all networks."""
+        every = torch.arange(len(self))
+        return self.inner(every, every).diagonal()
 
     def kernel(self, rows: torch.Tensor, cols: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         """Kernel block K[rows, cols]; cosine-normalized when ``normalize``."""
@@ -80,28 +82,32 @@ class Representation:
         return k
 
 
-def _gram_inner_matrix(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """Matrix of ⟨G_i, G_j⟩ for factor stacks ca (A, d, n), cb (B, d, m), the cheaper way.
+def _gram_inner_matrix(c: torch.Tensor) -> torch.Tensor:
+    """Symmetric matrix of ⟨G_i, G_j⟩ for a factor stack c (N, d, n), the cheaper of two ways.
 
-    Implicit: A·B·d·n·m flops via ‖C_iᵀ C_j‖². Explicit: form the Grams in blocks,
-    (A + B)·d²·n flops plus A·B·d². Both exact; the choice only changes speed and memory.
+    Implicit: ‖C_iᵀ C_j‖², N²/2 · d·n² flops. Explicit: form the Grams in blocks, N·d²·n + N²/2 · d²
+    flops. Both exact; products in float32, sums of squares in float64.
     """
-    a, d, n = ca.shape
-    b, _, m = cb.shape
-    implicit_cost = a * b * d * n * m
-    explicit_cost = (a + b) * d * d * max(n, m) + a * b * d * d
-    ca, cb = ca.double(), cb.double()
-    out = torch.empty(a, b, dtype=torch.float64)
-    if implicit_cost <= explicit_cost:
-        for i in range(a):
-            out[i] = gram_inner(ca[i], cb)
+    num, d, n = c.shape
+    out = torch.empty(num, num, dtype=torch.float64)
+    implicit_flops = num * num * d * n * n
+    explicit_flops = num * d * d * n + num * num * d * d
+    if implicit_flops <= explicit_flops or d * d > _BLOCK_FLOATS:  # explicit also needs a G in memory
+        for i in range(num):
+            row = (c[i].T @ c[i:]).double().square().sum(dim=(-1, -2))
+            out[i, i:] = row
+            out[i:, i] = row
         return out
     step = max(1, _BLOCK_FLOATS // (d * d))
-    for i in range(0, a, step):
-        ga = (ca[i : i + step] @ ca[i : i + step].transpose(1, 2)).flatten(1)
-        for j in range(0, b, step):
-            gb = (cb[j : j + step] @ cb[j : j + step].transpose(1, 2)).flatten(1)
-            out[i : i + step, j : j + step] = ga @ gb.T
+    blocks = [(j, (c[j : j + step] @ c[j : j + step].transpose(1, 2)).flatten(1)) for j in range(0, num, step)] \
+        if num * d * d <= 4 * _BLOCK_FLOATS else None
+    for i in range(0, num, step):
+        ga = (c[i : i + step] @ c[i : i + step].transpose(1, 2)).flatten(1)
+        for j in range(i, num, step):
+            gb = blocks[j // step][1] if blocks else (c[j : j + step] @ c[j : j + step].transpose(1, 2)).flatten(1)
+            block = (ga.double() @ gb.double().T)
+            out[i : i + step, j : j + step] = block
+            out[j : j + step, i : i + step] = block.T
     return out
 
 
