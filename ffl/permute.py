@@ -102,6 +102,7 @@ def _permute_in_place(model: nn.Module, perms: Sequence[torch.Tensor], incoming_
                 cols(getattr(gru, f"weight_hh_l{k}"), p)
                 nxt = getattr(gru, f"weight_ih_l{k + 1}") if k + 1 < gru.num_layers else model.fc.weight
                 cols(nxt, p)
+        gru.flatten_parameters()  # a deep copy on CUDA loses cuDNN's single weight buffer
     else:
         raise TypeError(f"no hidden-permutation rule for {type(model).__name__}")
 

@@ -45,6 +45,9 @@ from ffl.models import build_model, input_shape
 from ffl.permute import broken_permutation_check, invariance_check, randomize_batchnorm_
 
 cfg = ffl.profiles.load_profile(profile)["alignment_proof_check"]
+# Exact single precision on GPUs too: TF32 convolutions would round at ~1e-3 and hide the check.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, profile=profile, seed=seed, permutations=cfg["permutations"]))))
 
@@ -173,10 +176,12 @@ table.style.format({"max_abs_dW": "{:.3f}", "max_rel_dW": "{:.2f}", "max_abs_dG"
 summary = rows.groupby("model", sort=False).agg(raw=("rel_dW", "max"), chain=("rel_dG", "max")).reset_index()
 long = summary.melt(id_vars="model", var_name="feature", value_name="relative change")
 long["feature"] = long["feature"].map({"raw": "raw weights $W_l$", "chain": "chain Gram $G_l$"})
-fig, ax = plt.subplots(figsize=(8, 3.5))
+fig, ax = plt.subplots(figsize=(9, 3.5))
 sns.barplot(data=long, x="model", y="relative change", hue="feature", ax=ax)
+ax.axhline(1e-5, color="0.4", linestyle="--", linewidth=1, label="test tolerance $10^{-5}$")
 ax.set_yscale("log")
 ax.set_xlabel("")
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 ax.tick_params(axis="x", rotation=30)
 fig.tight_layout()
 plt.show()
