@@ -1,0 +1,50 @@
+"""A paper section end to end: bad inputs fail at once; on the synthetic smoke zoo the aligned
+chains retrieve unseen tasks far better than the raw layers."""
+from pathlib import Path
+
+import pytest
+
+from ffl.experiment import check_choices, run_experiment
+
+
+@pytest.mark.parametrize("field,value,choices", [
+    ("arch", "resnet50", "mlp"),
+    ("dataset", "imagenet", "cifar100"),
+    ("profile", "huge", "smoke"),
+])
+def test_unknown_choice_names_the_valid_ones(field, value, choices):
+    kwargs = {"arch": "mlp", "dataset": "synthetic", "profile": "smoke", "section": "cifar100", field: value}
+    with pytest.raises(ValueError, match=f"unknown {field} '{value}'.*{choices}"):
+        check_choices(**kwargs)
+
+
+def test_missing_cifar100_names_files_and_writes_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError) as err:
+        run_experiment("cifar100", arch="mlp", profile="smoke", dataset="cifar100",
+                       data_root=str(tmp_path / "data"), download=False, cache_dir=cache, progress=False)
+    message = str(err.value)
+    assert "cifar-100-python" in message and "train" in message and "download" in message
+    leftovers = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+    assert leftovers == [], f"a failed run left files behind: {leftovers}"
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+@pytest.mark.slow
+def test_smoke_zoo_chains_beat_layers_and_rerun_is_cached(tmp_path):
+    exp = run_experiment("cifar100", arch="mlp", profile="smoke", dataset="synthetic",
+                         cache_dir=tmp_path, progress=False)
+    r = exp.results.set_index(["protocol", "metric", "feature", "index"])["value"].sort_index()
+    chain_rank1 = r.loc[("retrieval", "rank1", "chain")]
+    layer_rank1 = r.loc[("retrieval", "rank1", "layer")]
+    assert chain_rank1.mean() >= layer_rank1.mean() + 0.3, (chain_rank1, layer_rank1)
+    assert (chain_rank1 >= layer_rank1).all()
+    chain_top1 = r.loc[("classification", "top1", "chain")]
+    layer_top1 = r.loc[("classification", "top1", "layer")]
+    assert chain_top1.mean() >= layer_top1.mean() + 0.3
+    # A second run loads the zoo and the results instead of recomputing them.
+    files = {p: p.stat().st_mtime_ns for p in Path(tmp_path).rglob("*") if p.is_file()}
+    again = run_experiment("cifar100", arch="mlp", profile="smoke", dataset="synthetic",
+                           cache_dir=tmp_path, progress=False)
+    assert again.results.equals(exp.results)
+    assert {p: p.stat().st_mtime_ns for p in Path(tmp_path).rglob("*") if p.is_file()} == files

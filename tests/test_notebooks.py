@@ -1,0 +1,81 @@
+"""Notebooks: pairs in sync, every chapter runs at the smoke profile, and the book builds."""
+import shutil
+from pathlib import Path
+
+import jupytext
+import nbformat
+import papermill
+import pytest
+
+from ffl import book
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "notebooks").glob("*.py"))
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_pair_in_sync_and_ipynb_without_outputs(source):
+    ipynb = source.with_suffix(".ipynb")
+    assert ipynb.is_file(), f"{ipynb.name} missing: run `jupytext --sync {source.relative_to(ROOT)}`"
+    text_nb, paired_nb = jupytext.read(source), nbformat.read(ipynb, as_version=4)
+    cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
+    assert cells(text_nb) == cells(paired_nb), f"{source.name} and {ipynb.name} drifted: run jupytext --sync"
+    assert all(not c.get("outputs") for c in paired_nb.cells if c.cell_type == "code"), f"{ipynb.name} has outputs"
+    assert paired_nb.metadata.get("kernelspec", {}).get("name") == "python3", "papermill needs a kernelspec"
+    tagged = [c for c in paired_nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    assert "profile" in tagged[0].source
+
+
+def test_every_notebook_is_a_smoke_chapter():
+    run = {entry["notebook"] for entry in book.chapter_plan("smoke")}
+    assert run == {s.stem for s in SOURCES}
+
+
+@pytest.mark.slow
+def test_unknown_arch_stops_at_once(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown arch 'resnet50'"):
+        papermill.execute_notebook(str(ROOT / "notebooks" / "cifar100.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"arch": "resnet50"}, kernel_name="python3", progress_bar=False)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    executed = [c for c in out.cells if c.cell_type == "code" and c.get("execution_count")]
+    assert len(executed) <= 3, "the error must come before the zoo is trained"
+
+
+def _book_skeleton(tmp_path: Path) -> Path:
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "book").mkdir()
+    shutil.copy(ROOT / "book" / "intro.md", tmp_path / "book" / "intro.md")
+    (tmp_path / "book" / "_toc.yml").symlink_to("../_toc.yml")
+    return tmp_path / "book"
+
+
+@pytest.mark.slow
+def test_smoke_book_runs_every_chapter_and_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("FFL_CACHE", str(tmp_path / "cache"))
+    book_dir = _book_skeleton(tmp_path)
+    for entry in book.chapter_plan("smoke"):
+        out = book.execute_chapter(entry, book_dir)
+        meta = nbformat.read(out, as_version=4).metadata["ffl"]
+        assert meta["profile"] == "smoke" and meta["commit"] and meta["hardware"]
+    summary = book.write_run_summary(book_dir).read_text()
+    assert summary.count("| smoke |") == len(book.chapter_plan("smoke"))
+    html = book.build_html(book_dir)
+    pages = {p.stem for p in (html / "chapters").glob("*.html")}
+    assert pages == {e["output"] for e in book.chapter_plan("smoke")}
+    assert "smoke" in (html / "intro.html").read_text()
+
+
+@pytest.mark.slow
+def test_committed_chapters_render_without_running(tmp_path):
+    """`jupyter-book build book/` on a fresh clone: renders the committed, executed chapters."""
+    book_dir = _book_skeleton(tmp_path)
+    shutil.copytree(ROOT / "book" / "chapters", book_dir / "chapters")
+    shutil.copy(ROOT / "book" / "run_summary.md", book_dir / "run_summary.md")
+    for nb_path in (book_dir / "chapters").glob("*.ipynb"):
+        nb = nbformat.read(nb_path, as_version=4)
+        assert "ffl" in nb.metadata, f"{nb_path.name} was not produced by python -m ffl.book"
+        assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{nb_path.name} not executed"
+    html = book.build_html(book_dir)
+    assert (html / "chapters" / "cifar100_mlp.html").is_file()
