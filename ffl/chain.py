@@ -61,10 +61,13 @@ C_k (I_3 ⊗ P_k): the Grams are invariant. With τ = 0 chain 1 is the official 
 official feature.
 
 **Chain normalization** (``normalize=True``, the official code's option): for chains of length ≥ 2
-every neuron's incoming weights (a column of a layer matrix: for a conv the whole kernel
-(incl. the skip for ResNet), for a GRU gate-neuron its input and recurrent row together) are scaled
-to unit L2 norm before the product. Scaling a neuron commutes with permuting it, so the Grams stay
-invariant.
+every row of every layer matrix — one input's outgoing weights to all neurons of the layer — is
+scaled to unit L2 norm before the product, as the official code does for MLPs
+(``F.normalize(Wᵀ, dim=-1)`` on PyTorch's (out, in) weights). For a conv the rows are (input
+channel, kernel position) pairs (with the skip for ResNet); for a GRU the input and recurrent
+matrices and the classifier are normalized per input likewise. A row's norm is a sum over the
+layer's neurons, which a permutation of those neurons does not change, and permuting the inputs
+only reorders rows, so the Grams stay invariant.
 
 **Without G.** The CNN chain-4 Gram has 19683² ≈ 3.9e8 entries (1.5 GB in float32);
 :func:`gram_inner` gives ⟨G_a, G_b⟩_F = ‖C_aᵀ C_b‖²_F from the factors (n_a × n_b numbers), and
@@ -171,9 +174,9 @@ def layer_matrices(model: nn.Module, *, fold_bn: bool = True) -> list[torch.Tens
     return [getattr(gru, f"weight_ih_l{k}").detach().T for k in range(gru.num_layers)] + [model.fc.weight.detach().T]
 
 
-def _normalize_columns(w: torch.Tensor) -> torch.Tensor:
-    # Each neuron's incoming weights (a row of Wᵀ) scaled to unit L2 norm.
-    return w / w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+def _normalize_rows(w: torch.Tensor) -> torch.Tensor:
+    # Each input's outgoing weights (a row of the layer matrix) scaled to unit L2 norm.
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _compose(c: torch.Tensor, kind: str, m: torch.Tensor) -> torch.Tensor:
@@ -193,9 +196,9 @@ def _gru_weights(model: GRUNet, normalize: bool) -> list[tuple[torch.Tensor, tor
     for k in range(model.gru.num_layers):
         wih = getattr(model.gru, f"weight_ih_l{k}").detach()
         whh = getattr(model.gru, f"weight_hh_l{k}").detach()
-        if normalize:
-            norm = torch.cat([wih, whh], dim=1).norm(dim=1, keepdim=True).clamp_min(1e-12)
-            wih, whh = wih / norm, whh / norm
+        if normalize:  # per input: columns of PyTorch's (3H, in) weights
+            wih = wih / wih.norm(dim=0, keepdim=True).clamp_min(1e-12)
+            whh = whh / whh.norm(dim=0, keepdim=True).clamp_min(1e-12)
         out.append((wih, whh))
     return out
 
@@ -206,7 +209,7 @@ def _gru_chains(model: GRUNet, normalize: bool, lags: int) -> list[torch.Tensor]
     hdim = model.gru.hidden_size
     wfc = model.fc.weight.detach()
     if normalize:
-        wfc = wfc / wfc.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        wfc = wfc / wfc.norm(dim=0, keepdim=True).clamp_min(1e-12)
     d = model.gru.input_size
     T = lags + 1
     resp = torch.zeros(T, d, d, dtype=wfc.dtype, device=wfc.device)  # R^{(0)}[s]: (n_prev, d)
@@ -244,7 +247,7 @@ def chain_factors(
     on RGB, then the classifier. GRU: chains per layer (rows (lag, character), columns (gate,
     neuron)) and the classifier; ``gru_lags=0`` makes chain 1 the official feature W_ih^{(1)ᵀ}.
     ``normalize`` is the official code's "chain normalization": for chains of length ≥ 2 every
-    neuron's incoming weights are scaled to unit L2 norm before the product. ``fold_bn`` folds
+    row of every layer matrix (one input's outgoing weights) is scaled to unit L2 norm first. ``fold_bn`` folds
     eval-mode BatchNorm scales into the convolutions. ``upto`` stops after chain ``upto``.
     """
     check_supported(model)
@@ -258,9 +261,9 @@ def chain_factors(
         steps = _convnet_steps(model, fold_bn)
     steps = steps[:upto]
     factors = [steps[0][1]]
-    c = _normalize_columns(steps[0][1]) if normalize else steps[0][1]
+    c = _normalize_rows(steps[0][1]) if normalize else steps[0][1]
     for kind, w in steps[1:]:
-        c = _compose(c, kind, _normalize_columns(w) if normalize else w)
+        c = _compose(c, kind, _normalize_rows(w) if normalize else w)
         factors.append(c)
     return factors
 

@@ -162,7 +162,8 @@ def test_mlp_chain_is_the_product_of_layer_matrices():
         for w in ws[1:l]:
             expected = expected @ w
         assert torch.allclose(c, expected, atol=1e-6)
-    unit = [w / w.norm(dim=0, keepdim=True) for w in ws]
+    # Official code: F.normalize(weight.T, dim=-1), i.e. each input's outgoing weights.
+    unit = [torch.nn.functional.normalize(layer.weight.detach().T, dim=-1) for layer in net.layers]
     normed = chain_factors(net, normalize=True)
     assert torch.equal(normed[0], ws[0])
     assert torch.allclose(normed[2], unit[0] @ unit[1] @ unit[2], atol=1e-6)
