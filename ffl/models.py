@@ -70,6 +70,29 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.act = make_activation(activation)
 
+    @classmethod
+    def from_layer_matrices(cls, matrices: Sequence[torch.Tensor], activation: str = "relu") -> "MLP":
+        """An MLP without biases whose layer matrices (rows = inputs, columns = neurons) are
+        ``matrices`` — the form the paper writes networks in (§2)."""
+        widths = [matrices[0].shape[0]] + [m.shape[1] for m in matrices]
+        for k, (a, b) in enumerate(zip(matrices[:-1], matrices[1:])):
+            if a.shape[1] != b.shape[0]:
+                raise ValueError(f"layer {k + 1} has {a.shape[1]} neurons but layer {k + 2} has {b.shape[0]} inputs")
+        net = cls(widths[0], widths[1:-1], widths[-1], activation)
+        with torch.no_grad():
+            for layer, m in zip(net.layers, matrices):
+                layer.weight.copy_(m.T)
+                layer.bias.zero_()
+        return net
+
+    def hidden_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden vectors h_1 … h_{L-1} for input ``x``."""
+        x, out = x.flatten(1), []
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+            out.append(x)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for layer in self.layers[:-1]:

@@ -100,3 +100,17 @@ def test_input_shapes_and_classes():
     assert input_shape("cnn") == input_shape("mlp") == (3, 32, 32)
     assert input_shape("gru")[-1] == 57
     assert isinstance(build_model("mlp", 2), MLP) and isinstance(build_model("plainnet6", 2), ConvNet)
+
+
+def test_mlp_from_layer_matrices_computes_the_paper_form():
+    import torch
+    from ffl.models import MLP
+
+    w1, w2 = torch.tensor([[0.1, 0.3, 0.4], [0.2, 0.2, -0.1]]), torch.tensor([[0.5, -0.3], [0.1, 0.6], [-0.4, 0.2]])
+    net = MLP.from_layer_matrices([w1, w2])
+    x = torch.tensor([[1.0, 2.0]])
+    h = torch.relu(x @ w1)
+    torch.testing.assert_close(net.hidden_activations(x)[0], h)
+    torch.testing.assert_close(net(x), h @ w2)
+    with pytest.raises(ValueError, match="layer 1 has 3 neurons but layer 2 has 2 inputs"):
+        MLP.from_layer_matrices([w1, w2[:2]])
