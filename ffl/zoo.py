@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -558,7 +559,7 @@ def train_zoo(
     ``shard=(rank, world)``: train only chunks ``c % world == rank``; returns the zoo if it is
     complete afterwards (the last rank to finish writes the manifest), else ``None``.
     """
-    from ffl.engine import NetworkData, train_batched
+    from ffl.engine import NetworkData, init_stacked, train_batched
     from ffl.models import build_model
 
     root = Path(root)
@@ -594,19 +595,23 @@ def train_zoo(
         for ci, chunk in enumerate(todo):
             tasks_here = sorted({p.task for p in chunk})
             data = NetworkData.from_tasks([task_data[t] for t in tasks_here], dev)
-            models, tidx, dseeds, nets_meta = [], [], [], []
+            seeds, tidx, dseeds, nets_meta = [], [], [], []
+            ncls_set = {task_data[p.task].num_classes for p in chunk}
+            if len(ncls_set) != 1:
+                raise ValueError(f"tasks trained together need the same number of classes, got {sorted(ncls_set)}")
+            ncls = ncls_set.pop()
             for p in chunk:
-                ncls = task_data[p.task].num_classes
                 for r in range(p.r0, p.r1):
                     s = run_seed(spec.seed, p.task, r)
-                    torch.manual_seed(s)
-                    models.append(build_model(spec.arch, ncls, **build_kwargs))
+                    seeds.append(s)
                     tidx.append(tasks_here.index(p.task))
                     dseeds.append(data_seed(spec.seed, p.task, r))
                     nets_meta.append({"task": p.task, "run": r, "seed": s, "data_seed": dseeds[-1],
                                       "num_classes": ncls, "classes": list(map(str, task_data[p.task].classes)),
                                       "shard": f"shards/{p.name}.safetensors", "row": r - p.r0})
-            K = len(models)
+            build = functools.partial(build_model, spec.arch, ncls, **build_kwargs)
+            stacked = init_stacked(build, seeds)
+            K = len(seeds)
             last = [0]
 
             def on_step(step: int, total: int, K=K, last=last) -> None:
@@ -614,7 +619,7 @@ def train_zoo(
                 bar.update(frac - last[0])
                 last[0] = frac
 
-            res = train_batched(models, data, tidx, dseeds, cfg, device=dev, on_step=on_step)
+            res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step)
             i = 0
             for p in chunk:
                 n = p.r1 - p.r0
@@ -623,7 +628,7 @@ def train_zoo(
                 _write_piece(root, p, res.state, slice(i, i + n), metas, build_kwargs)
                 i += n
             _maybe_die_after_chunk()
-            del models, res, data
+            del stacked, res, data
         bar.close()
     prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
             "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c)}

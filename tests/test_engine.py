@@ -183,3 +183,29 @@ def test_cpu_determinism():
     a = train_batched(models("cnn", [1, 2], 3), data, [0, 1], [3, 4], cfg)
     b = train_batched(models("cnn", [1, 2], 3), data, [0, 1], [3, 4], cfg)
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_parallel_init_is_the_serial_init():
+    import functools
+
+    from ffl.engine import init_stacked
+
+    build = functools.partial(build_model, "mlp", 2, hidden=(500, 500))
+    par = init_stacked(build, [5, 6, 7, 8], workers=2)
+    for k, s in enumerate([5, 6, 7, 8]):
+        torch.manual_seed(s)
+        for name, v in build().state_dict().items():
+            assert torch.equal(par[name][k], v)
+
+
+def test_train_from_stacked_state_equals_from_models():
+    import functools
+
+    from ffl.engine import init_stacked
+
+    data = NetworkData.from_tasks(image_tasks())
+    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16, augment=True)
+    build = functools.partial(build_model, "cnn", 3, **SMALL["cnn"])
+    a = train_batched(models("cnn", [1, 2], 3), data, [0, 1], [3, 4], cfg)
+    b = train_batched((build(), init_stacked(build, [1, 2], workers=1)), data, [0, 1], [3, 4], cfg)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
