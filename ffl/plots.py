@@ -41,14 +41,14 @@ def protocol_bars(
     )
     order = [s for s in PALETTE if s in set(data["series"])]
     if ax is None:
-        _, ax = plt.subplots(figsize=(6.4, 3.6))
+        _, ax = plt.subplots(figsize=(6.4, 4.0))
     sns.barplot(data=data, x="index", y="percent", hue="series", hue_order=order, palette=PALETTE, ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.0f", fontsize=7, padding=1)
     ax.set_xlabel("index l (layer W_l / chain G_l)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     if title:
         ax.set_title(title)
     sns.despine(ax=ax)

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -93,7 +98,7 @@ table
 paper = ffl.paper.reported("cifar100", arch)
 paper_note = (f"The paper's own numbers ({ffl.paper.source('cifar100', arch)}) are drawn beside ours."
               if len(paper) else "The paper's numbers for this setting are not transcribed yet; only ours are drawn.")
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
 ffl.plots.protocol_bars(results[results.protocol == "classification"], "top1",
                         paper=paper, title="local-solution classification", ax=axes[0])
 ffl.plots.protocol_bars(results[results.protocol == "retrieval"], "rank1",
@@ -113,14 +118,14 @@ print(paper_note)
 # ```
 
 # %%
-chain = results[(results.feature == "chain")].set_index(["protocol", "metric", "index"])["value"]
-layer = results[(results.feature == "layer")].set_index(["protocol", "metric", "index"])["value"]
-best_chain = chain.loc[("retrieval", "rank1")].max()
-best_layer = layer.loc[("retrieval", "rank1")].max()
+chain = results[results.feature == "chain"].set_index(["protocol", "metric", "index"])["value"].sort_index()
+layer = results[results.feature == "layer"].set_index(["protocol", "metric", "index"])["value"].sort_index()
+best_chain = float(chain.loc[("retrieval", "rank1")].max())
+best_layer = float(layer.loc[("retrieval", "rank1")].max())
 glue("best_chain_rank1", 100 * best_chain, display=False)
 glue("best_layer_rank1", 100 * best_layer, display=False)
-glue("best_chain_top1", 100 * chain.loc[("classification", "top1")].max(), display=False)
-glue("best_layer_top1", 100 * layer.loc[("classification", "top1")].max(), display=False)
+glue("best_chain_top1", 100 * float(chain.loc[("classification", "top1")].max()), display=False)
+glue("best_layer_top1", 100 * float(layer.loc[("classification", "top1")].max()), display=False)
 
 # %% [markdown]
 # ## Reading the result

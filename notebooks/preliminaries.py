@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -94,8 +99,8 @@ for l, (c, cp) in enumerate(zip(ffl.chain.chain_factors(net), ffl.chain.chain_fa
     rows.append({"index l": l, "max |W_l − W_l'|": (w - wp).abs().max().item(),
                  "max |G_l − G_l'|": (g - gp).abs().max().item(), "G_l": g.round(decimals=4).tolist()})
 check = pd.DataFrame(rows).set_index("index l")
-glue("max_weight_change", check["max |W_l − W_l'|"].max(), display=False)
-glue("max_gram_change", check["max |G_l − G_l'|"].max(), display=False)
+glue("max_weight_change", float(check["max |W_l − W_l'|"].max()), display=False)
+glue("max_gram_change", float(check["max |G_l − G_l'|"].max()), display=False)
 glue("output_change", (y - y_perm).abs().max().item(), display=False)
 check
 
