@@ -19,8 +19,10 @@ The table goes to stdout, then one JSON line (the last line) with all figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -41,16 +43,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timeit(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
-    """Best wall time of ``repeat`` calls (after one warm-up call)."""
-    fn()
-    _sync(device)
+def _timeit(fn: Callable[..., Any], device: torch.device, repeat: int,
+            setup: Callable[[], Any] | None = None) -> float:
+    """Best wall time of ``repeat`` calls (after one warm-up call); ``setup()`` (untimed) makes the
+    call's argument."""
     best = math.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
+    for i in range(repeat + 1):
+        arg = setup() if setup is not None else None
         _sync(device)
-        best = min(best, time.perf_counter() - t)
+        t = time.perf_counter()
+        fn(arg) if setup is not None else fn()
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - t)
     return best
 
 
@@ -83,13 +88,16 @@ def loop_vs_batched(arch: str, K: int, steps: int, device: torch.device, repeat:
     cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=1, lr_step_epochs=[], augment=augment)
     tidx = [k % 2 for k in range(K)]
     seeds = list(range(K))
-    t_b = _timeit(lambda: train_batched(_models(arch, K, **kw), data, tidx, seeds, cfg, device=device,
-                                        evaluate=False, max_steps=steps), device, repeat)
-    t_l = _timeit(lambda: train_loop(_models(arch, K, **kw), data, tidx, seeds, cfg, device=device,
-                                     evaluate=False, max_steps=steps), device, repeat)
-    # model construction (CPU init) is the same in both and not part of training: time it alone
-    t_init = _timeit(lambda: _models(arch, K, **kw), torch.device("cpu"), repeat)
-    return {"batched_s": t_b - t_init, "loop_s": t_l - t_init, "ratio": (t_l - t_init) / (t_b - t_init)}
+    proto = _models(arch, K, **kw)  # initialization is not training: built once, copied untimed
+
+    def fresh():
+        return copy.deepcopy(proto)
+
+    t_b = _timeit(lambda ms: train_batched(ms, data, tidx, seeds, cfg, device=device, evaluate=False,
+                                           max_steps=steps), device, repeat, fresh)
+    t_l = _timeit(lambda ms: train_loop(ms, data, tidx, seeds, cfg, device=device, evaluate=False,
+                                        max_steps=steps), device, repeat, fresh)
+    return {"batched_s": t_b, "loop_s": t_l, "ratio": t_l / t_b}
 
 
 def vmap_step_time(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128, **kw) -> float:
@@ -133,9 +141,11 @@ def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, 
             _sync(device)
             stamps.append(time.perf_counter())
 
+    proto = _models(arch, K, **kw)
+
     def run():
         stamps.clear()
-        train_batched(_models(arch, K, **kw), data, [k % 2 for k in range(K)], list(range(K)), cfg,
+        train_batched(proto, data, [k % 2 for k in range(K)], list(range(K)), cfg,
                       device=device, evaluate=False, max_steps=steps + 1, on_step=on_step)
 
     best = math.inf
@@ -174,7 +184,7 @@ def gemm_reference_gflops(widths: list[int], batch: int, K: int, device: torch.d
 def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = None) -> dict[str, Any]:
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    rep = repeat or (1 if quick else 2)
+    rep = repeat or (1 if quick or cuda else 2)
     res: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "quick": quick}
     try:
         from ffl.provenance import hardware
@@ -196,8 +206,8 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
         res.update(loop_ratio_small_cifar=r["ratio"])
         rows.append((f"MLP 3072-32-32-32-2 (CIFAR input), K={K_small}, {s_small} steps",
                      f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
-    K_paper = 256 if cuda else (4 if quick else 16)
-    s_paper = 2 if quick else (20 if cuda else 6)
+    K_paper = 64 if cuda else (4 if quick else 16)
+    s_paper = 2 if quick else (20 if cuda else 12)
     r = loop_vs_batched("mlp", K_paper, s_paper, dev, rep)
     res.update(loop_ratio_paper=r["ratio"], paper_batched_s=r["batched_s"], paper_loop_s=r["loop_s"], paper_K=K_paper)
     rows.append((f"MLP-4 3072-500-500-500-2, K={K_paper}, {s_paper} steps",
@@ -218,7 +228,7 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
             res["vmap_error"] = repr(e)[:200]
 
     # (b) GFLOP/s of batched MLP-4 training vs plain GEMMs of the same shapes
-    K_g = K_paper
+    K_g = 512 if cuda else K_paper
     s_g = 3 if quick else (20 if cuda else 8)
     widths = [3072, 500, 500, 500, 2]
     sps = step_rate("mlp", K_g, s_g, dev, rep)
@@ -245,6 +255,122 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     return res
 
 
+class _Budget(Exception):
+    pass
+
+
+def _zoo_tasks(dataset: str, tasks: int, data_root: str | None):
+    """CIFAR-100 tasks if the files are there, else synthetic tasks of CIFAR-100's shapes (1,000
+    training / 200 test images of 3×32×32 per task). Returns (loader(t) -> TaskData, label)."""
+    from ffl.data import load_task
+
+    if dataset == "cifar100":
+        try:
+            load_task("cifar100", 0, data_root=data_root)
+            return (lambda t: load_task("cifar100", t, data_root=data_root)), "cifar100"
+        except FileNotFoundError:
+            pass
+    return (lambda t: load_task("synthetic", t, n_train=1000, n_test=200)), "synthetic (CIFAR-100 shapes: 1000/200 per task, 3x32x32)"
+
+
+def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 100, budget_s: float = 120.0,
+             batch_networks: int | None = None, data_root: str | None = None, epochs: int | None = None) -> dict[str, Any]:
+    """Time a CIFAR-100-scale zoo (tasks × runs networks, paper hyper-parameters) with the engine:
+    seeded init, data on the device, training, final train/test evaluation, weights back to CPU
+    (no disk writes). Chunks are trained until ``budget_s`` is spent; a chunk that would not finish
+    is stopped and the rest extrapolated from its measured step rate (clearly reported)."""
+    import functools
+
+    from ffl.engine import NetworkData, init_stacked, total_steps
+    from ffl.zoo import ZooSpec, chunks, data_seed, default_batch_networks, run_seed
+
+    dev = torch.device(device)
+    spec = ZooSpec.paper(arch, "cifar100", tasks=list(range(tasks)), runs=runs,
+                         **({"epochs": epochs, "lr_step_epochs": [int(epochs * 0.6)]} if epochs else {}))
+    cfg = spec.train_config()
+    loader, data_label = _zoo_tasks("cifar100", tasks, data_root)
+    K = batch_networks or default_batch_networks(spec, dev)
+    all_chunks = chunks(spec, K)
+    t_start = time.perf_counter()
+    cache: dict[int, Any] = {}
+    done_nets = 0
+    done_time = 0.0
+    out: dict[str, Any] = {"arch": arch, "device": device, "data": data_label, "networks": spec.num_networks,
+                           "batch_networks": K, "chunks": len(all_chunks), "epochs": cfg.epochs,
+                           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                           "tf32_cudnn": torch.backends.cudnn.allow_tf32, "chunk_log": []}
+    for ci, chunk in enumerate(all_chunks):
+        t0 = time.perf_counter()
+        needed = sorted({p.task for p in chunk})
+        for t in needed:
+            if t not in cache:
+                cache[t] = loader(t)
+        data = NetworkData.from_tasks([cache[t] for t in needed], dev)
+        seeds = [run_seed(spec.seed, p.task, r) for p in chunk for r in range(p.r0, p.r1)]
+        dseeds = [data_seed(spec.seed, p.task, r) for p in chunk for r in range(p.r0, p.r1)]
+        tidx = [needed.index(p.task) for p in chunk for _ in range(p.r0, p.r1)]
+        build = functools.partial(build_model, arch, cache[needed[0]].num_classes, **spec.model_kwargs)
+        stacked = init_stacked(build, seeds)
+        t_init = time.perf_counter() - t0
+        total = total_steps(cfg, data.n_train[0])
+        marks: dict[str, float] = {}
+        remaining = budget_s - (time.perf_counter() - t_start)
+
+        def on_step(step: int, tot: int) -> None:
+            if step == 1:
+                _sync(dev)
+                marks["first"] = time.perf_counter()
+            marks["step"] = step
+            if step > 1:
+                _sync(dev)
+                if time.perf_counter() - t0 > remaining and step < tot:
+                    marks["stopped"] = time.perf_counter()
+                    raise _Budget
+
+        try:
+            try:
+                res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step)
+            except torch.cuda.OutOfMemoryError:
+                if K == 1:
+                    raise
+                del stacked, data
+                torch.cuda.empty_cache()
+                print(f"[{time.strftime('%H:%M:%S')}] out of memory with K={K}; retrying with K={K // 2}", flush=True)
+                return zoo_time(arch, device, tasks=tasks, runs=runs, budget_s=budget_s, batch_networks=K // 2,
+                                data_root=data_root, epochs=epochs)
+            _sync(dev)
+            dt = time.perf_counter() - t0
+            done_nets += len(seeds)
+            done_time += dt
+            entry = {"chunk": ci, "K": len(seeds), "seconds": dt, "init_s": t_init, "steps": total,
+                     "mean_test_acc": sum(res.test_acc) / len(res.test_acc)}
+            out["chunk_log"].append(entry)
+            print(f"[{time.strftime('%H:%M:%S')}] {arch} chunk {ci + 1}/{len(all_chunks)}: {len(seeds)} nets, "
+                  f"{total} steps in {dt:.1f} s (init {t_init:.1f} s), mean test acc {entry['mean_test_acc']:.3f}", flush=True)
+            del res
+        except _Budget:
+            steps = int(marks["step"])
+            rate = (steps - 1) / (marks["stopped"] - marks["first"])
+            proj_chunk = t_init + (marks["first"] - t0 - t_init) + total / rate
+            out["chunk_log"].append({"chunk": ci, "K": len(seeds), "partial_steps": steps, "steps": total,
+                                     "steps_per_s": rate, "projected_chunk_s": proj_chunk, "init_s": t_init})
+            print(f"[{time.strftime('%H:%M:%S')}] {arch} chunk {ci + 1}: budget reached after {steps}/{total} steps "
+                  f"({rate:.2f} steps/s); chunk projected at {proj_chunk:.1f} s", flush=True)
+            done_time += proj_chunk
+            done_nets += len(seeds)
+            out["extrapolated_from_partial_chunk"] = True
+        del stacked, data
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if time.perf_counter() - t_start > budget_s:
+            break
+    per_net = done_time / done_nets
+    out.update(networks_timed=done_nets, seconds_timed=done_time, nets_per_s=1 / per_net,
+               projected_zoo_s=per_net * spec.num_networks,
+               measured_fully=done_nets == spec.num_networks and not out.get("extrapolated_from_partial_chunk", False))
+    return out
+
+
 def _hms(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -265,17 +391,34 @@ def print_table(res: dict[str, Any], file=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ffl.bench", description="ffl benchmarks")
-    ap.add_argument("what", choices=["zoo"])
+    ap.add_argument("what", choices=["zoo", "zoo-time"],
+                    help="zoo: engine ratios; zoo-time: time a CIFAR-100-scale zoo at paper epochs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
+    ap.add_argument("--arch", default="mlp", help="zoo-time: architecture")
+    ap.add_argument("--tasks", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=None, help="zoo-time: override the paper's epochs")
+    ap.add_argument("--budget-s", type=float, default=120.0)
+    ap.add_argument("--batch-networks", type=int, default=None)
+    ap.add_argument("--data-root", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.what == "zoo-time":
+        res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
+                       batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs)
+        print(json.dumps(res, sort_keys=True))
+        return 0
+    load0 = os.getloadavg()[0]
     res = bench_zoo(args.device, quick=args.quick, repeat=args.repeat)
-    res["tf32"] = bool(args.tf32)
+    res.update(tf32=bool(args.tf32), loadavg_1min_start=load0, loadavg_1min_end=os.getloadavg()[0])
     print_table(res)
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items() if k != "table"}
     print(json.dumps(out, sort_keys=True))
