@@ -531,7 +531,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, desc: str) -> None:
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm  # plain bars: papermill kernels have no widgets
 
             self.bar = tqdm(total=total, desc=desc, unit="net", dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n:.0f}/{total} nets [{elapsed}<{remaining}, {rate_fmt}]")
