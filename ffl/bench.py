@@ -214,13 +214,14 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     K_cnn = 64 if cuda else (2 if quick else 8)
     s_cnn = 2 if quick else (10 if cuda else 3)
-    r = loop_vs_batched("cnn", K_cnn, s_cnn, dev, rep, augment=True)
+    r = loop_vs_batched("cnn", K_cnn, s_cnn, dev, 1, augment=True)
     res.update(loop_ratio_cnn=r["ratio"], cnn_batched_s=r["batched_s"], cnn_loop_s=r["loop_s"], cnn_K=K_cnn)
-    rows.append((f"PlainNet-5 (grouped conv, aug), K={K_cnn}, {s_cnn} steps",
+    conv = "grouped conv" if cuda else "per-network conv"
+    rows.append((f"PlainNet-5 ({conv}, aug), K={K_cnn}, {s_cnn} steps",
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     if not quick:
         try:
-            t_v = vmap_step_time("cnn", K_cnn, s_cnn, dev, rep)
+            t_v = vmap_step_time("cnn", K_cnn, s_cnn, dev, 1)
             res.update(vmap_s=t_v, grouped_vs_vmap=t_v / r["batched_s"])
             rows.append((f"PlainNet-5 torch.func.vmap (no aug), K={K_cnn}, {s_cnn} steps",
                          f"vmap {t_v:.3f} s / batched {r['batched_s']:.3f} s", f"{t_v / r['batched_s']:.2f}x"))
@@ -243,7 +244,7 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     nps_mlp = sps * K_g / (PAPER_EPOCHS["mlp"] * spe)
     K_c = 256 if cuda else (2 if quick else 8)
     s_c = 2 if quick else (10 if cuda else 3)
-    sps_c = step_rate("cnn", K_c, s_c, dev, rep, augment=True)
+    sps_c = step_rate("cnn", K_c, s_c, dev, 1, augment=True)
     nps_cnn = sps_c * K_c / (PAPER_EPOCHS["cnn"] * spe)
     res.update(nets_per_s_mlp4=nps_mlp, nets_per_s_plainnet5=nps_cnn,
                zoo5000_mlp4_s=5000 / nps_mlp, zoo5000_plainnet5_s=5000 / nps_cnn)
@@ -408,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ffl.engine import tune_malloc
+
+    tune_malloc()  # before anything runs, so the loop baseline gets the same allocator settings
     torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     if args.tf32:
         torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,50 @@
+"""``python -m ffl.bench zoo``: the benchmark runs and reports the figures the issue asks for."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffl.bench import _mlp_flops_per_sample, loop_vs_batched, zoo_time
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_flop_count():
+    # 2 layers 4-3-2: fwd 2*(12+6), weight grads 2*(12+6), input grad of layer 2 only 2*6
+    assert _mlp_flops_per_sample([4, 3, 2]) == 36 + 36 + 12
+
+
+def test_loop_vs_batched_small():
+    r = loop_vs_batched("mlp", 3, 2, torch.device("cpu"), 1, batch=8, hidden=(4,), in_features=12, shape=(3, 2, 2))
+    assert r["batched_s"] > 0 and r["loop_s"] > 0 and r["ratio"] == pytest.approx(r["loop_s"] / r["batched_s"])
+
+
+def test_zoo_time_small():
+    out = zoo_time("mlp", "cpu", tasks=2, runs=2, budget_s=60, batch_networks=2, epochs=1)
+    assert out["networks"] == 4 and out["networks_timed"] == 4 and out["measured_fully"]
+    assert out["projected_zoo_s"] > 0 and len(out["chunk_log"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_quick_prints_table_and_json():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "ffl.bench", "zoo", "--quick", "--threads", "1"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert any("MLP-4" in line for line in lines[:-1])
+    res = json.loads(lines[-1])
+    for key in ("loop_ratio_small", "loop_ratio_paper", "gemm_fraction", "nets_per_s_mlp4", "nets_per_s_plainnet5"):
+        assert isinstance(res[key], float) and res[key] > 0, key
