@@ -275,7 +275,8 @@ def _zoo_tasks(dataset: str, tasks: int, data_root: str | None):
 
 
 def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 100, budget_s: float = 120.0,
-             batch_networks: int | None = None, data_root: str | None = None, epochs: int | None = None) -> dict[str, Any]:
+             batch_networks: int | None = None, data_root: str | None = None, epochs: int | None = None,
+             autocast: str | None = None, channels_last: bool = False) -> dict[str, Any]:
     """Time a CIFAR-100-scale zoo (tasks × runs networks, paper hyper-parameters) with the engine:
     seeded init, data on the device, training, final train/test evaluation, weights back to CPU
     (no disk writes). Chunks are trained until ``budget_s`` is spent; a chunk that would not finish
@@ -299,7 +300,8 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
     out: dict[str, Any] = {"arch": arch, "device": device, "data": data_label, "networks": spec.num_networks,
                            "batch_networks": K, "chunks": len(all_chunks), "epochs": cfg.epochs,
                            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-                           "tf32_cudnn": torch.backends.cudnn.allow_tf32, "chunk_log": []}
+                           "tf32_cudnn": torch.backends.cudnn.allow_tf32, "autocast": autocast,
+                           "channels_last": channels_last, "chunk_log": []}
     for ci, chunk in enumerate(all_chunks):
         t0 = time.perf_counter()
         needed = sorted({p.task for p in chunk})
@@ -330,7 +332,8 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
 
         try:
             try:
-                res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step)
+                res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step,
+                                    autocast=autocast, channels_last=channels_last)
             except torch.cuda.OutOfMemoryError:
                 if K == 1:
                     raise
@@ -338,7 +341,7 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
                 torch.cuda.empty_cache()
                 print(f"[{time.strftime('%H:%M:%S')}] out of memory with K={K}; retrying with K={K // 2}", flush=True)
                 return zoo_time(arch, device, tasks=tasks, runs=runs, budget_s=budget_s, batch_networks=K // 2,
-                                data_root=data_root, epochs=epochs)
+                                data_root=data_root, epochs=epochs, autocast=autocast, channels_last=channels_last)
             _sync(dev)
             dt = time.perf_counter() - t0
             done_nets += len(seeds)
@@ -406,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=120.0)
     ap.add_argument("--batch-networks", type=int, default=None)
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--autocast", choices=["bf16"], default=None, help="zoo-time: bfloat16 autocast (changes rounding)")
+    ap.add_argument("--channels-last", action="store_true", help="zoo-time: NHWC activations")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -417,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     if args.what == "zoo-time":
         res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
-                       batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs)
+                       batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
+                       autocast=args.autocast, channels_last=args.channels_last)
         print(json.dumps(res, sort_keys=True))
         return 0
     load0 = os.getloadavg()[0]

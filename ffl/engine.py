@@ -472,6 +472,11 @@ class _BLinearFn(torch.autograd.Function):
 
 def batched_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """K linear layers at once: x (K, B, in) → (K, B, out)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # a custom Function is not autocast-aware: cast here
+        dt = torch.get_autocast_dtype(dev)
+        x, w = x.to(dt), w.to(dt)
+        b = b.to(dt) if b is not None else None
     return _BLinearFn.apply(x, w, b)
 
 
@@ -780,13 +785,17 @@ def train_batched(
     on_step: Callable[[int, int], None] | None = None,
     evaluate: bool = True,
     max_steps: int | None = None,
+    autocast: str | None = None,
+    channels_last: bool = False,
 ) -> BatchResult:
     """Train K models (already initialized) as one computation; return their stacked weights.
 
     ``task_index[k]`` selects network k's task in ``data``; ``data_seeds[k]`` seeds its minibatch
     order and augmentation. ``models`` is a list of K models or ``(template, stacked_state)``
     (see :func:`init_stacked`). ``on_step(step, total)`` is called after every optimizer step.
-    ``max_steps`` stops early (benchmarks).
+    ``max_steps`` stops early (benchmarks). Speed options that change float rounding (off by
+    default; for measurements): ``autocast="bf16"`` (bfloat16 autocast of the forward pass; weights,
+    gradients and optimizer stay FP32) and ``channels_last`` (NHWC image activations).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -828,8 +837,11 @@ def train_batched(
             xb = fold_input(xb, fold)
         yb = gather(data.y_train, tidx, idx).t()  # (Bs, K)
         lb = None if data.lengths_train is None else gather(data.lengths_train, tidx, idx).t()
-        logits = _forward(net, xb, lb)
-        loss = F.cross_entropy(logits.reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            logits = _forward(net, xb, lb)
+        loss = F.cross_entropy(logits.float().reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
