@@ -221,6 +221,8 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     if not quick:
         try:
+            if cuda:
+                torch.cuda.empty_cache()
             t_v = vmap_step_time("cnn", K_cnn, s_cnn, dev, 1)
             res.update(vmap_s=t_v, grouped_vs_vmap=t_v / r["batched_s"])
             rows.append((f"PlainNet-5 torch.func.vmap (no aug), K={K_cnn}, {s_cnn} steps",
@@ -323,6 +325,9 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
             if step == 1:
                 _sync(dev)
                 marks["first"] = time.perf_counter()
+            if step == 6:  # steady state: after cuDNN's autotuning of the first steps
+                _sync(dev)
+                marks["warm"] = time.perf_counter()
             marks["step"] = step
             if step > 1:
                 _sync(dev)
@@ -354,8 +359,12 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
             del res
         except _Budget:
             steps = int(marks["step"])
-            rate = (steps - 1) / (marks["stopped"] - marks["first"])
-            proj_chunk = t_init + (marks["first"] - t0 - t_init) + total / rate
+            if "warm" in marks and steps > 12:
+                rate = (steps - 6) / (marks["stopped"] - marks["warm"])
+                proj_chunk = (marks["warm"] - t0) + (total - 6) / rate
+            else:
+                rate = (steps - 1) / (marks["stopped"] - marks["first"])
+                proj_chunk = (marks["first"] - t0) + (total - 1) / rate
             out["chunk_log"].append({"chunk": ci, "K": len(seeds), "partial_steps": steps, "steps": total,
                                      "steps_per_s": rate, "projected_chunk_s": proj_chunk, "init_s": t_init})
             print(f"[{time.strftime('%H:%M:%S')}] {arch} chunk {ci + 1}: budget reached after {steps}/{total} steps "

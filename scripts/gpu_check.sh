@@ -15,6 +15,7 @@
 #      $FFL_DATA_ROOT, else synthetic tasks of the same shapes (1,000 train / 200 test 3x32x32
 #      images per task) -- the output says which. Each arch has a time budget; what does not fit
 #      is extrapolated from the measured chunks / step rate, labeled as such in the JSON.
+#      PlainNet-5 once more with the opt-in bf16 autocast + channels-last (changes rounding).
 #   5. train_zoo end to end on CUDA (small zoo: train, save, load, verify).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +84,10 @@ log "  PlainNet-5, 50 epochs, crop+flip (cuDNN default: TF32 convolutions)"
 timeout 120 "$PY" -m ffl.bench zoo-time --device cuda --arch cnn --budget-s 80 "${DR[@]}" 2>&1 | tee "$OUT/zoo_cnn.txt"
 tail -1 "$OUT/zoo_cnn.txt" > "$OUT/zoo_cnn.json"
 
+log "  PlainNet-5 again with opt-in bf16 autocast + channels-last (changes rounding; for comparison)"
+timeout 75 "$PY" -m ffl.bench zoo-time --device cuda --arch cnn --autocast bf16 --channels-last --budget-s 40 "${DR[@]}" 2>&1 | tee "$OUT/zoo_cnn_bf16_cl.txt"
+tail -1 "$OUT/zoo_cnn_bf16_cl.txt" > "$OUT/zoo_cnn_bf16_cl.json"
+
 log "5/5 train_zoo end to end on CUDA"
 timeout 45 "$PY" - "$OUT" <<'PY' 2>&1 | tee "$OUT/train_zoo_cuda.txt"
 import json, sys, tempfile, time
@@ -109,10 +114,11 @@ def load(name):
     except Exception as e:
         return {"error": repr(e)[:200]}
 s = {"env": load("env.json"), "bench": load("bench_cuda.json")}
-for k in ("zoo_mlp_fp32", "zoo_mlp_tf32", "zoo_cnn"):
+for k in ("zoo_mlp_fp32", "zoo_mlp_tf32", "zoo_cnn", "zoo_cnn_bf16_cl"):
     z = load(k + ".json")
     s[k] = {x: z.get(x) for x in ("projected_zoo_s", "nets_per_s", "networks_timed", "seconds_timed", "measured_fully",
-                                  "extrapolated_from_partial_chunk", "batch_networks", "data", "tf32_matmul", "tf32_cudnn", "error")}
+                                  "extrapolated_from_partial_chunk", "batch_networks", "data", "tf32_matmul", "tf32_cudnn",
+                                  "autocast", "channels_last", "error")}
 try:
     s["zoos_together_s_fp32_mlp"] = s["zoo_mlp_fp32"]["projected_zoo_s"] + s["zoo_cnn"]["projected_zoo_s"]
     s["zoos_together_s_tf32_mlp"] = s["zoo_mlp_tf32"]["projected_zoo_s"] + s["zoo_cnn"]["projected_zoo_s"]
