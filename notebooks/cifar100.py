@@ -110,7 +110,6 @@ print(paper_note)
 
 # %% [markdown]
 # ```{glue:figure} protocol_figure
-# :name: fig-cifar100-protocols
 #
 # Local-solution classification (top-1, left) and retrieval on unseen tasks (CMC rank-1,
 # right) per index, for the raw layer weights and the aligned chain Grams — the paper's
