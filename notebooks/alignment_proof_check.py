@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -82,8 +87,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # an MLP, $C_{L+1} = C_L W_{\mathrm{fc}}^\top$. Permuting the channels of layer $l$ permutes the
 # columns of $C_l$ and the rows of $\hat M_{l+1}$ by $I_9 \otimes P^\top$, which cancel.
 #
-# **BatchNorm** enters by folding: in eval mode $\mathrm{BN}(y) = \gamma (y-\mu)/\sqrt{\sigma^2+\epsilon}
-# + \beta$, so the chain uses the kernel of channel $j$ scaled by
+# **BatchNorm** enters by folding: in eval mode
+# $\mathrm{BN}(y) = \gamma (y-\mu)/\sqrt{\sigma^2+\epsilon} + \beta$, so the chain uses the kernel of channel $j$ scaled by
 # $\gamma_j/\sqrt{\sigma_j^2+\epsilon}$ (the shift is a bias and, like every bias, outside the
 # chain). $\gamma, \beta, \mu, \sigma^2$ are permuted with their channel, so the fold is a
 # per-neuron scale that commutes with the permutation.
