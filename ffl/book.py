@@ -43,8 +43,19 @@ def chapter_plan(profile: str) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"profile {profile!r} names notebook {notebook!r}, but "
                                     f"{NOTEBOOK_DIR / (notebook + '.ipynb')} does not exist")
         params = {"profile": profile, **entry.get("parameters", {})}
-        out.append({"notebook": notebook, "output": entry.get("output", notebook), "parameters": params})
+        out.append({"notebook": notebook, "output": entry.get("output", notebook), "parameters": params,
+                    "title": entry.get("title")})
     return out
+
+
+def _set_title(nb: nbformat.NotebookNode, title: str) -> None:
+    # One notebook can make several chapters (one per architecture): each gets its own H1.
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("# "):
+            first, _, rest = cell.source.partition("\n")
+            cell.source = f"# {title}\n{rest}"
+            return
+    raise ValueError("the notebook has no markdown cell starting with a '# ' title")
 
 
 def _mark_cells(nb: nbformat.NotebookNode) -> None:
@@ -73,6 +84,8 @@ def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
             "seconds": round(time.perf_counter() - start, 1),
         }
         _mark_cells(nb)
+        if entry.get("title"):
+            _set_title(nb, entry["title"])
         nbformat.write(nb, scratch)
         shutil.move(scratch, target)
     return target

@@ -79,3 +79,12 @@ def test_committed_chapters_render_without_running(tmp_path):
         assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{nb_path.name} not executed"
     html = book.build_html(book_dir)
     assert {p.stem for p in (html / "chapters").glob("*.html")} == {e["output"] for e in book.chapter_plan("smoke")}
+
+
+def test_chapter_titles_are_distinct():
+    plan = book.chapter_plan("smoke")
+    titles = [e["title"] for e in plan if e["notebook"] == "cifar100"]
+    assert len(titles) == len(set(titles)) >= 2
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Old\n\nprose")])
+    book._set_title(nb, "New")
+    assert nb.cells[0].source == "# New\n\nprose"
