@@ -733,6 +733,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         print(z, f"mean test acc {float(z.accuracy['test'].mean()):.4f}")
         return 0
     spec = ZooSpec.from_dict(json.loads(Path(args.spec).read_text()))
+    from ffl.engine import tune_malloc
+
+    tune_malloc()  # this process exists to train: keep large buffers in the heap
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = args.device
