@@ -11,13 +11,7 @@ from ffl.engine import (NetworkData, TrainConfig, UnsupportedModel, augment_batc
                         stack_models, train_batched, train_loop)
 from ffl.models import build_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread is faster and immune to other processes on a small shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = {
