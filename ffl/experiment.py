@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import ffl
-from ffl.data import DATASETS, load_task
+from ffl.data import DATASETS
 from ffl.features import ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
@@ -124,8 +124,6 @@ def run_experiment(
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
     chain_normalize = bool(settings.get("chain_normalize", False))
 
-    # Reading one task first makes a missing dataset fail before anything is written.
-    load_task(dataset, spec.tasks[0], data_root=data_root, download=download, seed=seed, **spec.data_kwargs)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec_dict = spec.identity()  # where the data lives does not change the zoo
     zoo = train_zoo(spec, cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}", device=device, progress=progress)

@@ -99,13 +99,17 @@ def _gram_inner_matrix(c: torch.Tensor) -> torch.Tensor:
             out[i:, i] = row
         return out
     step = max(1, _BLOCK_FLOATS // (d * d))
-    blocks = [(j, (c[j : j + step] @ c[j : j + step].transpose(1, 2)).flatten(1)) for j in range(0, num, step)] \
-        if num * d * d <= 4 * _BLOCK_FLOATS else None
+
+    def grams(j: int) -> torch.Tensor:  # vec(G) of networks j … j+step-1
+        return (c[j : j + step] @ c[j : j + step].transpose(1, 2)).flatten(1).double()
+
+    # Keep every block when they all fit (formed once); else form column blocks again per row block.
+    kept = {j: grams(j) for j in range(0, num, step)} if num * d * d <= 4 * _BLOCK_FLOATS else {}
     for i in range(0, num, step):
-        ga = (c[i : i + step] @ c[i : i + step].transpose(1, 2)).flatten(1)
+        ga = kept[i] if kept else grams(i)
         for j in range(i, num, step):
-            gb = blocks[j // step][1] if blocks else (c[j : j + step] @ c[j : j + step].transpose(1, 2)).flatten(1)
-            block = (ga.double() @ gb.double().T)
+            gb = kept[j] if kept else grams(j)
+            block = ga @ gb.T
             out[i : i + step, j : j + step] = block
             out[j : j + step, i : i + step] = block.T
     return out

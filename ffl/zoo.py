@@ -4,7 +4,7 @@ The paper trains 100 runs of each network on each of 50 tasks. :func:`train_zoo`
 zoo with the batched engine (:mod:`ffl.engine`), stores it in one directory and loads it back:
 
 ``root/``
-    ``spec.json``      the :class:`ZooSpec` and the engine chunking (written first)
+    ``spec.json``      the :class:`ZooSpec` and the engine chunking (written once the data has loaded)
     ``shards/*.safetensors`` + ``shards/*.json``
                        one shard per (task, block of runs): the stacked ``state_dict`` tensors
                        (leading dim = runs in the block) and a sidecar with each network's task,
@@ -28,6 +28,7 @@ Scale-out: ``train_zoo(..., shard=(rank, world))`` trains only chunks ``c % worl
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -153,11 +154,8 @@ class ZooSpec:
     def train_config(self):
         from ffl.engine import TrainConfig
 
-        return TrainConfig(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
-                           weight_decay=self.weight_decay, batch_size=self.batch_size,
-                           epochs=self.epochs, lr_step_epochs=list(self.lr_step_epochs),
-                           lr_gamma=self.lr_gamma, augment=self.augment, steps=self.steps,
-                           lr_step_steps=list(self.lr_step_steps))
+        names = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
+        return TrainConfig(**{n: copy.deepcopy(getattr(self, n)) for n in names})
 
     @property
     def num_networks(self) -> int:
@@ -465,8 +463,8 @@ def _read_sidecar(root: Path, piece: Piece) -> dict[str, Any] | None:
     return meta
 
 
-def _check_or_write_spec(root: Path, spec: ZooSpec, batch_networks: int | None, device) -> int:
-    """Create/validate ``root/spec.json``; return the chunk size to use."""
+def _chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, device) -> tuple[int, bool]:
+    """Validate ``root/spec.json`` if it exists; return the chunk size to use and whether it exists."""
     spath = root / "spec.json"
     if spath.is_file():
         stored = json.loads(spath.read_text())
@@ -478,11 +476,13 @@ def _check_or_write_spec(root: Path, spec: ZooSpec, batch_networks: int | None, 
         if batch_networks is not None and batch_networks != stored_k:
             warnings.warn(f"zoo at {root} was started with batch_networks={stored_k}; using that "
                           f"(not {batch_networks}) so resumed chunks match", stacklevel=3)
-        return stored_k
-    k = batch_networks or default_batch_networks(spec, device)
-    _atomic_write_json(spath, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                               "spec": spec.identity(), "batch_networks": k})
-    return k
+        return stored_k, True
+    return batch_networks or default_batch_networks(spec, device), False
+
+
+def _write_spec(root: Path, spec: ZooSpec, k: int) -> None:
+    _atomic_write_json(root / "spec.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                            "spec": spec.identity(), "batch_networks": k})
 
 
 def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
@@ -579,20 +579,23 @@ def train_zoo(
             raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
                              + "\nUse another root (or delete it) to train this spec.")
         return zoo
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "shards").mkdir(exist_ok=True)
-    k = _check_or_write_spec(root, spec, batch_networks, device)
+    k, spec_exists = _chunk_size(root, spec, batch_networks, device)
     rank, world = shard if shard is not None else (0, 1)
     all_chunks = chunks(spec, k)
     mine = [c for ci, c in enumerate(all_chunks) if ci % world == rank]
     todo = [c for c in mine if any(_read_sidecar(root, p) is None for p in c)]
     n_done = sum(p.r1 - p.r0 for c in mine if c not in todo for p in c)
     n_mine = sum(p.r1 - p.r0 for c in mine for p in c)
+    # Data first: a missing dataset fails before anything is written under root.
+    needed = sorted({p.task for c in todo for p in c})
+    task_data = _load_tasks(spec, needed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "shards").mkdir(exist_ok=True)
+    if not spec_exists:
+        _write_spec(root, spec, k)
     t_start = time.time()
     if todo:
         cfg = spec.train_config()
-        needed = sorted({p.task for c in todo for p in c})
-        task_data = _load_tasks(spec, needed)
         build_kwargs = _build_kwargs(spec, task_data[needed[0]])
         dev = torch.device(device)
         desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
@@ -677,7 +680,7 @@ def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zo
     k = int(specs[0]["batch_networks"])
     (out / "shards").mkdir(parents=True, exist_ok=True)
     if (out / "spec.json").is_file():
-        _check_or_write_spec(out, spec, k, "cpu")
+        _chunk_size(out, spec, k, "cpu")  # validates the existing spec
     else:
         _atomic_write_json(out / "spec.json", specs[0])
     missing = []
@@ -751,7 +754,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
             root.mkdir(parents=True, exist_ok=True)
             (root / "shards").mkdir(exist_ok=True)
             if not (root / "manifest.json").is_file():
-                _check_or_write_spec(root, spec, args.batch_networks, device)
+                k, exists = _chunk_size(root, spec, args.batch_networks, device)
+                if not exists:
+                    _write_spec(root, spec, k)
         dist.barrier()
         train_zoo(spec, args.root, device=device, progress=not args.quiet and rank == 0,
                   shard=(rank, world), batch_networks=args.batch_networks)
