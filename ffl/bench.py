@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ffl.engine import NetworkData, TrainConfig, stack_models, train_batched, train_loop
+from ffl.engine import PRECISIONS, NetworkData, TrainConfig, precision_scope, stack_models, train_batched, train_loop
 from ffl.models import build_model
 
 PAPER_TRAIN_PER_TASK = 1000  # CIFAR-100: 2 classes × 500 training images
@@ -81,23 +81,38 @@ def _mlp_flops_per_sample(widths: list[int]) -> int:
     return 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
 
 
+def _timeit_interleaved(fns: dict[str, Callable[[Any], Any]], device: torch.device, repeat: int,
+                        setup: Callable[[], Any]) -> dict[str, float]:
+    """Best wall time of each of ``fns`` over ``repeat`` rounds (after one warm-up round), the
+    functions alternating within each round: a burst of load on a shared machine then hits all of
+    them, not only the one that happened to run during it."""
+    best = dict.fromkeys(fns, math.inf)
+    for i in range(repeat + 1):
+        for name, fn in fns.items():
+            arg = setup()
+            _sync(device)
+            t = time.perf_counter()
+            fn(arg)
+            _sync(device)
+            if i:
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def loop_vs_batched(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128,
-                    augment: bool = False, shape=(3, 32, 32), **kw) -> dict[str, float]:
-    """Seconds for ``steps`` steps of K networks: plain loop vs batched engine (same everything)."""
+                    augment: bool = False, shape=(3, 32, 32), precision: str = "fp32", **kw) -> dict[str, float]:
+    """Seconds for ``steps`` steps of K networks: plain loop vs batched engine (same everything),
+    timed alternately (best of ``repeat`` rounds each)."""
     data = _data(max(batch * steps, batch), device, shape=shape)
-    cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=1, lr_step_epochs=[], augment=augment)
+    cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=1, lr_step_epochs=[], augment=augment, precision=precision)
     tidx = [k % 2 for k in range(K)]
     seeds = list(range(K))
     proto = _models(arch, K, **kw)  # initialization is not training: built once, copied untimed
-
-    def fresh():
-        return copy.deepcopy(proto)
-
-    t_b = _timeit(lambda ms: train_batched(ms, data, tidx, seeds, cfg, device=device, evaluate=False,
-                                           max_steps=steps), device, repeat, fresh)
-    t_l = _timeit(lambda ms: train_loop(ms, data, tidx, seeds, cfg, device=device, evaluate=False,
-                                        max_steps=steps), device, repeat, fresh)
-    return {"batched_s": t_b, "loop_s": t_l, "ratio": t_l / t_b}
+    t = _timeit_interleaved({
+        "batched": lambda ms: train_batched(ms, data, tidx, seeds, cfg, device=device, evaluate=False, max_steps=steps),
+        "loop": lambda ms: train_loop(ms, data, tidx, seeds, cfg, device=device, evaluate=False, max_steps=steps),
+    }, device, repeat, lambda: copy.deepcopy(proto))
+    return {"batched_s": t["batched"], "loop_s": t["loop"], "ratio": t["loop"] / t["batched"]}
 
 
 def vmap_step_time(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128, **kw) -> float:
@@ -130,14 +145,15 @@ def vmap_step_time(arch: str, K: int, steps: int, device: torch.device, repeat: 
 
 
 def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128,
-              augment: bool = False, **kw) -> float:
-    """Optimizer steps per second of the batched engine for K networks (setup excluded)."""
+              augment: bool = False, precision: str = "fp32", compile: bool = False, warmup: int = 1, **kw) -> float:
+    """Optimizer steps per second of the batched engine for K networks (setup and the first
+    ``warmup`` steps excluded)."""
     data = _data(batch * 2, device)
-    cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=10**6, lr_step_epochs=[], augment=augment)
+    cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=10**6, lr_step_epochs=[], augment=augment, precision=precision)
     stamps: list[float] = []
 
     def on_step(step: int, total: int) -> None:
-        if step == 1 or step == steps + 1:
+        if step == warmup or step == steps + warmup:
             _sync(device)
             stamps.append(time.perf_counter())
 
@@ -145,8 +161,8 @@ def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, 
 
     def run():
         stamps.clear()
-        train_batched(proto, data, [k % 2 for k in range(K)], list(range(K)), cfg,
-                      device=device, evaluate=False, max_steps=steps + 1, on_step=on_step)
+        train_batched(proto, data, [k % 2 for k in range(K)], list(range(K)), cfg, device=device,
+                      evaluate=False, max_steps=steps + warmup, on_step=on_step, compile=compile)
 
     best = math.inf
     for _ in range(max(1, repeat)):
@@ -155,17 +171,20 @@ def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, 
     return steps / best
 
 
-def gemm_reference_gflops(widths: list[int], batch: int, K: int, device: torch.device, repeat: int) -> float:
+def gemm_reference_gflops(widths: list[int], batch: int, K: int, device: torch.device, repeat: int,
+                          precision: str = "fp32") -> float:
     """GFLOP/s of plain GEMMs with exactly the shapes of one MLP training step (per layer: forward
     (B×in)(in×out), weight gradient (out×B)(B×in), input gradient (B×out)(out×in) except the first
     layer), run back to back for K networks with nothing else: ``torch.mm`` per network on CPU,
-    ``torch.bmm`` over the K networks on CUDA (one network's GEMMs cannot fill a GPU)."""
+    ``torch.bmm`` over the K networks on CUDA (one network's GEMMs cannot fill a GPU); in the
+    arithmetic of ``precision`` (bf16: bfloat16 operands)."""
     cuda = device.type == "cuda"
     nb = K if cuda else 1
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append((torch.randn(nb, batch, a, device=device), torch.randn(nb, b, a, device=device),
-                       torch.randn(nb, batch, b, device=device), i > 0))
+        layers.append((torch.randn(nb, batch, a, device=device, dtype=dt), torch.randn(nb, b, a, device=device, dtype=dt),
+                       torch.randn(nb, batch, b, device=device, dtype=dt), i > 0))
     mm = torch.bmm if cuda else (lambda p, q: torch.mm(p[0], q[0]))
     flops = K * _mlp_flops_per_sample(widths) * batch
 
@@ -177,15 +196,18 @@ def gemm_reference_gflops(widths: list[int], batch: int, K: int, device: torch.d
                 if dgrad:
                     mm(g, w)
 
-    t = _timeit(run, device, max(repeat, 3))
+    with precision_scope(precision, device):
+        t = _timeit(run, device, max(repeat, 3))
     return flops / t / 1e9
 
 
-def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = None) -> dict[str, Any]:
+def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = None,
+              precision: str = "fp32") -> dict[str, Any]:
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    rep = repeat or (1 if quick or cuda else 2)
-    res: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "quick": quick}
+    rep = repeat or (1 if quick or cuda else 3)
+    pr = {"precision": precision}
+    res: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "quick": quick, **pr}
     try:
         from ffl.provenance import hardware
 
@@ -197,24 +219,24 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     # (a) loop vs batched
     K_small = 50
     s_small = 5 if quick else 30
-    r = loop_vs_batched("mlp", K_small, s_small, dev, rep, hidden=(32, 32, 32), in_features=192, shape=(3, 8, 8))
+    r = loop_vs_batched("mlp", K_small, s_small, dev, rep, hidden=(32, 32, 32), in_features=192, shape=(3, 8, 8), **pr)
     res.update(loop_ratio_small=r["ratio"], small_batched_s=r["batched_s"], small_loop_s=r["loop_s"])
     rows.append((f"MLP 192-32-32-32-2 (3x8x8 input), K={K_small}, {s_small} steps",
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     if not quick:
-        r = loop_vs_batched("mlp", K_small, s_small, dev, rep, hidden=(32, 32, 32))
+        r = loop_vs_batched("mlp", K_small, s_small, dev, rep, hidden=(32, 32, 32), **pr)
         res.update(loop_ratio_small_cifar=r["ratio"])
         rows.append((f"MLP 3072-32-32-32-2 (CIFAR input), K={K_small}, {s_small} steps",
                      f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     K_paper = 64 if cuda else (4 if quick else 16)
     s_paper = 2 if quick else (20 if cuda else 12)
-    r = loop_vs_batched("mlp", K_paper, s_paper, dev, rep)
+    r = loop_vs_batched("mlp", K_paper, s_paper, dev, rep, **pr)
     res.update(loop_ratio_paper=r["ratio"], paper_batched_s=r["batched_s"], paper_loop_s=r["loop_s"], paper_K=K_paper)
     rows.append((f"MLP-4 3072-500-500-500-2, K={K_paper}, {s_paper} steps",
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     K_cnn = 64 if cuda else (2 if quick else 8)
     s_cnn = 2 if quick else (10 if cuda else 3)
-    r = loop_vs_batched("cnn", K_cnn, s_cnn, dev, 1, augment=True)
+    r = loop_vs_batched("cnn", K_cnn, s_cnn, dev, 1, augment=True, **pr)
     res.update(loop_ratio_cnn=r["ratio"], cnn_batched_s=r["batched_s"], cnn_loop_s=r["loop_s"], cnn_K=K_cnn)
     conv = "grouped conv" if cuda else "per-network conv"
     rows.append((f"PlainNet-5 ({conv}, aug), K={K_cnn}, {s_cnn} steps",
@@ -234,9 +256,9 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     K_g = 512 if cuda else K_paper
     s_g = 3 if quick else (20 if cuda else 8)
     widths = [3072, 500, 500, 500, 2]
-    sps = step_rate("mlp", K_g, s_g, dev, rep)
+    sps = step_rate("mlp", K_g, s_g, dev, rep, **pr)
     achieved = _mlp_flops_per_sample(widths) * 128 * K_g * sps / 1e9
-    gemm = gemm_reference_gflops(widths, 128, K_g, dev, rep)
+    gemm = gemm_reference_gflops(widths, 128, K_g, dev, rep, **pr)
     res.update(gflops_engine=achieved, gflops_gemm=gemm, gemm_fraction=achieved / gemm)
     rows.append((f"MLP-4 training GFLOP/s, K={K_g}", f"engine {achieved:.1f} / plain GEMMs of the step {gemm:.1f}",
                  f"{achieved / gemm:.2f}"))
@@ -246,7 +268,7 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     nps_mlp = sps * K_g / (PAPER_EPOCHS["mlp"] * spe)
     K_c = 256 if cuda else (2 if quick else 8)
     s_c = 2 if quick else (10 if cuda else 3)
-    sps_c = step_rate("cnn", K_c, s_c, dev, 1, augment=True)
+    sps_c = step_rate("cnn", K_c, s_c, dev, 1, augment=True, **pr)
     nps_cnn = sps_c * K_c / (PAPER_EPOCHS["cnn"] * spe)
     res.update(nets_per_s_mlp4=nps_mlp, nets_per_s_plainnet5=nps_cnn,
                zoo5000_mlp4_s=5000 / nps_mlp, zoo5000_plainnet5_s=5000 / nps_cnn)
@@ -278,18 +300,20 @@ def _zoo_tasks(dataset: str, tasks: int, data_root: str | None):
 
 def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 100, budget_s: float = 120.0,
              batch_networks: int | None = None, data_root: str | None = None, epochs: int | None = None,
-             autocast: str | None = None, channels_last: bool = False) -> dict[str, Any]:
+             precision: str = "fp32", compile: bool = False, max_chunks: int | None = None) -> dict[str, Any]:
     """Time a CIFAR-100-scale zoo (tasks × runs networks, paper hyper-parameters) with the engine:
     seeded init, data on the device, training, final train/test evaluation, weights back to CPU
-    (no disk writes). Chunks are trained until ``budget_s`` is spent; a chunk that would not finish
-    is stopped and the rest extrapolated from its measured step rate (clearly reported)."""
+    (no disk writes). Chunks are trained until ``budget_s`` is spent (or ``max_chunks`` are done); a
+    chunk that would not finish is stopped and the rest extrapolated from its measured step rate
+    (clearly reported). The projection uses complete chunks only when there are any, so one-off
+    costs of the first chunk (cuDNN autotuning, compilation) are reported apart (``first_chunk_s``)."""
     import functools
 
     from ffl.engine import NetworkData, init_stacked, total_steps
     from ffl.zoo import ZooSpec, chunks, data_seed, default_batch_networks, run_seed
 
     dev = torch.device(device)
-    spec = ZooSpec.paper(arch, "cifar100", tasks=list(range(tasks)), runs=runs,
+    spec = ZooSpec.paper(arch, "cifar100", tasks=list(range(tasks)), runs=runs, precision=precision,
                          **({"epochs": epochs, "lr_step_epochs": [int(epochs * 0.6)]} if epochs else {}))
     cfg = spec.train_config()
     loader, data_label = _zoo_tasks("cifar100", tasks, data_root)
@@ -301,9 +325,7 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
     done_time = 0.0
     out: dict[str, Any] = {"arch": arch, "device": device, "data": data_label, "networks": spec.num_networks,
                            "batch_networks": K, "chunks": len(all_chunks), "epochs": cfg.epochs,
-                           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-                           "tf32_cudnn": torch.backends.cudnn.allow_tf32, "autocast": autocast,
-                           "channels_last": channels_last, "chunk_log": []}
+                           "precision": precision, "compile": compile, "chunk_log": []}
     for ci, chunk in enumerate(all_chunks):
         t0 = time.perf_counter()
         needed = sorted({p.task for p in chunk})
@@ -338,7 +360,7 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
         try:
             try:
                 res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step,
-                                    autocast=autocast, channels_last=channels_last)
+                                    compile=compile)
             except torch.cuda.OutOfMemoryError:
                 if K == 1:
                     raise
@@ -346,7 +368,8 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
                 torch.cuda.empty_cache()
                 print(f"[{time.strftime('%H:%M:%S')}] out of memory with K={K}; retrying with K={K // 2}", flush=True)
                 return zoo_time(arch, device, tasks=tasks, runs=runs, budget_s=budget_s, batch_networks=K // 2,
-                                data_root=data_root, epochs=epochs, autocast=autocast, channels_last=channels_last)
+                                data_root=data_root, epochs=epochs, precision=precision, compile=compile,
+                                max_chunks=max_chunks)
             _sync(dev)
             dt = time.perf_counter() - t0
             done_nets += len(seeds)
@@ -375,11 +398,19 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
         del stacked, data
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        if time.perf_counter() - t_start > budget_s:
+        if time.perf_counter() - t_start > budget_s or (max_chunks and ci + 1 >= max_chunks):
             break
-    per_net = done_time / done_nets
+    full = [c for c in out["chunk_log"] if "seconds" in c]
+    if len(full) > 1:  # steady state: complete chunks after the first (autotuning, compilation)
+        out["first_chunk_s"] = full[0]["seconds"]
+        per_net = sum(c["seconds"] for c in full[1:]) / sum(c["K"] for c in full[1:])
+        out["projection"] = "complete chunks after the first, plus the first chunk's extra time"
+        extra = full[0]["seconds"] - per_net * full[0]["K"]
+    else:
+        per_net, extra = done_time / done_nets, 0.0
+        out["projection"] = "all timed chunks (partial ones extrapolated)"
     out.update(networks_timed=done_nets, seconds_timed=done_time, nets_per_s=1 / per_net,
-               projected_zoo_s=per_net * spec.num_networks,
+               projected_zoo_s=per_net * spec.num_networks + extra,
                measured_fully=done_nets == spec.num_networks and not out.get("extrapolated_from_partial_chunk", False))
     return out
 
@@ -410,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions on CUDA")
     ap.add_argument("--arch", default="mlp", help="zoo-time: architecture")
     ap.add_argument("--tasks", type=int, default=50)
     ap.add_argument("--runs", type=int, default=100)
@@ -418,26 +448,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=120.0)
     ap.add_argument("--batch-networks", type=int, default=None)
     ap.add_argument("--data-root", default=None)
-    ap.add_argument("--autocast", choices=["bf16"], default=None, help="zoo-time: bfloat16 autocast (changes rounding)")
-    ap.add_argument("--channels-last", action="store_true", help="zoo-time: NHWC activations")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="arithmetic (ffl.engine.PRECISIONS)")
+    ap.add_argument("--compile", action="store_true", help="zoo-time: train through torch.compile")
+    ap.add_argument("--max-chunks", type=int, default=None, help="zoo-time: stop after this many chunks")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ffl.engine import tune_malloc
 
     tune_malloc()  # before anything runs, so the loop baseline gets the same allocator settings
-    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
-    if args.tf32:
-        torch.backends.cudnn.allow_tf32 = True
     if args.what == "zoo-time":
         res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
                        batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
-                       autocast=args.autocast, channels_last=args.channels_last)
+                       precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
         print(json.dumps(res, sort_keys=True))
         return 0
     load0 = os.getloadavg()[0]
-    res = bench_zoo(args.device, quick=args.quick, repeat=args.repeat)
-    res.update(tf32=bool(args.tf32), loadavg_1min_start=load0, loadavg_1min_end=os.getloadavg()[0])
+    res = bench_zoo(args.device, quick=args.quick, repeat=args.repeat, precision=args.precision)
+    res.update(loadavg_1min_start=load0, loadavg_1min_end=os.getloadavg()[0])
     print_table(res)
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items() if k != "table"}
     print(json.dumps(out, sort_keys=True))

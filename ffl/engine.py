@@ -44,6 +44,7 @@ depend on which networks share an engine batch; for CNNs they can at rounding le
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import multiprocessing as mp
@@ -68,7 +69,18 @@ __all__ = [
     "augment_batch",
     "lr_at",
     "UnsupportedModel",
+    "PRECISIONS",
 ]
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+"""Arithmetic of training (weights, gradients and optimizer state are FP32 in all three):
+
+* ``fp32``: FP32 everywhere, also cuDNN convolutions (PyTorch's default lets them use TF32).
+* ``tf32``: TF32 tensor-core matmuls and convolutions (CUDA only; ~10-bit mantissa products).
+* ``bf16``: bfloat16 autocast of the forward pass (and its backward), NHWC image activations on
+  CUDA; the loss and the optimizer stay FP32.
+"""
 
 
 class UnsupportedModel(TypeError):
@@ -100,10 +112,47 @@ class TrainConfig:
     steps: int | None = None
     lr_step_steps: list[int] = field(default_factory=list)
     crop_padding: int = 4
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+        check_precision(self.precision)
+
+
+def check_precision(precision: str, device: torch.device | str | None = None) -> None:
+    """``ValueError`` for an unknown precision, or TF32 on a device that has none."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "tf32" and device is not None and torch.device(device).type != "cuda":
+        raise ValueError("precision 'tf32' exists on CUDA GPUs only; use 'fp32' (or 'bf16') on "
+                         f"{torch.device(device).type}")
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device):
+    """Set PyTorch's global TF32 flags for ``precision`` (see :data:`PRECISIONS`) inside the block,
+    restoring them afterwards. bf16 autocast is applied around forward passes by the caller."""
+    check_precision(precision, device)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _layout(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """NHWC image batches for bf16 on CUDA (cuDNN's tensor-core convolutions want it)."""
+    if precision == "bf16" and x.is_cuda and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 @dataclass
@@ -757,7 +806,8 @@ def _forward(net: nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> t
 
 @torch.no_grad()
 def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor | None,
-                      n: Sequence[int], task_index: torch.Tensor, fold: str, budget: int) -> list[float]:
+                      n: Sequence[int], task_index: torch.Tensor, fold: str, budget: int,
+                      precision: str = "fp32") -> list[float]:
     """Per-network accuracy of the stacked ``net`` (eval mode) on its own task's split."""
     K = len(task_index)
     dev = x.device
@@ -772,7 +822,7 @@ def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths:
         yb = gather(y, task_index, pk).t()  # (nb, K)
         lb = None if lengths is None else gather(lengths, task_index, pk).t()
         xb = xb if fold == "network" else fold_input(xb.transpose(0, 1), fold)
-        logits = _forward(net, xb, lb)
+        logits = _forward(net, _layout(xb, precision), lb)
         pred = logits.view(len(pos), K, -1).argmax(-1)
         correct += ((pred == yb) & (pos[:, None] < n_k[None, :])).sum(0)
     return (correct.double() / n_k.double()).tolist()
@@ -800,20 +850,27 @@ def train_batched(
     on_step: Callable[[int, int], None] | None = None,
     evaluate: bool = True,
     max_steps: int | None = None,
-    autocast: str | None = None,
-    channels_last: bool = False,
+    compile: bool = False,
 ) -> BatchResult:
     """Train K models (already initialized) as one computation; return their stacked weights.
 
     ``task_index[k]`` selects network k's task in ``data``; ``data_seeds[k]`` seeds its minibatch
     order and augmentation. ``models`` is a list of K models or ``(template, stacked_state)``
     (see :func:`init_stacked`). ``on_step(step, total)`` is called after every optimizer step.
-    ``max_steps`` stops early (benchmarks). Speed options that change float rounding (off by
-    default; for measurements): ``autocast="bf16"`` (bfloat16 autocast of the forward pass; weights,
-    gradients and optimizer stay FP32) and ``channels_last`` (NHWC image activations).
+    ``max_steps`` stops early (benchmarks). ``cfg.precision`` sets the arithmetic (see
+    :data:`PRECISIONS`). ``compile``: train through ``torch.compile`` of the stacked model (fuses
+    BatchNorm, activations and pooling; compiling costs about a minute per batch shape, and float
+    rounding may differ from eager in the last bits).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
+    with precision_scope(cfg.precision, device):
+        return _train_batched(models, data, task_index, data_seeds, cfg, device, on_step, evaluate, max_steps,
+                              compile, t0)
+
+
+def _train_batched(models, data, task_index, data_seeds, cfg, device, on_step, evaluate, max_steps,
+                   compile, t0) -> BatchResult:
     if isinstance(models, tuple):
         net = stack_state(*models).to(device)
     else:
@@ -822,6 +879,7 @@ def train_batched(
     fold = net._ffl_fold
     net.train()
     opt = _make_optimizer(list(net.parameters()), cfg, fused=True)
+    fwd = torch.compile(net) if compile else net
     if device.type == "cuda":
         # constant shapes per chunk: let cuDNN pick the fastest (grouped) convolution algorithms
         torch.backends.cudnn.benchmark = True
@@ -850,10 +908,8 @@ def train_batched(
             xb = fold_input(xb, fold)
         yb = gather(data.y_train, tidx, idx).t()  # (Bs, K)
         lb = None if data.lengths_train is None else gather(data.lengths_train, tidx, idx).t()
-        if channels_last and xb.dim() == 4:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-            logits = _forward(net, xb, lb)
+        with _autocast(cfg.precision, device):
+            logits = _forward(fwd, _layout(xb, cfg.precision), lb)
         loss = F.cross_entropy(logits.float().reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -864,8 +920,10 @@ def train_batched(
     net.eval()
     if evaluate:
         budget = 2**25 if device.type == "cuda" else 2**22
-        train_acc = _accuracy_batched(net, data.x_train, data.y_train, data.lengths_train, data.n_train, tidx, fold, budget)
-        test_acc = _accuracy_batched(net, data.x_test, data.y_test, data.lengths_test, data.n_test, tidx, fold, budget)
+        splits = ((data.x_train, data.y_train, data.lengths_train, data.n_train),
+                  (data.x_test, data.y_test, data.lengths_test, data.n_test))
+        with _autocast(cfg.precision, device):
+            train_acc, test_acc = [_accuracy_batched(net, *split, tidx, fold, budget, cfg.precision) for split in splits]
     else:
         train_acc = test_acc = [float("nan")] * K
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
@@ -886,8 +944,13 @@ def train_loop(
     """Reference: a plain PyTorch loop training each model alone (``torch.optim``, the same
     learning rates, the same per-network data order and augmentation draws as
     :func:`train_batched`)."""
-    t0 = time.perf_counter()
     device = torch.device(device)
+    with precision_scope(cfg.precision, device):
+        return _train_loop(models, data, task_index, data_seeds, cfg, device, evaluate, max_steps)
+
+
+def _train_loop(models, data, task_index, data_seeds, cfg, device, evaluate, max_steps) -> BatchResult:
+    t0 = time.perf_counter()
     states, tr, te = [], [], []
     done = 0
     for k, model in enumerate(models):
@@ -909,8 +972,10 @@ def train_loop(
             xb, yb = X[i], Y[i]
             if cfg.augment:
                 xb = augment_batch(xb, offs[0], flips[0], cfg.crop_padding)
-            out = model(xb) if Lt is None else model(xb, Lt[i])
-            loss = F.cross_entropy(out, yb)
+            with _autocast(cfg.precision, device):
+                xb = _layout(xb, cfg.precision)
+                out = model(xb) if Lt is None else model(xb, Lt[i])
+            loss = F.cross_entropy(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -919,7 +984,9 @@ def train_loop(
         if evaluate:
             with torch.no_grad():
                 def acc(x, y, lens):
-                    out = model(x) if lens is None else model(x, lens)
+                    with _autocast(cfg.precision, device):
+                        x = _layout(x, cfg.precision)
+                        out = model(x) if lens is None else model(x, lens)
                     return (out.argmax(-1) == y).double().mean().item()
                 tr.append(acc(X, Y, Lt))
                 te.append(acc(d.x_test[0], d.y_test[0], None if d.lengths_test is None else d.lengths_test[0]))

@@ -52,6 +52,8 @@ FORMAT = "ffl-zoo"
 FORMAT_VERSION = 1
 #: spec fields that do not change the zoo (where the data lives, whether to download it)
 NON_IDENTITY_FIELDS = ("data_root", "download")
+#: identity fields added after format 1, with the value their absence means
+LATER_FIELDS = {"precision": "fp32"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +89,7 @@ class ZooSpec:
     data_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int | None = None
     lr_step_steps: list[int] = field(default_factory=list)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, int):
@@ -99,6 +102,9 @@ class ZooSpec:
             raise ValueError("a zoo needs at least one task and one run")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
+        from ffl.engine import check_precision
+
+        check_precision(self.precision)
         self.lr_step_epochs = [int(e) for e in self.lr_step_epochs]
         self.lr_step_steps = [int(e) for e in self.lr_step_steps]
         self.model_kwargs = _jsonable(dict(self.model_kwargs))
@@ -123,6 +129,9 @@ class ZooSpec:
         d = self.to_dict()
         for k in NON_IDENTITY_FIELDS:
             d.pop(k, None)
+        for k, v in LATER_FIELDS.items():  # absent = default, so earlier zoos keep their identity
+            if d[k] == v:
+                del d[k]
         return d
 
     @classmethod
@@ -174,6 +183,7 @@ def _jsonable(x: Any) -> Any:
 def spec_diff(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     """Human-readable differences between two spec identities."""
     out = []
+    stored, asked = {**LATER_FIELDS, **stored}, {**LATER_FIELDS, **asked}
     for k in sorted(set(stored) | set(asked)):
         if stored.get(k, "<absent>") != asked.get(k, "<absent>"):
             out.append(f"{k}: existing {stored.get(k, '<absent>')!r}, asked {asked.get(k, '<absent>')!r}")
@@ -553,6 +563,7 @@ def train_zoo(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     batch_networks: int | None = None,
+    compile: bool = False,
 ) -> Zoo | None:
     """Train (or load, or resume) the zoo of ``spec`` in directory ``root`` (§4).
 
@@ -564,13 +575,15 @@ def train_zoo(
     based on CUDA). It fixes the chunking and is stored, so a resumed run reuses it.
     ``shard=(rank, world)``: train only chunks ``c % world == rank``; returns the zoo if it is
     complete afterwards (the last rank to finish writes the manifest), else ``None``.
+    ``compile``: train through ``torch.compile`` (see :func:`ffl.engine.train_batched`).
     """
-    from ffl.engine import NetworkData, init_stacked, train_batched
+    from ffl.engine import NetworkData, check_precision, init_stacked, train_batched
     from ffl.models import build_model
 
     root = Path(root)
     if not isinstance(spec, ZooSpec):
         spec = ZooSpec.from_dict(dict(spec))
+    check_precision(spec.precision, device)
     mpath = root / "manifest.json"
     if mpath.is_file():
         zoo = Zoo.load(root)
@@ -628,7 +641,8 @@ def train_zoo(
                 bar.update(frac - last[0])
                 last[0] = frac
 
-            res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step)
+            res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step,
+                                compile=compile)
             i = 0
             for p in chunk:
                 n = p.r1 - p.r0
@@ -720,6 +734,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--batch-networks", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
+    tr.add_argument("--compile", action="store_true", help="train through torch.compile (GPU throughput)")
     mg = sub.add_parser("merge", help="merge zoo parts trained in separate directories")
     mg.add_argument("parts", nargs="+")
     mg.add_argument("--out", required=True)
@@ -759,7 +774,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                     _write_spec(root, spec, k)
         dist.barrier()
         train_zoo(spec, args.root, device=device, progress=not args.quiet and rank == 0,
-                  shard=(rank, world), batch_networks=args.batch_networks)
+                  shard=(rank, world), batch_networks=args.batch_networks, compile=args.compile)
         dist.barrier()
         if rank == 0:
             k = json.loads((Path(args.root) / "spec.json").read_text())["batch_networks"]
@@ -771,7 +786,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
         return 0
-    z = train_zoo(spec, args.root, device=device, progress=not args.quiet, batch_networks=args.batch_networks)
+    z = train_zoo(spec, args.root, device=device, progress=not args.quiet, batch_networks=args.batch_networks,
+                  compile=args.compile)
     print(z)
     return 0
 

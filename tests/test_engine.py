@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffl.engine import (NetworkData, TrainConfig, UnsupportedModel, augment_batch, lr_at,
-                        stack_models, train_batched, train_loop)
+                        precision_scope, stack_models, train_batched, train_loop)
 from ffl.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,6 +95,53 @@ def test_batched_equals_loop_images(arch, opt):
     init = models(arch, seeds[:1], 3)[0].state_dict()
     w = next(k for k in init if k.endswith("weight"))
     assert not torch.allclose(init[w], a.state[w][0])
+
+
+def _max_diff(a, b):
+    return max((a.state[k] - b.state[k]).abs().max().item() for k in a.state if a.state[k].is_floating_point())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_bf16_precision_batched_equals_loop(arch):
+    """precision='bf16' changes the arithmetic (the weights move away from FP32 training) but not
+    the engine's equivalence: batched and loop still train the same bf16 networks."""
+    data = NetworkData.from_tasks(image_tasks())
+    seeds, dseeds, tidx = [11, 12, 13], [21, 22, 23], [0, 1, 1]
+    res = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(lr=0.05, epochs=3, lr_step_epochs=[2], batch_size=16, augment=arch != "mlp",
+                          precision=precision)
+        res[precision] = train_batched(models(arch, seeds, 3), data, tidx, dseeds, cfg)
+    loop = train_loop(models(arch, seeds, 3), data, tidx, dseeds, cfg)
+    assert_same(res["bf16"], loop, atol=1e-5)
+    assert _max_diff(res["bf16"], res["fp32"]) > 1e-4
+
+
+def test_precision_errors_and_flags():
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose one of fp32, tf32, bf16"):
+        TrainConfig(precision="fp16")
+    data = NetworkData.from_tasks(image_tasks(U=1))
+    with pytest.raises(ValueError, match="'tf32' exists on CUDA GPUs only"):
+        train_batched(models("mlp", [1], 3), data, [0], [0], TrainConfig(precision="tf32", epochs=1))
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    cuda = torch.device("cuda")  # only the flags are touched: no GPU needed
+    with precision_scope("tf32", cuda):
+        assert flags() == (True, True)
+    with precision_scope("fp32", cuda):
+        assert flags() == (False, False)  # also cuDNN, whose PyTorch default is TF32
+    assert flags() == before
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager():
+    """``compile=True`` (torch.compile, for GPU throughput) trains the same networks."""
+    data = NetworkData.from_tasks(image_tasks())
+    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16)
+    seeds, dseeds, tidx = [11, 12], [21, 22], [0, 1]
+    a = train_batched(models("mlp", seeds, 3), data, tidx, dseeds, cfg, compile=True)
+    b = train_batched(models("mlp", seeds, 3), data, tidx, dseeds, cfg)
+    assert_same(a, b, atol=1e-6)
 
 
 def test_batched_equals_loop_gru_stepwise():

@@ -81,6 +81,20 @@ def test_cached_and_spec_mismatch(zoo_dir):
         ZooSpec.from_dict({"arch": "mlp", "learning_rate": 1})
 
 
+def test_precision_is_part_of_the_zoo(zoo_dir, tmp_path):
+    """A bf16 zoo is another zoo; fp32 (the default) leaves the identity of earlier zoos as it was;
+    TF32 asked on a CPU fails before anything is written."""
+    assert "precision" not in tiny_spec().identity()
+    assert tiny_spec(precision="bf16").identity()["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision: existing 'fp32', asked 'bf16'"):
+        train_zoo(tiny_spec(precision="bf16"), zoo_dir, progress=False)
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        tiny_spec(precision="half")
+    with pytest.raises(ValueError, match="'tf32' exists on CUDA GPUs only"):
+        train_zoo(tiny_spec(precision="tf32"), tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
+
+
 def test_partial_zoo_spec_mismatch(tmp_path):
     root = tmp_path / "z"
     (root).mkdir()
