@@ -280,6 +280,102 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     return res
 
 
+PLAINNET5_CONVS = ((3, 32, 32), (32, 64, 16), (64, 128, 8), (128, 256, 4))  # (in, out, H = W) per unit
+
+
+def im2col_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """K 3×3 convolutions (padding 1) as one batched GEMM: x (K, B, H, W, C) per network (NHWC),
+    w (K, Cout, C, 3, 3) → (K, B, H, W, Cout). The columns are the 9 shifted views side by side."""
+    K, B, H, W, C = x.shape
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    cols = torch.cat([xp[:, :, dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)], dim=-1)
+    wm = w.permute(0, 3, 4, 2, 1).reshape(K, 9 * C, -1)
+    return torch.bmm(cols.view(K, B * H * W, 9 * C), wm).view(K, B, H, W, -1)
+
+
+def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision: str = "bf16",
+                repeat: int = 3, convs=PLAINNET5_CONVS) -> list[dict[str, Any]]:
+    """Forward + backward TFLOP/s of PlainNet-5's convolutions for K networks, three ways:
+    ``grouped`` (what the engine runs: one cuDNN convolution with groups=K), ``im2col_bmm``
+    (:func:`im2col_conv3x3`) and ``dense`` — one ordinary convolution over all K·B images with a
+    single weight: the same FLOPs, the device's convolution ceiling for these shapes."""
+    dev = torch.device(device)
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    cl = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    with precision_scope(precision, dev):
+        for li, (cin, cout, hw) in enumerate(convs):
+            dgrad = li > 0
+            flops = 2 * K * batch * hw * hw * cin * 9 * cout * (3 if dgrad else 2)
+
+            def make(shape, mf=None):
+                t = torch.randn(*shape, device=dev, dtype=dt)
+                return (t.contiguous(memory_format=mf) if mf is not None else t).requires_grad_(True)
+
+            cases = {
+                "grouped": (lambda a: F.conv2d(a[0], a[1], padding=1, groups=K),
+                            lambda: (make((batch, K * cin, hw, hw), cl), make((K * cout, cin, 3, 3), cl))),
+                "im2col_bmm": (lambda a: im2col_conv3x3(a[0], a[1]),
+                               lambda: (make((K, batch, hw, hw, cin)), make((K, cout, cin, 3, 3)))),
+                "dense": (lambda a: F.conv2d(a[0], a[1], padding=1),
+                          lambda: (make((K * batch, cin, hw, hw), cl), make((cout, cin, 3, 3), cl))),
+            }
+            row: dict[str, Any] = {"layer": li + 1, "in": cin, "out": cout, "hw": hw, "K": K, "batch": batch}
+            for name, (fn, setup) in cases.items():
+                args = setup()
+                args[0].requires_grad_(dgrad)
+                grad = None
+
+                def step(_=None):
+                    nonlocal grad
+                    y = fn(args)
+                    if grad is None:
+                        grad = torch.randn_like(y)
+                    y.backward(grad)
+                    args[1].grad = None
+                    args[0].grad = None
+
+                try:
+                    t = _timeit(step, dev, repeat)
+                    row[f"{name}_tflops"] = flops / t / 1e12
+                except torch.cuda.OutOfMemoryError as e:
+                    row[f"{name}_error"] = repr(e)[:120]
+                del args
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+def profile_step(arch: str = "cnn", device: str = "cuda", K: int = 126, precision: str = "bf16",
+                 steps: int = 5, warmup: int = 5, augment: bool = True, compile: bool = False,
+                 row_limit: int = 25) -> str:
+    """``torch.profiler`` table (device time per kernel) of ``steps`` engine steps of K networks
+    at paper size, after ``warmup`` untimed steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    data = _data(256, dev)
+    cfg = TrainConfig(lr=0.01, batch_size=128, epochs=10**6, lr_step_epochs=[], augment=augment, precision=precision)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    prof = profile(activities=acts)
+
+    def on_step(step: int, total: int) -> None:
+        if step == warmup:
+            _sync(dev)
+            prof.start()
+        elif step == warmup + steps:
+            _sync(dev)
+            prof.stop()
+
+    train_batched(_models(arch, K), data, [k % 2 for k in range(K)], list(range(K)), cfg, device=dev,
+                  evaluate=False, max_steps=warmup + steps, on_step=on_step, compile=compile)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+
 class _Budget(Exception):
     pass
 
@@ -435,8 +531,10 @@ def print_table(res: dict[str, Any], file=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ffl.bench", description="ffl benchmarks")
-    ap.add_argument("what", choices=["zoo", "zoo-time"],
-                    help="zoo: engine ratios; zoo-time: time a CIFAR-100-scale zoo at paper epochs")
+    ap.add_argument("what", choices=["zoo", "zoo-time", "conv", "profile"],
+                    help="zoo: engine ratios; zoo-time: time a CIFAR-100-scale zoo at paper epochs; "
+                         "conv: PlainNet-5 convolutions, grouped vs im2col+bmm vs dense; profile: kernel "
+                         "table of engine steps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     ap.add_argument("--repeat", type=int, default=None)
@@ -457,6 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     from ffl.engine import tune_malloc
 
     tune_malloc()  # before anything runs, so the loop baseline gets the same allocator settings
+    if args.what == "conv":
+        K = args.batch_networks or 126
+        for row in conv_layers(args.device, K=K, precision=args.precision, repeat=args.repeat or 3):
+            print(json.dumps(row, sort_keys=True), flush=True)
+        return 0
+    if args.what == "profile":
+        print(profile_step(args.arch, args.device, K=args.batch_networks or 126, precision=args.precision,
+                           compile=args.compile, augment=args.arch != "mlp"))
+        return 0
     if args.what == "zoo-time":
         res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
                        batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffl.bench import _mlp_flops_per_sample, loop_vs_batched, zoo_time
+from ffl.bench import _mlp_flops_per_sample, conv_layers, im2col_conv3x3, loop_vs_batched, zoo_time
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,3 +43,23 @@ def test_cli_quick_prints_table_and_json():
     res = json.loads(lines[-1])
     for key in ("loop_ratio_small", "loop_ratio_paper", "gemm_fraction", "nets_per_s_mlp4", "nets_per_s_plainnet5"):
         assert isinstance(res[key], float) and res[key] > 0, key
+
+
+def test_im2col_conv_equals_grouped_conv():
+    """The im2col + batched-GEMM convolution the conv benchmark compares is the same convolution."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    K, B, C, Cout, H = 3, 2, 4, 5, 6
+    x = torch.randn(K, B, H, H, C, generator=g)
+    w = torch.randn(K, Cout, C, 3, 3, generator=g)
+    y = im2col_conv3x3(x, w)  # (K, B, H, W, Cout)
+    ref = F.conv2d(x.permute(1, 0, 4, 2, 3).reshape(B, K * C, H, H), w.reshape(K * Cout, C, 3, 3), padding=1, groups=K)
+    torch.testing.assert_close(y.permute(1, 0, 4, 2, 3).reshape(B, K * Cout, H, H), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_layers_reports_every_method():
+    rows = conv_layers("cpu", K=2, batch=2, precision="fp32", repeat=1, convs=((3, 4, 4), (4, 8, 2)))
+    assert [r["layer"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(r[f"{m}_tflops"] > 0 for m in ("grouped", "im2col_bmm", "dense"))
