@@ -48,12 +48,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ffl.engine import TrainConfig
+
 FORMAT = "ffl-zoo"
 FORMAT_VERSION = 1
 #: spec fields that do not change the zoo (where the data lives, whether to download it)
 NON_IDENTITY_FIELDS = ("data_root", "download")
 #: identity fields added after format 1, with the value their absence means
-LATER_FIELDS = {"precision": "fp32"}
+LATER_FIELDS = {"precision": "fp32", "crop_padding": 4}
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,8 +64,10 @@ LATER_FIELDS = {"precision": "fp32"}
 
 
 @dataclass
-class ZooSpec:
-    """Everything that determines a zoo (§4): architecture, data, tasks × runs, training.
+class ZooSpec(TrainConfig):
+    """Everything that determines a zoo (§4): each network's training (the fields of
+    :class:`ffl.engine.TrainConfig`: optimizer, lr schedule, batch, epochs or ``steps``,
+    augmentation, precision) plus what makes it a zoo: architecture, data, tasks × runs, seed.
 
     ``steps``/``lr_step_steps``: step-based training (NameData: 10,000 steps, lr/10 at 7,000);
     when ``steps`` is None training is epoch-based (``epochs``, ``lr_step_epochs``).
@@ -74,24 +78,13 @@ class ZooSpec:
     tasks: list[int] = field(default_factory=lambda: [0, 1])
     runs: int = 2
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    epochs: int = 50
-    lr_step_epochs: list[int] = field(default_factory=lambda: [30])
-    lr_gamma: float = 0.1
-    augment: bool = False
     seed: int = 0
     data_root: str | None = None
     download: bool = False
     data_kwargs: dict[str, Any] = field(default_factory=dict)
-    steps: int | None = None
-    lr_step_steps: list[int] = field(default_factory=list)
-    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.tasks, int):
             self.tasks = list(range(self.tasks))
         self.tasks = [int(t) for t in self.tasks]
@@ -100,11 +93,6 @@ class ZooSpec:
         self.runs = int(self.runs)
         if self.runs < 1 or not self.tasks:
             raise ValueError("a zoo needs at least one task and one run")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
-        from ffl.engine import check_precision
-
-        check_precision(self.precision)
         self.lr_step_epochs = [int(e) for e in self.lr_step_epochs]
         self.lr_step_steps = [int(e) for e in self.lr_step_steps]
         self.model_kwargs = _jsonable(dict(self.model_kwargs))
@@ -160,11 +148,9 @@ class ZooSpec:
         base.update(overrides)
         return cls.from_dict(base)
 
-    def train_config(self):
-        from ffl.engine import TrainConfig
-
-        names = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
-        return TrainConfig(**{n: copy.deepcopy(getattr(self, n)) for n in names})
+    def train_config(self) -> TrainConfig:
+        """The per-network training part, as the engine takes it."""
+        return TrainConfig(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(TrainConfig)})
 
     @property
     def num_networks(self) -> int:
