@@ -14,7 +14,13 @@ Every figure is a ratio against something measured in the same process on the sa
     images per task, batch 128), projected from measured steps/s, and the implied time for a
     5,000-network zoo.
 
-The table goes to stdout, then one JSON line (the last line) with all figures.
+The table goes to stdout, then one JSON line (the last line) with all figures. Loop and engine
+are timed alternately (best of 3 rounds on CPU), so a burst of load on a shared machine hits both.
+``--precision`` (fp32, tf32, bf16) sets the arithmetic of every figure.
+
+Other subcommands: ``zoo-time`` (a CIFAR-100-scale zoo at paper epochs, chunk by chunk),
+``conv`` (PlainNet-5's convolutions for K networks: grouped vs im2col + ``bmm`` vs one ordinary
+convolution of the same FLOPs) and ``profile`` (``torch.profiler`` kernel table of engine steps).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ffl.engine import PRECISIONS, NetworkData, TrainConfig, precision_scope, stack_models, train_batched, train_loop
+from ffl.engine import PRECISIONS, NetworkData, TrainConfig, precision_scope, train_batched, train_loop
 from ffl.models import build_model
 
 PAPER_TRAIN_PER_TASK = 1000  # CIFAR-100: 2 classes × 500 training images

@@ -31,9 +31,13 @@ Kernels, chosen by measurement (``python -m ffl.bench zoo``):
 * MLP: network-major fast path, activations (K, B, features) and one ``baddbmm`` per layer with a
   hand-written backward that writes dW in W's layout. On CPU, layers with ≥ 2¹⁷ weights use one
   MKL GEMM per network instead (CPU ``bmm`` measured 20-35% slower on MLP-4 shapes).
-* CNNs: grouped convolution on CUDA (cuDNN, autotuned); on CPU one convolution per network
-  (oneDNN's grouped convolution measured 1.3-1.7× slower); ``torch.func.vmap`` measured 2.4-2.6×
-  slower than either on CPU, so it is not used.
+* CNNs: grouped convolution on CUDA (cuDNN, autotuned; cuDNN runs it group by group, 3-5× below
+  an ordinary convolution of the same FLOPs on an H100, and an im2col + ``bmm`` version measured
+  slower still: ``python -m ffl.bench conv``); on CPU one convolution per network (oneDNN's
+  grouped convolution measured 1.3-1.7× slower); ``torch.func.vmap`` measured 2.4-2.6× slower
+  than either on CPU, so it is not used.
+* Precision: ``TrainConfig.precision`` (:data:`PRECISIONS`); weights, gradients and optimizer
+  state stay FP32 in every precision.
 * Batches are gathered with one ``torch.gather`` of rows from task tensors preloaded on the device.
 * Optimizers are PyTorch's fused SGD/Adam (one pass over memory).
 
@@ -865,69 +869,64 @@ def train_batched(
     t0 = time.perf_counter()
     device = torch.device(device)
     with precision_scope(cfg.precision, device):
-        return _train_batched(models, data, task_index, data_seeds, cfg, device, on_step, evaluate, max_steps,
-                              compile, t0)
-
-
-def _train_batched(models, data, task_index, data_seeds, cfg, device, on_step, evaluate, max_steps,
-                   compile, t0) -> BatchResult:
-    if isinstance(models, tuple):
-        net = stack_state(*models).to(device)
-    else:
-        net = stack_models(models).to(device)
-    K = net._ffl_K
-    fold = net._ffl_fold
-    net.train()
-    opt = _make_optimizer(list(net.parameters()), cfg, fused=True)
-    fwd = torch.compile(net) if compile else net
-    if device.type == "cuda":
-        # constant shapes per chunk: let cuDNN pick the fastest (grouped) convolution algorithms
-        torch.backends.cudnn.benchmark = True
-    tidx = torch.as_tensor(list(task_index), dtype=torch.long, device=device)
-    streams = [_Stream(s, data.n_train[int(u)], cfg.augment, cfg.crop_padding) for s, u in zip(data_seeds, task_index)]
-    total = total_steps(cfg, streams[0].n)
-    if max_steps is not None:
-        total = min(total, max_steps)
-    done = 0
-    for epoch, step, idx, offs, flips in _batches(streams, cfg, device):
-        if step >= total:
-            break
-        lr = lr_at(cfg, epoch, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        Bs = idx.shape[1]
-        if fold == "network":
-            xb = gather(data.x_train, tidx, idx)  # (K, Bs, ...)
-            if cfg.augment:
-                xb = augment_batch(xb, offs, flips, cfg.crop_padding)
+        if isinstance(models, tuple):
+            net = stack_state(*models).to(device)
         else:
-            idx_t = idx.t().contiguous()
-            xb = gather(data.x_train, tidx[None, :].expand(Bs, K).reshape(-1), idx_t.reshape(-1, 1)).view(Bs, K, *data.x_train.shape[2:])
-            if cfg.augment:
-                xb = augment_batch(xb, offs.transpose(0, 1), flips.t(), cfg.crop_padding)
-            xb = fold_input(xb, fold)
-        yb = gather(data.y_train, tidx, idx).t()  # (Bs, K)
-        lb = None if data.lengths_train is None else gather(data.lengths_train, tidx, idx).t()
-        with _autocast(cfg.precision, device):
-            logits = _forward(fwd, _layout(xb, cfg.precision), lb)
-        loss = F.cross_entropy(logits.float().reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done = step + 1
-        if on_step is not None:
-            on_step(done, total)
-    net.eval()
-    if evaluate:
-        budget = 2**25 if device.type == "cuda" else 2**22
-        splits = ((data.x_train, data.y_train, data.lengths_train, data.n_train),
-                  (data.x_test, data.y_test, data.lengths_test, data.n_test))
-        with _autocast(cfg.precision, device):
-            train_acc, test_acc = [_accuracy_batched(net, *split, tidx, fold, budget, cfg.precision) for split in splits]
-    else:
-        train_acc = test_acc = [float("nan")] * K
-    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done)
+            net = stack_models(models).to(device)
+        K = net._ffl_K
+        fold = net._ffl_fold
+        net.train()
+        opt = _make_optimizer(list(net.parameters()), cfg, fused=True)
+        fwd = torch.compile(net) if compile else net
+        if device.type == "cuda":
+            # constant shapes per chunk: let cuDNN pick the fastest (grouped) convolution algorithms
+            torch.backends.cudnn.benchmark = True
+        tidx = torch.as_tensor(list(task_index), dtype=torch.long, device=device)
+        streams = [_Stream(s, data.n_train[int(u)], cfg.augment, cfg.crop_padding) for s, u in zip(data_seeds, task_index)]
+        total = total_steps(cfg, streams[0].n)
+        if max_steps is not None:
+            total = min(total, max_steps)
+        done = 0
+        for epoch, step, idx, offs, flips in _batches(streams, cfg, device):
+            if step >= total:
+                break
+            lr = lr_at(cfg, epoch, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            Bs = idx.shape[1]
+            if fold == "network":
+                xb = gather(data.x_train, tidx, idx)  # (K, Bs, ...)
+                if cfg.augment:
+                    xb = augment_batch(xb, offs, flips, cfg.crop_padding)
+            else:
+                idx_t = idx.t().contiguous()
+                xb = gather(data.x_train, tidx[None, :].expand(Bs, K).reshape(-1), idx_t.reshape(-1, 1)).view(Bs, K, *data.x_train.shape[2:])
+                if cfg.augment:
+                    xb = augment_batch(xb, offs.transpose(0, 1), flips.t(), cfg.crop_padding)
+                xb = fold_input(xb, fold)
+            yb = gather(data.y_train, tidx, idx).t()  # (Bs, K)
+            lb = None if data.lengths_train is None else gather(data.lengths_train, tidx, idx).t()
+            with _autocast(cfg.precision, device):
+                logits = _forward(fwd, _layout(xb, cfg.precision), lb)
+            loss = F.cross_entropy(logits.float().reshape(Bs * K, -1), yb.reshape(-1), reduction="sum") / Bs
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step + 1
+            if on_step is not None:
+                on_step(done, total)
+        net.eval()
+        if evaluate:
+            budget = 2**25 if device.type == "cuda" else 2**22
+            splits = ((data.x_train, data.y_train, data.lengths_train, data.n_train),
+                      (data.x_test, data.y_test, data.lengths_test, data.n_test))
+            with _autocast(cfg.precision, device):
+                train_acc, test_acc = [_accuracy_batched(net, *split, tidx, fold, budget, cfg.precision)
+                                       for split in splits]
+        else:
+            train_acc = test_acc = [float("nan")] * K
+        state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+        return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done)
 
 
 def train_loop(
@@ -944,55 +943,51 @@ def train_loop(
     """Reference: a plain PyTorch loop training each model alone (``torch.optim``, the same
     learning rates, the same per-network data order and augmentation draws as
     :func:`train_batched`)."""
+    t0 = time.perf_counter()
     device = torch.device(device)
     with precision_scope(cfg.precision, device):
-        return _train_loop(models, data, task_index, data_seeds, cfg, device, evaluate, max_steps)
-
-
-def _train_loop(models, data, task_index, data_seeds, cfg, device, evaluate, max_steps) -> BatchResult:
-    t0 = time.perf_counter()
-    states, tr, te = [], [], []
-    done = 0
-    for k, model in enumerate(models):
-        model = model.to(device).train()
-        opt = _make_optimizer(model.parameters(), cfg)
-        u = int(task_index[k])
-        d = data.subset(u)
-        X, Y, Lt = d.x_train[0], d.y_train[0], None if d.lengths_train is None else d.lengths_train[0]
-        stream = _Stream(data_seeds[k], d.n_train[0], cfg.augment, cfg.crop_padding)
-        total = total_steps(cfg, stream.n)
-        if max_steps is not None:
-            total = min(total, max_steps)
-        for epoch, step, idx, offs, flips in _batches([stream], cfg, device):
-            if step >= total:
-                break
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, epoch, step)
-            i = idx[0]
-            xb, yb = X[i], Y[i]
-            if cfg.augment:
-                xb = augment_batch(xb, offs[0], flips[0], cfg.crop_padding)
-            with _autocast(cfg.precision, device):
-                xb = _layout(xb, cfg.precision)
-                out = model(xb) if Lt is None else model(xb, Lt[i])
-            loss = F.cross_entropy(out.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done = step + 1
-        model.eval()
-        if evaluate:
-            with torch.no_grad():
-                def acc(x, y, lens):
-                    with _autocast(cfg.precision, device):
-                        x = _layout(x, cfg.precision)
-                        out = model(x) if lens is None else model(x, lens)
-                    return (out.argmax(-1) == y).double().mean().item()
-                tr.append(acc(X, Y, Lt))
-                te.append(acc(d.x_test[0], d.y_test[0], None if d.lengths_test is None else d.lengths_test[0]))
-        else:
-            tr.append(float("nan"))
-            te.append(float("nan"))
-        states.append({k2: v.detach().cpu() for k2, v in model.state_dict().items()})
-    stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-    return BatchResult(stacked, tr, te, time.perf_counter() - t0, done)
+        states, tr, te = [], [], []
+        done = 0
+        for k, model in enumerate(models):
+            model = model.to(device).train()
+            opt = _make_optimizer(model.parameters(), cfg)
+            u = int(task_index[k])
+            d = data.subset(u)
+            X, Y, Lt = d.x_train[0], d.y_train[0], None if d.lengths_train is None else d.lengths_train[0]
+            stream = _Stream(data_seeds[k], d.n_train[0], cfg.augment, cfg.crop_padding)
+            total = total_steps(cfg, stream.n)
+            if max_steps is not None:
+                total = min(total, max_steps)
+            for epoch, step, idx, offs, flips in _batches([stream], cfg, device):
+                if step >= total:
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, epoch, step)
+                i = idx[0]
+                xb, yb = X[i], Y[i]
+                if cfg.augment:
+                    xb = augment_batch(xb, offs[0], flips[0], cfg.crop_padding)
+                with _autocast(cfg.precision, device):
+                    xb = _layout(xb, cfg.precision)
+                    out = model(xb) if Lt is None else model(xb, Lt[i])
+                loss = F.cross_entropy(out.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                done = step + 1
+            model.eval()
+            if evaluate:
+                with torch.no_grad():
+                    def acc(x, y, lens):
+                        with _autocast(cfg.precision, device):
+                            x = _layout(x, cfg.precision)
+                            out = model(x) if lens is None else model(x, lens)
+                        return (out.argmax(-1) == y).double().mean().item()
+                    tr.append(acc(X, Y, Lt))
+                    te.append(acc(d.x_test[0], d.y_test[0], None if d.lengths_test is None else d.lengths_test[0]))
+            else:
+                tr.append(float("nan"))
+                te.append(float("nan"))
+            states.append({k2: v.detach().cpu() for k2, v in model.state_dict().items()})
+        stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
+        return BatchResult(stacked, tr, te, time.perf_counter() - t0, done)
