@@ -309,9 +309,12 @@ class BatchedConv2d(nn.Module):
             # oneDNN's grouped convolution is slower on CPU than one convolution per network
             # (measured 1.3-1.7x on PlainNet-5 shapes, K = 8): same math, one call per network
             B, _, H, W = x.shape
-            xs = x.view(B, self.K, -1, H, W)
-            outs = [F.conv2d(xs[:, k], self.weight[k], None if self.bias is None else self.bias[k],
-                             self.stride, self.padding, self.dilation, self.groups) for k in range(self.K)]
+            # unbind, not x[:, k]: the backward of K separate indexings would build K zero-filled
+            # full-size gradients and add them up; unbind's backward is one stack
+            xs = x.view(B, self.K, -1, H, W).unbind(1)
+            bs = self.bias.unbind(0) if self.bias is not None else [None] * self.K
+            outs = [F.conv2d(xk, wk, bk, self.stride, self.padding, self.dilation, self.groups)
+                    for xk, wk, bk in zip(xs, self.weight.unbind(0), bs)]
             y = torch.stack(outs, 1)
             return y.view(B, -1, *y.shape[3:])
         w = self.weight.reshape(self.K * self.out_channels, *self.weight.shape[2:])
