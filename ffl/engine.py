@@ -393,7 +393,7 @@ class BatchedGRU(nn.Module):
             else:
                 gi = torch.bmm(inp, w_ih.transpose(1, 2))
                 b_hh = None
-            gi = gi.view(K, T, B, 3 * H)
+            gi = gi.view(K, T, B, 3 * H).unbind(1)  # one stack in backward, not T zero-filled copies
             if h0 is None:
                 h = x.new_zeros(K, B, H)
             else:
@@ -402,7 +402,7 @@ class BatchedGRU(nn.Module):
             whh_t = w_hh.transpose(1, 2)
             for t in range(T):
                 gh = torch.baddbmm(b_hh, h, whh_t) if b_hh is not None else torch.bmm(h, whh_t)
-                i_r, i_z, i_n = gi[:, t].chunk(3, dim=-1)
+                i_r, i_z, i_n = gi[t].chunk(3, dim=-1)
                 h_r, h_z, h_n = gh.chunk(3, dim=-1)
                 r = torch.sigmoid(i_r + h_r)
                 z = torch.sigmoid(i_z + h_z)
