@@ -6,7 +6,8 @@ Every figure is a ratio against something measured in the same process on the sa
     (:func:`ffl.engine.train_loop`) ÷ time of the batched engine (:func:`ffl.engine.train_batched`)
     for the same models, data and steps — small MLPs (hidden 32, K = 50) and paper-size MLP-4
     (3072-500-500-500-2). Also PlainNet-5 (grouped convolution) against the loop and against
-    ``torch.func.vmap`` over ``functional_call``.
+    ``torch.func.vmap`` over ``functional_call``, and GRU-2 (the hand-written batched GRU) on
+    NameData-shaped sequences with batch 1 (``loop_ratio_gru``).
 (b) ``gemm_fraction``: GFLOP/s achieved by the batched MLP-4 training step (forward, weight and
     input gradients counted; optimizer, data gathering and all overheads included in the time)
     ÷ GFLOP/s of plain GEMMs with exactly the step's shapes, run back to back with nothing else.
@@ -247,6 +248,12 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     conv = "grouped conv" if cuda else "per-network conv"
     rows.append((f"PlainNet-5 ({conv}, aug), K={K_cnn}, {s_cnn} steps",
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
+    K_gru = 64 if cuda else (2 if quick else 32)
+    s_gru = 3 if quick else 30
+    r_gru = loop_vs_batched("gru", K_gru, s_gru, dev, 1, batch=1, shape=(15, 57), **pr)
+    res.update(loop_ratio_gru=r_gru["ratio"], gru_batched_s=r_gru["batched_s"], gru_loop_s=r_gru["loop_s"])
+    rows.append((f"GRU-2 (NameData: 15 chars, batch 1), K={K_gru}, {s_gru} steps",
+                 f"loop {r_gru['loop_s']:.3f} s / batched {r_gru['batched_s']:.3f} s", f"{r_gru['ratio']:.2f}x"))
     if not quick:
         try:
             if cuda:
