@@ -269,9 +269,11 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     K_g = 512 if cuda else K_paper
     s_g = 3 if quick else (20 if cuda else 8)
     widths = [3072, 500, 500, 500, 2]
-    sps = step_rate("mlp", K_g, s_g, dev, rep, **pr)
+    sps = gemm = 0.0
+    for _ in range(rep):  # alternately, best of each: a burst of load then hits both
+        sps = max(sps, step_rate("mlp", K_g, s_g, dev, 1, **pr))
+        gemm = max(gemm, gemm_reference_gflops(widths, 128, K_g, dev, 1, **pr))
     achieved = _mlp_flops_per_sample(widths) * 128 * K_g * sps / 1e9
-    gemm = gemm_reference_gflops(widths, 128, K_g, dev, rep, **pr)
     res.update(gflops_engine=achieved, gflops_gemm=gemm, gemm_fraction=achieved / gemm)
     rows.append((f"MLP-4 training GFLOP/s, K={K_g}", f"engine {achieved:.1f} / plain GEMMs of the step {gemm:.1f}",
                  f"{achieved / gemm:.2f}"))
