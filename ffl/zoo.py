@@ -569,7 +569,6 @@ def train_zoo(
     root = Path(root)
     if not isinstance(spec, ZooSpec):
         spec = ZooSpec.from_dict(dict(spec))
-    check_precision(spec.precision, device)
     mpath = root / "manifest.json"
     if mpath.is_file():
         zoo = Zoo.load(root)
@@ -578,6 +577,7 @@ def train_zoo(
             raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
                              + "\nUse another root (or delete it) to train this spec.")
         return zoo
+    check_precision(spec.precision, device)  # only training needs it: a finished TF32 zoo loads anywhere
     k, spec_exists = _chunk_size(root, spec, batch_networks, device)
     rank, world = shard if shard is not None else (0, 1)
     all_chunks = chunks(spec, k)

@@ -93,6 +93,14 @@ def test_precision_is_part_of_the_zoo(zoo_dir, tmp_path):
     with pytest.raises(ValueError, match="'tf32' exists on CUDA GPUs only"):
         train_zoo(tiny_spec(precision="tf32"), tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
+    # a finished TF32 zoo (trained on a GPU) still loads on a CPU
+    import shutil
+
+    shutil.copytree(zoo_dir, tmp_path / "tf32")
+    man = json.loads((tmp_path / "tf32" / "manifest.json").read_text())
+    man["spec"]["precision"] = "tf32"
+    (tmp_path / "tf32" / "manifest.json").write_text(json.dumps(man))
+    assert len(train_zoo(tiny_spec(precision="tf32"), tmp_path / "tf32", progress=False)) == 9
 
 
 def test_partial_zoo_spec_mismatch(tmp_path):
