@@ -50,22 +50,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timeit(fn: Callable[..., Any], device: torch.device, repeat: int,
-            setup: Callable[[], Any] | None = None) -> float:
-    """Best wall time of ``repeat`` calls (after one warm-up call); ``setup()`` (untimed) makes the
-    call's argument."""
-    best = math.inf
-    for i in range(repeat + 1):
-        arg = setup() if setup is not None else None
-        _sync(device)
-        t = time.perf_counter()
-        fn(arg) if setup is not None else fn()
-        _sync(device)
-        if i:
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
 def _models(arch: str, K: int, ncls: int = 2, **kw) -> list[torch.nn.Module]:
     out = []
     for k in range(K):
@@ -104,6 +88,11 @@ def _timeit_interleaved(fns: dict[str, Callable[[Any], Any]], device: torch.devi
             if i:
                 best[name] = min(best[name], time.perf_counter() - t)
     return best
+
+
+def _timeit(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
+    """Best wall time of ``repeat`` calls (after one warm-up call)."""
+    return _timeit_interleaved({"fn": lambda _: fn()}, device, repeat, lambda: None)["fn"]
 
 
 def loop_vs_batched(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128,
@@ -151,29 +140,39 @@ def vmap_step_time(arch: str, K: int, steps: int, device: torch.device, repeat: 
     return _timeit(run, device, repeat)
 
 
-def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128,
-              augment: bool = False, precision: str = "fp32", compile: bool = False, warmup: int = 1, **kw) -> float:
-    """Optimizer steps per second of the batched engine for K networks (setup and the first
-    ``warmup`` steps excluded)."""
-    data = _data(batch * 2, device)
-    cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=10**6, lr_step_epochs=[], augment=augment, precision=precision)
-    stamps: list[float] = []
+def _steps_config(batch: int, augment: bool, precision: str) -> TrainConfig:
+    """Endless epochs at a constant lr: the run length is set by ``max_steps``."""
+    return TrainConfig(lr=0.01, batch_size=batch, epochs=10**6, lr_step_epochs=[], augment=augment, precision=precision)
+
+
+def _run_steps(models: list[torch.nn.Module], data: NetworkData, cfg: TrainConfig, device: torch.device,
+               warmup: int, steps: int, start: Callable[[], None], stop: Callable[[], None],
+               compile: bool = False) -> None:
+    """Train ``warmup + steps`` engine steps; ``start()`` after step ``warmup`` and ``stop()`` after
+    the last one, each once the device has finished the steps before it."""
+    K = len(models)
 
     def on_step(step: int, total: int) -> None:
-        if step == warmup or step == steps + warmup:
+        if step in (warmup, warmup + steps):
             _sync(device)
-            stamps.append(time.perf_counter())
+            (start if step == warmup else stop)()
 
+    train_batched(models, data, [k % 2 for k in range(K)], list(range(K)), cfg, device=device,
+                  evaluate=False, max_steps=warmup + steps, on_step=on_step, compile=compile)
+
+
+def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128,
+              augment: bool = False, precision: str = "fp32", **kw) -> float:
+    """Optimizer steps per second of the batched engine for K networks (setup and the first step
+    excluded)."""
+    data = _data(batch * 2, device)
+    cfg = _steps_config(batch, augment, precision)
     proto = _models(arch, K, **kw)
-
-    def run():
-        stamps.clear()
-        train_batched(proto, data, [k % 2 for k in range(K)], list(range(K)), cfg, device=device,
-                      evaluate=False, max_steps=steps + warmup, on_step=on_step, compile=compile)
-
     best = math.inf
     for _ in range(max(1, repeat)):
-        run()
+        stamps: list[float] = []
+        _run_steps(proto, data, cfg, device, 1, steps, lambda: stamps.append(time.perf_counter()),
+                   lambda: stamps.append(time.perf_counter()))
         best = min(best, stamps[1] - stamps[0])
     return steps / best
 
@@ -343,7 +342,7 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
                 args[0].requires_grad_(dgrad)
                 grad = None
 
-                def step(_=None):
+                def step():
                     nonlocal grad
                     y = fn(args)
                     if grad is None:
@@ -372,21 +371,10 @@ def profile_step(arch: str = "cnn", device: str = "cuda", K: int = 126, precisio
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device(device)
-    data = _data(256, dev)
-    cfg = TrainConfig(lr=0.01, batch_size=128, epochs=10**6, lr_step_epochs=[], augment=augment, precision=precision)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     prof = profile(activities=acts)
-
-    def on_step(step: int, total: int) -> None:
-        if step == warmup:
-            _sync(dev)
-            prof.start()
-        elif step == warmup + steps:
-            _sync(dev)
-            prof.stop()
-
-    train_batched(_models(arch, K), data, [k % 2 for k in range(K)], list(range(K)), cfg, device=dev,
-                  evaluate=False, max_steps=warmup + steps, on_step=on_step, compile=compile)
+    _run_steps(_models(arch, K), _data(256, dev), _steps_config(128, augment, precision), dev, warmup, steps,
+               prof.start, prof.stop, compile=compile)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=row_limit)
 
