@@ -406,10 +406,8 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
     chunk that would not finish is stopped and the rest extrapolated from its measured step rate
     (clearly reported). The projection uses complete chunks only when there are any, so one-off
     costs of the first chunk (cuDNN autotuning, compilation) are reported apart (``first_chunk_s``)."""
-    import functools
-
-    from ffl.engine import NetworkData, init_stacked, total_steps
-    from ffl.zoo import ZooSpec, chunks, data_seed, default_batch_networks, run_seed
+    from ffl.engine import init_stacked, total_steps
+    from ffl.zoo import ZooSpec, chunk_inputs, chunks, default_batch_networks
 
     dev = torch.device(device)
     spec = ZooSpec.paper(arch, "cifar100", tasks=list(range(tasks)), runs=runs, precision=precision,
@@ -431,14 +429,11 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
         for t in needed:
             if t not in cache:
                 cache[t] = loader(t)
-        data = NetworkData.from_tasks([cache[t] for t in needed], dev)
-        seeds = [run_seed(spec.seed, p.task, r) for p in chunk for r in range(p.r0, p.r1)]
-        dseeds = [data_seed(spec.seed, p.task, r) for p in chunk for r in range(p.r0, p.r1)]
-        tidx = [needed.index(p.task) for p in chunk for _ in range(p.r0, p.r1)]
-        build = functools.partial(build_model, arch, cache[needed[0]].num_classes, **spec.model_kwargs)
-        stacked = init_stacked(build, seeds)
+        inp = chunk_inputs(spec, chunk, cache, dev)
+        K_chunk = len(inp.seeds)
+        stacked = init_stacked(inp.build, inp.seeds)
         t_init = time.perf_counter() - t0
-        total = total_steps(cfg, data.n_train[0])
+        total = total_steps(cfg, inp.data.n_train[0])
         marks: dict[str, float] = {}
         remaining = budget_s - (time.perf_counter() - t_start)
 
@@ -458,12 +453,12 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
 
         try:
             try:
-                res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step,
-                                    compile=compile)
+                res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg, device=dev,
+                                    on_step=on_step, compile=compile)
             except torch.cuda.OutOfMemoryError:
                 if K == 1:
                     raise
-                del stacked, data
+                del stacked, inp
                 torch.cuda.empty_cache()
                 print(f"[{time.strftime('%H:%M:%S')}] out of memory with K={K}; retrying with K={K // 2}", flush=True)
                 return zoo_time(arch, device, tasks=tasks, runs=runs, budget_s=budget_s, batch_networks=K // 2,
@@ -471,12 +466,12 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
                                 max_chunks=max_chunks)
             _sync(dev)
             dt = time.perf_counter() - t0
-            done_nets += len(seeds)
+            done_nets += K_chunk
             done_time += dt
-            entry = {"chunk": ci, "K": len(seeds), "seconds": dt, "init_s": t_init, "steps": total,
+            entry = {"chunk": ci, "K": K_chunk, "seconds": dt, "init_s": t_init, "steps": total,
                      "mean_test_acc": sum(res.test_acc) / len(res.test_acc)}
             out["chunk_log"].append(entry)
-            print(f"[{time.strftime('%H:%M:%S')}] {arch} chunk {ci + 1}/{len(all_chunks)}: {len(seeds)} nets, "
+            print(f"[{time.strftime('%H:%M:%S')}] {arch} chunk {ci + 1}/{len(all_chunks)}: {K_chunk} nets, "
                   f"{total} steps in {dt:.1f} s (init {t_init:.1f} s), mean test acc {entry['mean_test_acc']:.3f}", flush=True)
             del res
         except _Budget:
@@ -487,14 +482,14 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
             else:
                 rate = (steps - 1) / (marks["stopped"] - marks["first"])
                 proj_chunk = (marks["first"] - t0) + (total - 1) / rate
-            out["chunk_log"].append({"chunk": ci, "K": len(seeds), "partial_steps": steps, "steps": total,
+            out["chunk_log"].append({"chunk": ci, "K": K_chunk, "partial_steps": steps, "steps": total,
                                      "steps_per_s": rate, "projected_chunk_s": proj_chunk, "init_s": t_init})
             print(f"[{time.strftime('%H:%M:%S')}] {arch} chunk {ci + 1}: budget reached after {steps}/{total} steps "
                   f"({rate:.2f} steps/s); chunk projected at {proj_chunk:.1f} s", flush=True)
             done_time += proj_chunk
-            done_nets += len(seeds)
+            done_nets += K_chunk
             out["extrapolated_from_partial_chunk"] = True
-        del stacked, data
+        del stacked, inp
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if time.perf_counter() - t_start > budget_s or (max_chunks and ci + 1 >= max_chunks):

@@ -443,6 +443,44 @@ def _build_kwargs(spec: ZooSpec, example: Any) -> dict[str, Any]:
     return _jsonable(kw)
 
 
+@dataclass
+class ChunkInputs:
+    """What the engine needs to train one chunk: its tasks' data on the device and, per network
+    (in the pieces' order), the initialization seed, the data seed and the task's index in ``data``."""
+
+    data: Any  # ffl.engine.NetworkData
+    seeds: list[int]
+    data_seeds: list[int]
+    task_index: list[int]
+    num_classes: int
+    build_kwargs: dict[str, Any]
+    build: Any  # () -> nn.Module, one untrained network of the chunk's architecture
+
+
+def chunk_inputs(spec: ZooSpec, chunk: Sequence[Piece], task_data: dict[int, Any],
+                 device: str | torch.device) -> ChunkInputs:
+    """Seeds, task indices and device data of one chunk (``task_data``: the loaded tasks by id)."""
+    from ffl.engine import NetworkData
+    from ffl.models import build_model
+
+    tasks_here = sorted({p.task for p in chunk})
+    ncls_set = {task_data[p.task].num_classes for p in chunk}
+    if len(ncls_set) != 1:
+        raise ValueError(f"tasks trained together need the same number of classes, got {sorted(ncls_set)}")
+    ncls = ncls_set.pop()
+    runs = [(p.task, r) for p in chunk for r in range(p.r0, p.r1)]
+    build_kwargs = _build_kwargs(spec, task_data[tasks_here[0]])
+    return ChunkInputs(
+        data=NetworkData.from_tasks([task_data[t] for t in tasks_here], device),
+        seeds=[run_seed(spec.seed, t, r) for t, r in runs],
+        data_seeds=[data_seed(spec.seed, t, r) for t, r in runs],
+        task_index=[tasks_here.index(t) for t, _ in runs],
+        num_classes=ncls,
+        build_kwargs=build_kwargs,
+        build=functools.partial(build_model, spec.arch, ncls, **build_kwargs),
+    )
+
+
 def _read_sidecar(root: Path, piece: Piece) -> dict[str, Any] | None:
     """The sidecar of a finished shard, if it and its shard are intact (else None)."""
     side = root / "shards" / f"{piece.name}.json"
@@ -563,8 +601,7 @@ def train_zoo(
     complete afterwards (the last rank to finish writes the manifest), else ``None``.
     ``compile``: train through ``torch.compile`` (see :func:`ffl.engine.train_batched`).
     """
-    from ffl.engine import NetworkData, check_precision, init_stacked, train_batched
-    from ffl.models import build_model
+    from ffl.engine import check_precision, init_stacked, train_batched
 
     root = Path(root)
     if not isinstance(spec, ZooSpec):
@@ -595,31 +632,19 @@ def train_zoo(
     t_start = time.time()
     if todo:
         cfg = spec.train_config()
-        build_kwargs = _build_kwargs(spec, task_data[needed[0]])
         dev = torch.device(device)
         desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
         bar = _Progress(n_mine, progress, desc)
         bar.update(n_done)
         for ci, chunk in enumerate(todo):
-            tasks_here = sorted({p.task for p in chunk})
-            data = NetworkData.from_tasks([task_data[t] for t in tasks_here], dev)
-            seeds, tidx, dseeds, nets_meta = [], [], [], []
-            ncls_set = {task_data[p.task].num_classes for p in chunk}
-            if len(ncls_set) != 1:
-                raise ValueError(f"tasks trained together need the same number of classes, got {sorted(ncls_set)}")
-            ncls = ncls_set.pop()
-            for p in chunk:
-                for r in range(p.r0, p.r1):
-                    s = run_seed(spec.seed, p.task, r)
-                    seeds.append(s)
-                    tidx.append(tasks_here.index(p.task))
-                    dseeds.append(data_seed(spec.seed, p.task, r))
-                    nets_meta.append({"task": p.task, "run": r, "seed": s, "data_seed": dseeds[-1],
-                                      "num_classes": ncls, "classes": list(map(str, task_data[p.task].classes)),
-                                      "shard": f"shards/{p.name}.safetensors", "row": r - p.r0})
-            build = functools.partial(build_model, spec.arch, ncls, **build_kwargs)
-            stacked = init_stacked(build, seeds)
-            K = len(seeds)
+            inp = chunk_inputs(spec, chunk, task_data, dev)
+            runs = [(p, r) for p in chunk for r in range(p.r0, p.r1)]
+            nets_meta = [{"task": p.task, "run": r, "seed": s, "data_seed": ds, "num_classes": inp.num_classes,
+                          "classes": list(map(str, task_data[p.task].classes)),
+                          "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
+                         for (p, r), s, ds in zip(runs, inp.seeds, inp.data_seeds)]
+            stacked = init_stacked(inp.build, inp.seeds)
+            K = len(inp.seeds)
             last = [0]
 
             def on_step(step: int, total: int, K=K, last=last) -> None:
@@ -627,17 +652,17 @@ def train_zoo(
                 bar.update(frac - last[0])
                 last[0] = frac
 
-            res = train_batched((build(), stacked), data, tidx, dseeds, cfg, device=dev, on_step=on_step,
-                                compile=compile)
+            res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg, device=dev,
+                                on_step=on_step, compile=compile)
             i = 0
             for p in chunk:
                 n = p.r1 - p.r0
                 metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
                          for j, m in enumerate(nets_meta[i:i + n])]
-                _write_piece(root, p, res.state, slice(i, i + n), metas, build_kwargs)
+                _write_piece(root, p, res.state, slice(i, i + n), metas, inp.build_kwargs)
                 i += n
             _maybe_die_after_chunk()
-            del stacked, res, data
+            del stacked, res, inp
         bar.close()
     prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
             "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c)}
