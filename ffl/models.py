@@ -20,20 +20,18 @@ zoos store.
 """
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ffl.data.namedata import ALL_LETTERS, N_LETTERS  # GRU-2 reads NameData's letters one-hot
+
 ARCHS: tuple[str, ...] = ("mlp", "cnn", "plainnet6", "resnet5", "gru")
 ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu")
 LEAKY_SLOPE = 0.01
 
-#: The 57 characters of the PyTorch char-RNN name-classification tutorial (GRU-2's one-hot input).
-ALL_LETTERS: str = string.ascii_letters + " .,;'"
-N_LETTERS: int = len(ALL_LETTERS)  # 57
 #: Sequence length :func:`input_shape` reports for ``"gru"`` (the model accepts any length).
 GRU_SEQ_LEN: int = 16
 

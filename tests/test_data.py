@@ -1,7 +1,8 @@
 """ffl.data (§4 tasks): split bookkeeping, synthetic generator, and loaders run against tiny fake
 datasets written in the *real on-disk formats* (and, where /work/shared/data exists, real data).
 
-Fixture writers live in this file (no conftest.py by design of the repo layout).
+Fixture writers live in this file (they write dataset formats only these tests need; conftest.py
+holds the fixtures shared by several test files).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 import torch
 
 import ffl.data as data
+import ffl.data.cifar100 as cifar100
+import ffl.data.tiny_imagenet as tiny_imagenet
 from ffl.data import DATASETS, TaskData, load_task, num_tasks, task_classes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -97,7 +100,7 @@ def fake_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         test_list = [["test", md5["test"]]]
         meta = {**CIFAR100.meta, "md5": md5["meta"]}
 
-    monkeypatch.setattr(data, "_cifar100_class", lambda: FakeSumsCIFAR100)
+    monkeypatch.setattr(cifar100, "_cifar100_class", lambda: FakeSumsCIFAR100)
     return tmp_path
 
 
@@ -241,7 +244,7 @@ def test_cifar100_task_split(fake_cifar100):
 def test_cifar100_limits_and_cache(fake_cifar100):
     t = load_task("cifar100", 2, data_root=fake_cifar100, max_train_per_class=1, max_test_per_class=1)
     assert t.y_train.tolist() == [0, 1] and t.y_test.tolist() == [0, 1]
-    assert any(k[0] == str(fake_cifar100.resolve()) for k in data._CIFAR100_CACHE)
+    assert any(k[0] == str(fake_cifar100.resolve()) for k in cifar100._CACHE)
 
 
 def test_cifar100_download_goes_through_torchvision_atomically(tmp_path, monkeypatch):
@@ -263,7 +266,7 @@ def test_cifar100_download_goes_through_torchvision_atomically(tmp_path, monkeyp
             if not self._check_integrity():
                 write_fake_cifar100(Path(self.root))
 
-    monkeypatch.setattr(data, "_cifar100_class", lambda: StubDownloadCIFAR100)
+    monkeypatch.setattr(cifar100, "_cifar100_class", lambda: StubDownloadCIFAR100)
     root = tmp_path / "root"
     t = load_task("cifar100", 1, data_root=root, download=True)
     assert t.classes == ["class02", "class03"]
@@ -345,16 +348,16 @@ def test_tiny_imagenet_disk_cache_reused_and_invalidated(tmp_path):
     a = load_task("tiny_imagenet", 0, data_root=tmp_path)
     cache = tmp_path / "tiny-imagenet-200" / ".ffl_cache"
     assert len(list(cache.glob("*.npz"))) == 8
-    data._TINY_CACHE.clear()  # as a fresh process would
+    tiny_imagenet._CACHE.clear()  # as a fresh process would
     b = load_task("tiny_imagenet", 0, data_root=tmp_path)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
     # a new file makes the cached listing stale: it must be decoded again
     Image.new("RGB", (64, 64), (0, 0, 0)).save(
         tmp_path / "tiny-imagenet-200" / "train" / wnids[1] / "images" / f"{wnids[1]}_3.JPEG")
-    data._TINY_CACHE.clear()
+    tiny_imagenet._CACHE.clear()
     c = load_task("tiny_imagenet", 0, data_root=tmp_path)
     assert c.y_train.bincount().tolist() == [3, 4, 3, 3]
-    data._TINY_CACHE.clear()
+    tiny_imagenet._CACHE.clear()
     d = load_task("tiny_imagenet", 0, data_root=tmp_path, disk_cache=False)
     assert torch.equal(c.x_train, d.x_train)
 

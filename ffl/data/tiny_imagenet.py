@@ -1,0 +1,222 @@
+"""Tiny ImageNet (§4): task ``r`` = classes ``4r … 4r+3`` in ``wnids.txt`` order, from the official
+``tiny-imagenet-200/`` layout, resized to 32×32; decoded classes are cached in memory and on disk.
+:func:`materialize_tiny_imagenet` writes that layout from the offline ``.npz`` copy."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets import utils as tv_utils  # module attribute: tests stub the download
+from torchvision.transforms.v2 import functional as TF
+
+from ffl.data.tasks import TaskData, normalize_images, task_classes
+from ffl.files import atomic_path
+
+# Standard per-channel statistics of the training set (RGB, pixel values in [0, 1]).
+TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
+TINY_IMAGENET_STD = (0.2770, 0.2691, 0.2821)
+TINY_IMAGENET_DIR = "tiny-imagenet-200"
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+_NO_BOX = "0\t0\t63\t63"  # whole 64×64 image, when the npz comes without val boxes
+_CACHE_DIR = ".ffl_cache"  # decoded 32×32 arrays, inside tiny-imagenet-200/
+
+# (base folder, split, wnid) -> uint8 (n, 3, 32, 32)
+_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def _tiny_missing_message(base: Path, missing: Sequence[Path]) -> str:
+    root = base.parent
+    npz = root / "tiny_imagenet" / "tiny_imagenet_200_jpeg.npz"
+    hint = (f" An offline .npz copy exists at {npz}: write the official layout from it with "
+            f"ffl.data.materialize_tiny_imagenet({str(npz)!r}, {str(root)!r})."
+            if npz.is_file() else
+            " From an offline .npz copy (see /work/shared/data/tiny_imagenet), write it with "
+            "ffl.data.materialize_tiny_imagenet(npz_path, data_root).")
+    return ("Tiny ImageNet not found: missing " + ", ".join(str(p) for p in missing)
+            + f". Expected the official layout {base}/{{wnids.txt, train/<wnid>/images/*.JPEG, "
+            "val/val_annotations.txt, val/images/*.JPEG}. Get it with "
+            "load_task('tiny_imagenet', ..., download=True) (notebooks: `-p download true`), or "
+            f"download {TINY_IMAGENET_URL} (md5 {TINY_IMAGENET_MD5}) and unzip it into {root}."
+            + hint)
+
+
+def _tiny_base(root: Path, download: bool) -> Path:
+    base = root / TINY_IMAGENET_DIR
+    needed = [base / "wnids.txt", base / "val" / "val_annotations.txt"]
+    if download and not all(p.is_file() for p in needed):
+        with atomic_path(base) as staged:  # the archive unpacks to tiny-imagenet-200/ = staged
+            tv_utils.download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(staged.parent),
+                                                  md5=TINY_IMAGENET_MD5)
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(_tiny_missing_message(base, missing))
+    return base
+
+
+def _read_wnids(base: Path) -> list[str]:
+    return [w.strip() for w in (base / "wnids.txt").read_text().split("\n") if w.strip()]
+
+
+def _read_val_annotations(base: Path) -> dict[str, list[str]]:
+    """wnid -> val image file names, in file order (val_annotations.txt: file, wnid, box)."""
+    out: dict[str, list[str]] = {}
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            out.setdefault(parts[1], []).append(parts[0])
+    return out
+
+
+def _natural_key(name: str) -> tuple[str, int]:
+    # n01443537_10.JPEG after n01443537_9.JPEG, val_10.JPEG after val_9.JPEG
+    stem = name.rsplit(".", 1)[0]
+    head, _, num = stem.rpartition("_")
+    return (head, int(num)) if num.isdigit() else (stem, -1)
+
+
+def _decode_resize(paths: Sequence[Path], size: int = 32) -> torch.Tensor:
+    """Decode JPEGs to RGB (Tiny ImageNet has grayscale ones) and resize to ``size``×``size``
+    with antialiased bilinear interpolation (bit-identical to PIL's ``resize(BILINEAR)``)."""
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(np.array(im.convert("RGB")))  # copy: a writable, owned array
+    if not arrays:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    if len({a.shape for a in arrays}) == 1:  # the official data: all 64×64, one batched call
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return TF.resize(batch, [size, size], antialias=True).contiguous()
+    return torch.stack([TF.resize(torch.from_numpy(a).permute(2, 0, 1), [size, size],
+                                  antialias=True) for a in arrays])
+
+
+def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder: Path,
+                disk_cache: bool) -> torch.Tensor:
+    """Decoded 32×32 images of one class and split: process cache, then the on-disk cache
+    (valid only if it lists exactly ``files``), then JPEG decoding."""
+    key = (str(base.resolve()), split, wnid)
+    if key in _CACHE:
+        return _CACHE[key]
+    cache = base / _CACHE_DIR / f"{split}_{wnid}_32.npz"
+    images = None
+    if disk_cache and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                if z["files"].tolist() == list(files):
+                    images = torch.from_numpy(z["images"].copy())
+        except (OSError, ValueError, KeyError):
+            images = None  # unreadable cache: decode again
+    if images is None:
+        images = _decode_resize([folder / f for f in files])
+        if disk_cache:
+            try:  # best effort (data_root may be read-only)
+                with atomic_path(cache) as staged:
+                    np.savez(staged, files=np.array(list(files), dtype=str), images=images.numpy())
+            except OSError:
+                pass
+    _CACHE[key] = images
+    return images
+
+
+def load_tiny_imagenet(task: int, root: Path, *, download: bool,
+                       max_train_per_class: int | None = None,
+                       max_test_per_class: int | None = None,
+                       disk_cache: bool = True) -> TaskData:
+    """Task r = classes 4r … 4r+3 in ``wnids.txt`` order, trained on ``train`` and tested on the
+    labelled ``val`` set, resized to 32×32 (§4)."""
+    base = _tiny_base(root, download)
+    wnids = _read_wnids(base)
+    classes = task_classes("tiny_imagenet", task)
+    if classes[-1] >= len(wnids):
+        raise ValueError(f"task {task} needs classes {classes} but {base / 'wnids.txt'} lists "
+                         f"only {len(wnids)} wnids")
+    val = _read_val_annotations(base)
+    xs = {"train": [], "val": []}
+    ys = {"train": [], "val": []}
+    for i, c in enumerate(classes):
+        wnid = wnids[c]
+        folder = base / "train" / wnid / "images"
+        train_files = sorted((p.name for p in folder.glob("*.JPEG")), key=_natural_key) \
+            if folder.is_dir() else []
+        val_files = sorted(val.get(wnid, []), key=_natural_key)
+        missing = [p for p, fs in ((folder, train_files), (base / "val" / "images", val_files))
+                   if not fs]
+        if missing:
+            raise FileNotFoundError(_tiny_missing_message(
+                base, [Path(f"{p} (no images of class {wnid})") for p in missing]))
+        for split, files, fold, limit in (("train", train_files, folder, max_train_per_class),
+                                          ("val", val_files, base / "val" / "images",
+                                           max_test_per_class)):
+            img = _tiny_class(base, split, wnid, files, fold, disk_cache)
+            img = img[:limit] if limit is not None else img
+            xs[split].append(img)
+            ys[split].append(torch.full((len(img),), i, dtype=torch.int64))
+    norm = lambda x: normalize_images(torch.cat(x), TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)  # noqa: E731
+    return TaskData(norm(xs["train"]), torch.cat(ys["train"]), norm(xs["val"]),
+                    torch.cat(ys["val"]), classes=[wnids[c] for c in classes])
+
+
+def materialize_tiny_imagenet(npz_path: str | os.PathLike, out_root: str | os.PathLike,
+                              classes: Sequence[int | str] | None = None, *,
+                              overwrite: bool = False) -> Path:
+    """Write the official ``tiny-imagenet-200/`` layout under ``out_root`` from the offline
+    ``.npz`` copy (keys ``wnids, words, {train,val}_{jpeg,offsets,labels,files}``; see
+    ``/work/shared/data/tiny_imagenet/PROVENANCE.md``), so ``load_task('tiny_imagenet', …,
+    data_root=out_root)`` works offline (§4).
+
+    ``classes``: indices or wnids to write (default all 200). ``wnids.txt`` always lists all
+    wnids of the npz in official order, so task numbers stay those of the full dataset; only the
+    chosen classes get ``train/<wnid>/images/*.JPEG`` and ``val`` entries. JPEG bytes are written
+    unchanged. Bounding boxes in ``val/val_annotations.txt`` come from a ``val_annotations.txt``
+    next to the npz when present (else ``0 0 63 63``); ``words.txt`` holds only the npz's words.
+    The folder is assembled in a temporary directory and renamed into place when complete; an
+    existing ``tiny-imagenet-200`` raises ``FileExistsError`` unless ``overwrite=True``.
+    Note the offline copy holds 100 of the 500 train images per class.
+    """
+    npz_path, out_root = Path(npz_path), Path(out_root)
+    out = out_root / TINY_IMAGENET_DIR
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    with np.load(npz_path) as z:
+        wnids = [str(w) for w in z["wnids"]]
+        words = [str(w) for w in z["words"]] if "words" in z.files else wnids
+        if classes is None:
+            chosen = list(range(len(wnids)))
+        else:
+            chosen = [wnids.index(c) if isinstance(c, str) else int(c) for c in classes]
+        boxes: dict[str, str] = {}
+        ann = npz_path.parent / "val_annotations.txt"
+        if ann.is_file():
+            for line in ann.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) == 6:
+                    boxes[parts[0]] = "\t".join(parts[2:])
+        with atomic_path(out) as dst:
+            (dst / "val" / "images").mkdir(parents=True)
+            (dst / "wnids.txt").write_text("".join(w + "\n" for w in wnids))
+            (dst / "words.txt").write_text("".join(f"{w}\t{t}\n" for w, t in zip(wnids, words)))
+            keep = set(chosen)
+            for split in ("train", "val"):
+                jpeg, offsets = z[f"{split}_jpeg"], z[f"{split}_offsets"]
+                labels, files = z[f"{split}_labels"], z[f"{split}_files"]
+                lines = []
+                for k in np.flatnonzero(np.isin(labels, list(keep))):
+                    wnid, name = wnids[int(labels[k])], str(files[k])
+                    if split == "train":
+                        folder = dst / "train" / wnid / "images"
+                        folder.mkdir(parents=True, exist_ok=True)
+                    else:
+                        folder = dst / "val" / "images"
+                        lines.append(f"{name}\t{wnid}\t{boxes.get(name, _NO_BOX)}\n")
+                    (folder / name).write_bytes(jpeg[offsets[k]:offsets[k + 1]].tobytes())
+                if split == "val":
+                    (dst / "val" / "val_annotations.txt").write_text("".join(lines))
+    for key in [k for k in _CACHE if k[0] == str(out.resolve())]:
+        del _CACHE[key]  # the files changed under this root
+    return out
+

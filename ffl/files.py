@@ -1,0 +1,54 @@
+"""Writing files so that a reader never sees half of one: every file or folder the library writes
+(zoo shards and manifests, downloaded datasets, decoded-image caches, result tables, executed
+chapters) is assembled under a temporary name next to its destination and renamed into place
+when complete, so a killed process leaves the previous version or nothing, never a torn file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging path (same name, inside a temporary folder next to ``path``); write a file
+    or build a folder there. When the block ends normally the staged file is flushed to disk and
+    renamed onto ``path`` (an existing folder at ``path`` is swapped out and deleted); when it
+    raises, everything staged is deleted and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        yield staged
+        if staged.is_file():
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():  # os.replace cannot overwrite a non-empty folder: move it aside first
+            os.replace(path, Path(tmp) / ".replaced")
+        os.replace(staged, path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as staged:
+        staged.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON, written atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
