@@ -25,7 +25,6 @@ convolution of the same FLOPs) and ``profile`` (``torch.profiler`` kernel table 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -37,9 +36,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.profiler import ProfilerActivity, profile
 
-from ffl.engine import PRECISIONS, NetworkData, TrainConfig, precision_scope, train_batched, train_loop
+from ffl.cli import Command, run_command_line
+from ffl.data import load_task
+from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
+                        train_batched, train_loop, tune_malloc)
 from ffl.models import build_model
+from ffl.provenance import hardware
+from ffl.zoo import chunk_inputs, chunks, default_batch_networks, spec_from_profile
 
 PAPER_TRAIN_PER_TASK = 1000  # CIFAR-100: 2 classes × 500 training images
 PAPER_EPOCHS = {"mlp": 100, "cnn": 50}
@@ -100,7 +106,8 @@ def loop_vs_batched(arch: str, K: int, steps: int, device: torch.device, repeat:
     """Seconds for ``steps`` steps of K networks: plain loop vs batched engine (same everything),
     timed alternately (best of ``repeat`` rounds each)."""
     data = _data(max(batch * steps, batch), device, shape=shape)
-    cfg = TrainConfig(lr=0.01, batch_size=batch, epochs=1, lr_step_epochs=[], augment=augment, precision=precision)
+    cfg = TrainConfig(lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=batch, epochs=1, lr_step_epochs=[],
+                      augment=augment, precision=precision)
     tidx = [k % 2 for k in range(K)]
     seeds = list(range(K))
     proto = _models(arch, K, **kw)  # initialization is not training: built once, copied untimed
@@ -114,8 +121,6 @@ def loop_vs_batched(arch: str, K: int, steps: int, device: torch.device, repeat:
 def vmap_step_time(arch: str, K: int, steps: int, device: torch.device, repeat: int, batch: int = 128, **kw) -> float:
     """Seconds for ``steps`` SGD steps of K networks with ``torch.func.vmap(functional_call)``
     (BatchNorm without running statistics: vmap cannot update them in place)."""
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
     ms = _models(arch, K, **kw)
     for m in ms:
         torch.func.replace_all_batch_norm_modules_(m)
@@ -142,7 +147,8 @@ def vmap_step_time(arch: str, K: int, steps: int, device: torch.device, repeat: 
 
 def _steps_config(batch: int, augment: bool, precision: str) -> TrainConfig:
     """Endless epochs at a constant lr: the run length is set by ``max_steps``."""
-    return TrainConfig(lr=0.01, batch_size=batch, epochs=10**6, lr_step_epochs=[], augment=augment, precision=precision)
+    return TrainConfig(lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=batch, epochs=10**6, lr_step_epochs=[],
+                       augment=augment, precision=precision)
 
 
 def _run_steps(models: list[torch.nn.Module], data: NetworkData, cfg: TrainConfig, device: torch.device,
@@ -215,8 +221,6 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
     pr = {"precision": precision}
     res: dict[str, Any] = {"device": device, "threads": torch.get_num_threads(), "quick": quick, **pr}
     try:
-        from ffl.provenance import hardware
-
         res["hardware"] = hardware(device)
     except Exception:  # noqa: BLE001
         res["hardware"] = device
@@ -368,8 +372,6 @@ def profile_step(arch: str = "cnn", device: str = "cuda", K: int = 126, precisio
                  row_limit: int = 25) -> str:
     """``torch.profiler`` table (device time per kernel) of ``steps`` engine steps of K networks
     at paper size, after ``warmup`` untimed steps."""
-    from torch.profiler import ProfilerActivity, profile
-
     dev = torch.device(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     prof = profile(activities=acts)
@@ -386,8 +388,6 @@ class _Budget(Exception):
 def _zoo_tasks(dataset: str, tasks: int, data_root: str | None):
     """CIFAR-100 tasks if the files are there, else synthetic tasks of CIFAR-100's shapes (1,000
     training / 200 test images of 3×32×32 per task). Returns (loader(t) -> TaskData, label)."""
-    from ffl.data import load_task
-
     if dataset == "cifar100":
         try:
             load_task("cifar100", 0, data_root=data_root)
@@ -405,13 +405,12 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
     (no disk writes). Chunks are trained until ``budget_s`` is spent (or ``max_chunks`` are done); a
     chunk that would not finish is stopped and the rest extrapolated from its measured step rate
     (clearly reported). The projection uses complete chunks only when there are any, so one-off
-    costs of the first chunk (cuDNN autotuning, compilation) are reported apart (``first_chunk_s``)."""
-    from ffl.engine import init_stacked, total_steps
-    from ffl.zoo import ZooSpec, chunk_inputs, chunks, default_batch_networks
-
+    costs of the first chunk (cuDNN autotuning, compilation) are reported apart (``first_chunk_s``).
+    The hyper-parameters are the ``paper`` profile's (``profiles/paper.yaml``)."""
     dev = torch.device(device)
-    spec = ZooSpec.paper(arch, "cifar100", tasks=list(range(tasks)), runs=runs, precision=precision,
-                         **({"epochs": epochs, "lr_step_epochs": [int(epochs * 0.6)]} if epochs else {}))
+    spec = spec_from_profile("paper", "cifar100", arch=arch, dataset="cifar100", tasks=list(range(tasks)), runs=runs,
+                             precision=precision,
+                             **({"epochs": epochs, "lr_step_epochs": [int(epochs * 0.6)]} if epochs else {}))
     cfg = spec.train_config()
     loader, data_label = _zoo_tasks("cifar100", tasks, data_root)
     K = batch_networks or default_batch_networks(spec, dev)
@@ -527,54 +526,93 @@ def print_table(res: dict[str, Any], file=sys.stdout) -> None:
             print("  ".join("-" * x for x in w), file=file)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ffl.bench", description="ffl benchmarks")
-    ap.add_argument("what", choices=["zoo", "zoo-time", "conv", "profile"],
-                    help="zoo: engine ratios; zoo-time: time a CIFAR-100-scale zoo at paper epochs; "
-                         "conv: PlainNet-5 convolutions, grouped vs im2col+bmm vs dense; profile: kernel "
-                         "table of engine steps")
+def _common(ap) -> None:
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
-    ap.add_argument("--repeat", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--arch", default="mlp", help="zoo-time: architecture")
-    ap.add_argument("--tasks", type=int, default=50)
-    ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=None, help="zoo-time: override the paper's epochs")
-    ap.add_argument("--budget-s", type=float, default=120.0)
-    ap.add_argument("--batch-networks", type=int, default=None)
-    ap.add_argument("--data-root", default=None)
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="arithmetic (ffl.engine.PRECISIONS)")
-    ap.add_argument("--compile", action="store_true", help="zoo-time: train through torch.compile")
-    ap.add_argument("--max-chunks", type=int, default=None, help="zoo-time: stop after this many chunks")
-    args = ap.parse_args(argv)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--repeat", type=int, default=None)
+
+
+def _setup(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ffl.engine import tune_malloc
-
     tune_malloc()  # before anything runs, so the loop baseline gets the same allocator settings
-    if args.what == "conv":
-        K = args.batch_networks or 126
-        for row in conv_layers(args.device, K=K, precision=args.precision, repeat=args.repeat or 3):
-            print(json.dumps(row, sort_keys=True), flush=True)
-        return 0
-    if args.what == "profile":
-        print(profile_step(args.arch, args.device, K=args.batch_networks or 126, precision=args.precision,
-                           compile=args.compile, augment=args.arch != "mlp"))
-        return 0
-    if args.what == "zoo-time":
-        res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
-                       batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
-                       precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
-        print(json.dumps(res, sort_keys=True))
-        return 0
+
+
+def _zoo_arguments(ap) -> None:
+    _common(ap)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
+
+
+def _zoo(args) -> int:
+    _setup(args)
     load0 = os.getloadavg()[0]
     res = bench_zoo(args.device, quick=args.quick, repeat=args.repeat, precision=args.precision)
     res.update(loadavg_1min_start=load0, loadavg_1min_end=os.getloadavg()[0])
     print_table(res)
-    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items() if k != "table"}
-    print(json.dumps(out, sort_keys=True))
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items() if k != "table"},
+                     sort_keys=True))
     return 0
+
+
+def _zoo_time_arguments(ap) -> None:
+    _common(ap)
+    ap.add_argument("--arch", default="mlp")
+    ap.add_argument("--tasks", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=None, help="override the paper's epochs")
+    ap.add_argument("--budget-s", type=float, default=120.0)
+    ap.add_argument("--batch-networks", type=int, default=None)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--compile", action="store_true", help="train through torch.compile")
+    ap.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks")
+
+
+def _zoo_time(args) -> int:
+    _setup(args)
+    res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
+                   batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
+                   precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
+    print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+def _conv_arguments(ap) -> None:
+    _common(ap)
+    ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
+
+
+def _conv(args) -> int:
+    _setup(args)
+    for row in conv_layers(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3):
+        print(json.dumps(row, sort_keys=True), flush=True)
+    return 0
+
+
+def _profile_arguments(ap) -> None:
+    _common(ap)
+    ap.add_argument("--arch", default="mlp")
+    ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
+    ap.add_argument("--compile", action="store_true", help="train through torch.compile")
+
+
+def _profile(args) -> int:
+    _setup(args)
+    print(profile_step(args.arch, args.device, K=args.batch_networks, precision=args.precision,
+                       compile=args.compile, augment=args.arch != "mlp"))
+    return 0
+
+
+COMMANDS = (
+    Command("zoo", "engine vs plain loop, GEMM fraction, networks per second (ratios)", _zoo_arguments, _zoo),
+    Command("zoo-time", "time a CIFAR-100-scale zoo at the paper profile's epochs", _zoo_time_arguments, _zoo_time),
+    Command("conv", "PlainNet-5 convolutions for K networks: grouped vs im2col+bmm vs dense", _conv_arguments, _conv),
+    Command("profile", "torch.profiler kernel table of engine steps", _profile_arguments, _profile),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command_line("python -m ffl.bench", "ffl benchmarks", COMMANDS, argv)
 
 
 if __name__ == "__main__":

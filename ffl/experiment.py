@@ -23,7 +23,8 @@ from ffl.features import ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
-from ffl.zoo import Zoo, ZooSpec, train_zoo
+from ffl.files import atomic_path
+from ffl.zoo import Zoo, spec_from_profile, train_zoo
 
 FEATURE_KINDS = ("layer", "chain")
 
@@ -51,24 +52,6 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dic
             f"it has {sorted(settings['zoo']['arch'])}"
         )
     return settings
-
-
-def zoo_spec(settings: dict[str, Any], *, arch: str, dataset: str, data_root: str | None,
-             download: bool, seed: int) -> ZooSpec:
-    """The :class:`ZooSpec` a profile section asks for."""
-    zoo = settings["zoo"]
-    fields = {
-        "arch": arch,
-        "dataset": dataset,
-        "tasks": list(range(zoo["tasks"])),
-        "runs": zoo["runs"],
-        "seed": seed,
-        "data_root": data_root,
-        "download": download,
-        "data_kwargs": dict(zoo.get("data_kwargs", {}).get(dataset, {})),
-        **zoo["arch"][arch],
-    }
-    return ZooSpec.from_dict(fields)
 
 
 def _key(payload: Any) -> str:
@@ -119,7 +102,8 @@ def run_experiment(
 ) -> Experiment:
     """Train or load the zoo of a paper section and evaluate it (cached)."""
     settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
-    spec = zoo_spec(settings, arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed)
+    spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
+                             download=download, seed=seed)
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
     chain_normalize = bool(settings.get("chain_normalize", False))
@@ -136,8 +120,6 @@ def run_experiment(
         results = pd.read_csv(result_file)
     else:
         results = evaluate_zoo(zoo, projection, split, chain_normalize=chain_normalize, progress=progress)
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = result_file.with_suffix(".tmp")
-        results.to_csv(tmp, index=False)
-        tmp.replace(result_file)  # atomic: a killed run leaves no half-written table
+        with atomic_path(result_file) as staged:  # a killed run leaves no half-written table
+            results.to_csv(staged, index=False)
     return Experiment(zoo=zoo, results=results, settings=settings)

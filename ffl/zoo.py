@@ -27,7 +27,6 @@ Scale-out: ``train_zoo(..., shard=(rank, world))`` trains only chunks ``c % worl
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import functools
@@ -46,9 +45,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save
 from torch import nn
+from tqdm import tqdm
 
-from ffl.engine import TrainConfig
+from ffl import __version__
+from ffl.cli import Command, run_command_line
+from ffl.data import TaskData, load_task
+from ffl.engine import NetworkData, TrainConfig, check_precision, init_stacked, probe_capacity, train_batched, tune_malloc
+from ffl.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from ffl.models import build_model
+from ffl.profiles import load_profile
+from ffl.provenance import hardware
+from ffl.seeds import derive_seed
 
 FORMAT = "ffl-zoo"
 FORMAT_VERSION = 1
@@ -122,32 +132,6 @@ class ZooSpec(TrainConfig):
                 del d[k]
         return d
 
-    @classmethod
-    def paper(cls, arch: str, dataset: str, **overrides: Any) -> ZooSpec:
-        """The paper's settings (``paper`` profile; official code for the CNNs).
-
-        * CNNs (``cnn``, ``plainnet6``, ``resnet5``): SGD lr 0.1, momentum 0.9, weight decay 1e-4,
-          batch 128, 50 epochs, lr/10 at epoch 30, crop+flip augmentation.
-        * MLP-4: the same SGD, 100 epochs, lr/10 at epoch 70, no augmentation.
-        * GRU-2 on NameData: batch 1, lr 0.1, 10,000 steps, lr/10 after 7,000 (plain SGD).
-        * all tasks of the dataset × 100 runs.
-        For Adam pass ``optimizer="adam", lr=1e-3``.
-        """
-        from ffl.data import num_tasks
-
-        base: dict[str, Any] = dict(arch=arch, dataset=dataset, runs=100, optimizer="sgd", lr=0.1,
-                                    momentum=0.9, weight_decay=1e-4, batch_size=128)
-        if arch == "mlp":
-            base.update(epochs=100, lr_step_epochs=[70], augment=False)
-        elif arch == "gru":
-            base.update(batch_size=1, momentum=0.0, weight_decay=0.0, steps=10_000, lr_step_steps=[7_000],
-                        epochs=1, lr_step_epochs=[])
-        else:
-            base.update(epochs=50, lr_step_epochs=[30], augment=True)
-        base["tasks"] = list(range(num_tasks(dataset)))
-        base.update(overrides)
-        return cls.from_dict(base)
-
     def train_config(self) -> TrainConfig:
         """The per-network training part, as the engine takes it."""
         return TrainConfig(**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(TrainConfig)})
@@ -176,46 +160,42 @@ def spec_diff(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
     return out
 
 
-def _derive(*parts: Any) -> int:
-    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, seed: int = 0,
+                      data_root: str | None = None, download: bool = False, **overrides: Any) -> ZooSpec:
+    """The :class:`ZooSpec` that section ``section`` of profile ``profile`` (``profiles/<name>.yaml``)
+    asks for: ``zoo.tasks`` (the first n tasks) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the
+    training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
+    ``runs=``, ``precision=``). The one road from a profile to a zoo: the notebooks
+    (:mod:`ffl.experiment`), ``python -m ffl.zoo`` and ``python -m ffl.bench`` all take it; the
+    paper's settings (§4) are the ``paper`` profile."""
+    settings = load_profile(profile).get(section)
+    if not settings or "zoo" not in settings:
+        raise ValueError(f"profile {profile!r} has no zoo settings for {section!r}")
+    zoo = settings["zoo"]
+    if arch not in zoo["arch"]:
+        raise ValueError(f"profile {profile!r} defines no {arch!r} zoo for {section!r}; it has {sorted(zoo['arch'])}")
+    fields = {
+        "arch": arch, "dataset": dataset, "tasks": list(range(zoo["tasks"])), "runs": zoo["runs"],
+        "seed": seed, "data_root": data_root, "download": download,
+        "data_kwargs": dict(zoo.get("data_kwargs", {}).get(dataset, {})),
+        **zoo["arch"][arch], **overrides,
+    }
+    return ZooSpec.from_dict(fields)
 
 
 def run_seed(seed: int, task: int, run: int) -> int:
     """Initialization seed of network (task, run): SHA-256 of (seed, task, run), 63 bits."""
-    return _derive("ffl-zoo-init", seed, task, run)
+    return derive_seed("ffl-zoo-init", seed, task, run, sep=":")
 
 
 def data_seed(seed: int, task: int, run: int) -> int:
     """Seed of network (task, run)'s minibatch order and augmentation."""
-    return _derive("ffl-zoo-data", seed, task, run)
+    return derive_seed("ffl-zoo-data", seed, task, run, sep=":")
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ZooCorruptError(ValueError):
@@ -338,7 +318,7 @@ class Zoo:
             raise ZooCorruptError(f"zoo shard missing: {path}")
         if path.stat().st_size != s["bytes"]:
             raise ZooCorruptError(f"zoo shard {path} has {path.stat().st_size} bytes, manifest says {s['bytes']}")
-        if _sha256_file(path) != s["sha256"]:
+        if sha256_file(path) != s["sha256"]:
             raise ZooCorruptError(f"zoo shard {path} does not match its SHA-256 in the manifest (tampered or corrupt)")
         self._verified.add(f)
 
@@ -347,8 +327,6 @@ class Zoo:
             self._cache.move_to_end(f)
             return self._cache[f]
         self._check(f)
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(str(self.root / f))
         except Exception as e:  # noqa: BLE001 - any parse failure names the file
@@ -366,8 +344,6 @@ class Zoo:
 
     def model(self, i: int) -> nn.Module:
         """Network i as an ``nn.Module`` in eval mode on CPU."""
-        from ffl.models import build_model
-
         net = self.manifest["networks"][i]
         m = build_model(self.spec.arch, net["num_classes"], **self.manifest["build_kwargs"])
         m.load_state_dict(self.state_dict(i))
@@ -391,47 +367,16 @@ class Zoo:
 
 
 def default_batch_networks(spec: ZooSpec, device: str | torch.device) -> int:
-    """Networks per engine batch: 64 on CPU; on CUDA as many as fit in ~70% of the free memory,
-    measured by a 2-step probe with 4 networks (parameters, optimizer state, activations), at most 2048."""
+    """Networks per engine batch: 64 on CPU; on CUDA as many as fit (:func:`ffl.engine.probe_capacity`),
+    at most 2048."""
     N = spec.num_networks
     dev = torch.device(device)
     if dev.type != "cuda":
         return min(N, 64)
-    return max(1, min(N, 2048, _probe_capacity(spec, dev)))
+    return max(1, min(N, 2048, probe_capacity(spec.arch, spec.model_kwargs, spec.train_config(), dev)))
 
 
-def _probe_capacity(spec: ZooSpec, dev: torch.device, k0: int = 4) -> int:
-    from types import SimpleNamespace
-
-    from ffl.engine import NetworkData, train_batched
-    from ffl.models import build_model, input_shape
-
-    shape = input_shape(spec.arch)
-    kw = dict(spec.model_kwargs)
-    if spec.arch == "mlp":
-        kw.setdefault("in_features", int(math.prod(shape)))
-    n = 2 * spec.batch_size
-    task = SimpleNamespace(x_train=torch.randn(n, *shape), y_train=torch.zeros(n, dtype=torch.long),
-                           x_test=torch.randn(8, *shape), y_test=torch.zeros(8, dtype=torch.long))
-    data = NetworkData.from_tasks([task], dev)
-    torch.cuda.synchronize(dev)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    models = [build_model(spec.arch, 2, **kw) for _ in range(k0)]
-    train_batched(models, data, [0] * k0, list(range(k0)), spec.train_config(), device=dev,
-                  evaluate=False, max_steps=2)
-    torch.cuda.synchronize(dev)
-    per_net = max(1, (torch.cuda.max_memory_allocated(dev) - base) / k0)
-    del models, data
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(dev)
-    return int(0.7 * free // per_net)
-
-
-def _load_tasks(spec: ZooSpec, tasks: Sequence[int]) -> dict[int, Any]:
-    from ffl.data import load_task
-
+def _load_tasks(spec: ZooSpec, tasks: Sequence[int]) -> dict[int, TaskData]:
     return {t: load_task(spec.dataset, t, data_root=spec.data_root, download=spec.download,
                          seed=spec.seed, **spec.data_kwargs) for t in tasks}
 
@@ -448,7 +393,7 @@ class ChunkInputs:
     """What the engine needs to train one chunk: its tasks' data on the device and, per network
     (in the pieces' order), the initialization seed, the data seed and the task's index in ``data``."""
 
-    data: Any  # ffl.engine.NetworkData
+    data: NetworkData
     seeds: list[int]
     data_seeds: list[int]
     task_index: list[int]
@@ -460,9 +405,6 @@ class ChunkInputs:
 def chunk_inputs(spec: ZooSpec, chunk: Sequence[Piece], task_data: dict[int, Any],
                  device: str | torch.device) -> ChunkInputs:
     """Seeds, task indices and device data of one chunk (``task_data``: the loaded tasks by id)."""
-    from ffl.engine import NetworkData
-    from ffl.models import build_model
-
     tasks_here = sorted({p.task for p in chunk})
     ncls_set = {task_data[p.task].num_classes for p in chunk}
     if len(ncls_set) != 1:
@@ -491,7 +433,7 @@ def _read_sidecar(root: Path, piece: Piece) -> dict[str, Any] | None:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if shard.stat().st_size != meta.get("bytes") or _sha256_file(shard) != meta.get("sha256"):
+    if shard.stat().st_size != meta.get("bytes") or sha256_file(shard) != meta.get("sha256"):
         warnings.warn(f"shard {shard} does not match its sidecar; it will be retrained", stacklevel=3)
         return None
     return meta
@@ -515,14 +457,12 @@ def _chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, device) -
 
 
 def _write_spec(root: Path, spec: ZooSpec, k: int) -> None:
-    _atomic_write_json(root / "spec.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+    write_json_atomic(root / "spec.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
                                             "spec": spec.identity(), "batch_networks": k})
 
 
 def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
     """Write manifest.json if every shard is present; return whether the zoo is complete."""
-    import ffl
-
     metas = []
     for chunk in chunks(spec, k):
         for p in chunk:
@@ -538,35 +478,31 @@ def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
     for i, n in enumerate(networks):
         n["index"] = i
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": ffl.__version__,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "spec": spec.identity(), "arch": spec.arch, "build_kwargs": metas[0]["build_kwargs"],
         "hyperparameters": dataclasses.asdict(spec.train_config()), "batch_networks": k,
         "num_networks": len(networks), "networks": networks, "shards": shards,
     }
-    _atomic_write_json(root / "manifest.json", manifest)
+    write_json_atomic(root / "manifest.json", manifest)
     return True
 
 
 def _write_piece(root: Path, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
                  nets: list[dict[str, Any]], build_kwargs: dict[str, Any]) -> None:
-    from safetensors.torch import save
-
     tensors = {name: t[rows].contiguous() for name, t in state.items()}
     data = save(tensors, metadata={"format": "pt"})
     fname = f"shards/{piece.name}.safetensors"
-    _atomic_write_bytes(root / fname, data)
+    write_bytes_atomic(root / fname, data)
     meta = {"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "task": piece.task, "r0": piece.r0, "r1": piece.r1, "build_kwargs": build_kwargs,
             "networks": nets}
-    _atomic_write_json(root / "shards" / f"{piece.name}.json", meta)
+    write_json_atomic(root / "shards" / f"{piece.name}.json", meta)
 
 
 class _Progress:
     def __init__(self, total: int, enabled: bool, desc: str) -> None:
         self.bar = None
-        if enabled:
-            from tqdm import tqdm  # plain bars: papermill kernels have no widgets
-
+        if enabled:  # plain tqdm bars: papermill kernels have no widgets
             self.bar = tqdm(total=total, desc=desc, unit="net", dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n:.0f}/{total} nets [{elapsed}<{remaining}, {rate_fmt}]")
 
@@ -601,8 +537,6 @@ def train_zoo(
     complete afterwards (the last rank to finish writes the manifest), else ``None``.
     ``compile``: train through ``torch.compile`` (see :func:`ffl.engine.train_batched`).
     """
-    from ffl.engine import check_precision, init_stacked, train_batched
-
     root = Path(root)
     if not isinstance(spec, ZooSpec):
         spec = ZooSpec.from_dict(dict(spec))
@@ -667,12 +601,10 @@ def train_zoo(
     prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
             "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c)}
     try:
-        from ffl.provenance import hardware
-
         prov["hardware"] = hardware(str(device))
     except Exception:  # noqa: BLE001 - provenance is best effort
         pass
-    _atomic_write_json(root / f"provenance-rank{rank}.json" if world > 1 else root / "provenance.json", prov)
+    write_json_atomic(root / f"provenance-rank{rank}.json" if world > 1 else root / "provenance.json", prov)
     if _finalize(root, spec, k):
         return Zoo.load(root)
     if world == 1:
@@ -691,6 +623,28 @@ def _maybe_die_after_chunk() -> None:
         os._exit(99)
 
 
+def prepare_zoo(spec: ZooSpec, root: str | os.PathLike, *, batch_networks: int | None = None,
+                device: str | torch.device = "cpu") -> int:
+    """Create ``root`` and its ``spec.json`` (or check an existing one against ``spec``) without
+    training; return the chunk size the zoo uses. Lets several ranks start on one folder."""
+    root = Path(root)
+    if (root / "manifest.json").is_file():
+        return int(json.loads((root / "manifest.json").read_text())["batch_networks"])
+    k, exists = _chunk_size(root, spec, batch_networks, device)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    if not exists:
+        _write_spec(root, spec, k)
+    return k
+
+
+def finalize_zoo(root: str | os.PathLike) -> Zoo | None:
+    """Write ``root/manifest.json`` once every shard of the zoo in ``root`` exists and return the
+    zoo; ``None`` while shards are missing."""
+    root = Path(root)
+    stored = json.loads((root / "spec.json").read_text())
+    return Zoo.load(root) if _finalize(root, ZooSpec.from_dict(stored["spec"]), int(stored["batch_networks"])) else None
+
+
 def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zoo:
     """Merge zoo directories trained with ``shard=(rank, world)`` (same spec, same chunking) into
     ``out``; the result is byte-identical to a single-process run. Missing shards → error."""
@@ -707,7 +661,7 @@ def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zo
     if (out / "spec.json").is_file():
         _chunk_size(out, spec, k, "cpu")  # validates the existing spec
     else:
-        _atomic_write_json(out / "spec.json", specs[0])
+        write_json_atomic(out / "spec.json", specs[0])
     missing = []
     for chunk in chunks(spec, k):
         for piece in chunk:
@@ -719,10 +673,8 @@ def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zo
             if src.resolve() == out.resolve():
                 continue
             for ext in (".safetensors", ".json"):
-                dst = out / "shards" / f"{piece.name}{ext}"
-                tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-                shutil.copyfile(src / "shards" / f"{piece.name}{ext}", tmp)
-                os.replace(tmp, dst)
+                with atomic_path(out / "shards" / f"{piece.name}{ext}") as staged:
+                    shutil.copyfile(src / "shards" / f"{piece.name}{ext}", staged)
     if missing:
         raise FileNotFoundError(f"cannot merge: shards missing from every part: {missing[:10]}"
                                 + (" …" if len(missing) > 10 else ""))
@@ -736,72 +688,93 @@ def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zo
 # --------------------------------------------------------------------------------------------
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ffl.zoo", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train/resume a zoo (one shard per rank under torchrun)")
-    tr.add_argument("--spec", required=True, help="JSON file with the ZooSpec fields")
-    tr.add_argument("--root", required=True)
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--batch-networks", type=int, default=None)
-    tr.add_argument("--quiet", action="store_true")
-    tr.add_argument("--compile", action="store_true", help="train through torch.compile (GPU throughput)")
-    mg = sub.add_parser("merge", help="merge zoo parts trained in separate directories")
-    mg.add_argument("parts", nargs="+")
-    mg.add_argument("--out", required=True)
-    info = sub.add_parser("info", help="summarize a zoo")
-    info.add_argument("root")
-    args = ap.parse_args(argv)
+def _add_spec_source(ap) -> None:
+    ap.add_argument("--spec", help="JSON file with the ZooSpec fields (or give --profile …)")
+    ap.add_argument("--profile", help="profile whose zoo settings to use (e.g. paper)")
+    ap.add_argument("--section", default="cifar100", help="profile section (default: cifar100)")
+    ap.add_argument("--arch", help="architecture (with --profile)")
+    ap.add_argument("--dataset", help="dataset (with --profile; default: the section's name)")
+    ap.add_argument("--seed", type=int, default=0, help="zoo seed (with --profile)")
 
-    if args.cmd == "merge":
-        z = merge_zoos(args.parts, args.out)
-        print(z)
-        return 0
-    if args.cmd == "info":
-        z = Zoo.load(args.root)
-        print(z, f"mean test acc {float(z.accuracy['test'].mean()):.4f}")
-        return 0
-    spec = ZooSpec.from_dict(json.loads(Path(args.spec).read_text()))
-    from ffl.engine import tune_malloc
 
+def _spec_of(args) -> ZooSpec:
+    if args.spec:
+        return ZooSpec.from_dict(json.loads(Path(args.spec).read_text()))
+    if not (args.profile and args.arch):
+        raise SystemExit("give --spec FILE, or --profile NAME --arch ARCH [--section S --dataset D]")
+    return spec_from_profile(args.profile, args.section, arch=args.arch, dataset=args.dataset or args.section,
+                             seed=args.seed)
+
+
+def _train_arguments(ap) -> None:
+    _add_spec_source(ap)
+    ap.add_argument("--root", required=True, help="the zoo's folder")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-networks", type=int, default=None)
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="train through torch.compile (GPU throughput)")
+
+
+def _train(args) -> int:
+    spec = _spec_of(args)
     tune_malloc()  # this process exists to train: keep large buffers in the heap
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        print(train_zoo(spec, args.root, device=args.device, progress=not args.quiet,
+                        batch_networks=args.batch_networks, compile=args.compile))
+        return 0
     rank = int(os.environ.get("RANK", "0"))
     device = args.device
-    if world > 1:
-        import torch.distributed as dist
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if rank == 0:  # write spec.json (and check an existing one) before the other ranks start
+        prepare_zoo(spec, args.root, batch_networks=args.batch_networks, device=device)
+    dist.barrier()
+    train_zoo(spec, args.root, device=device, progress=not args.quiet and rank == 0,
+              shard=(rank, world), batch_networks=args.batch_networks, compile=args.compile)
+    dist.barrier()
+    status = 0
+    if rank == 0:
+        zoo = finalize_zoo(args.root)
+        if zoo is None:
+            print("zoo incomplete after all ranks finished", file=sys.stderr)
+            status = 1
+        else:
+            print(zoo)
+    dist.barrier()
+    dist.destroy_process_group()
+    return status
 
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group(backend)
-        if rank == 0:  # write spec.json (and check an existing one) before the other ranks start
-            root = Path(args.root)
-            root.mkdir(parents=True, exist_ok=True)
-            (root / "shards").mkdir(exist_ok=True)
-            if not (root / "manifest.json").is_file():
-                k, exists = _chunk_size(root, spec, args.batch_networks, device)
-                if not exists:
-                    _write_spec(root, spec, k)
-        dist.barrier()
-        train_zoo(spec, args.root, device=device, progress=not args.quiet and rank == 0,
-                  shard=(rank, world), batch_networks=args.batch_networks, compile=args.compile)
-        dist.barrier()
-        if rank == 0:
-            k = json.loads((Path(args.root) / "spec.json").read_text())["batch_networks"]
-            if not _finalize(Path(args.root), spec, k):
-                print("zoo incomplete after all ranks finished", file=sys.stderr)
-                dist.destroy_process_group()
-                return 1
-            print(Zoo.load(args.root))
-        dist.barrier()
-        dist.destroy_process_group()
-        return 0
-    z = train_zoo(spec, args.root, device=device, progress=not args.quiet, batch_networks=args.batch_networks,
-                  compile=args.compile)
-    print(z)
+
+def _spec(args) -> int:
+    print(json.dumps(_spec_of(args).to_dict(), indent=1, sort_keys=True))
     return 0
 
 
+def _merge_arguments(ap) -> None:
+    ap.add_argument("parts", nargs="+", help="zoo folders trained with shard=(rank, world)")
+    ap.add_argument("--out", required=True)
+
+
+def _info(args) -> int:
+    zoo = Zoo.load(args.root)
+    print(zoo, f"mean test acc {float(zoo.accuracy['test'].mean()):.4f}")
+    return 0
+
+
+COMMANDS = (
+    Command("train", "train or resume a zoo (one shard per rank under torchrun)", _train_arguments, _train),
+    Command("spec", "print the ZooSpec a profile asks for, as JSON (for train --spec)", _add_spec_source, _spec),
+    Command("merge", "merge zoo parts trained in separate directories", _merge_arguments,
+            lambda args: print(merge_zoos(args.parts, args.out)) or 0),
+    Command("info", "summarize a zoo", lambda ap: ap.add_argument("root"), _info),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command_line("python -m ffl.zoo", __doc__.split("\n")[0], COMMANDS, argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(_cli())
+    raise SystemExit(main())

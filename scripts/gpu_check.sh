@@ -58,7 +58,8 @@ for precision in ("fp32", "bf16"):
                 torch.manual_seed(s)
                 ms.append(build_model(arch, 2, **kw))
             return ms
-        cfg = TrainConfig(lr=0.05, epochs=3, lr_step_epochs=[2], batch_size=32, augment=aug, precision=precision)
+        cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, epochs=3, lr_step_epochs=[2], batch_size=32,
+                          augment=aug, precision=precision)
         a = train_batched(models(), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device="cuda")
         b = train_loop(models(), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device="cuda")
         diff = max(float((a.state[k].double() - b.state[k].double()).abs().max()) for k in a.state if a.state[k].is_floating_point())

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffl.engine import (NetworkData, TrainConfig, UnsupportedModel, augment_batch, lr_at,
-                        precision_scope, stack_models, train_batched, train_loop)
+from ffl.batched import BatchedGRU, UnsupportedModel, stack_models
+from ffl.engine import (NetworkData, TrainConfig, augment_batch, init_stacked, lr_at, precision_scope,
+                        train_batched, train_loop)
 from ffl.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +83,7 @@ def _close_acc(a, b):  # an argmax tie may flip one example
 def test_batched_equals_loop_images(arch, opt):
     data = NetworkData.from_tasks(image_tasks())
     cfg = TrainConfig(optimizer=opt, lr=0.05 if opt == "sgd" else 1e-3, epochs=3, lr_step_epochs=[2],
-                      batch_size=16, augment=arch != "mlp", weight_decay=1e-4)
+                      batch_size=16, augment=arch != "mlp", weight_decay=1e-4, momentum=0.9)
     seeds, dseeds, tidx = [11, 12, 13], [21, 22, 23], [0, 1, 1]
     a = train_batched(models(arch, seeds, 3), data, tidx, dseeds, cfg)
     b = train_loop(models(arch, seeds, 3), data, tidx, dseeds, cfg)
@@ -110,7 +111,7 @@ def test_bf16_precision_batched_equals_loop(arch):
     res = {}
     for precision in ("fp32", "bf16"):
         cfg = TrainConfig(lr=0.05, epochs=3, lr_step_epochs=[2], batch_size=16, augment=arch != "mlp",
-                          precision=precision)
+                          momentum=0.9, weight_decay=1e-4, precision=precision)
         res[precision] = train_batched(models(arch, seeds, 3), data, tidx, dseeds, cfg)
     loop = train_loop(models(arch, seeds, 3), data, tidx, dseeds, cfg)
     assert_same(res["bf16"], loop, atol=1e-5)
@@ -137,7 +138,7 @@ def test_precision_errors_and_flags():
 def test_compiled_training_equals_eager():
     """``compile=True`` (torch.compile, for GPU throughput) trains the same networks."""
     data = NetworkData.from_tasks(image_tasks())
-    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16)
+    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16, momentum=0.9, weight_decay=1e-4)
     seeds, dseeds, tidx = [11, 12], [21, 22], [0, 1]
     a = train_batched(models("mlp", seeds, 3), data, tidx, dseeds, cfg, compile=True)
     b = train_batched(models("mlp", seeds, 3), data, tidx, dseeds, cfg)
@@ -156,8 +157,6 @@ def test_batched_equals_loop_gru_stepwise():
 
 
 def test_batched_gru_layer_equals_nn_gru():
-    from ffl.engine import BatchedGRU
-
     torch.manual_seed(0)
     grus = [nn.GRU(5, 7, num_layers=2, batch_first=True) for _ in range(3)]
     x = torch.randn(4, 6, 3, 5)  # (B, T, K, F)
@@ -220,7 +219,7 @@ def test_unsupported_layer_is_reported():
 
 def test_cpu_determinism():
     data = NetworkData.from_tasks(image_tasks())
-    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16, augment=True)
+    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16, augment=True, momentum=0.9, weight_decay=1e-4)
     a = train_batched(models("cnn", [1, 2], 3), data, [0, 1], [3, 4], cfg)
     b = train_batched(models("cnn", [1, 2], 3), data, [0, 1], [3, 4], cfg)
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
@@ -228,8 +227,6 @@ def test_cpu_determinism():
 
 def test_parallel_init_is_the_serial_init():
     import functools
-
-    from ffl.engine import init_stacked
 
     build = functools.partial(build_model, "mlp", 2, hidden=(500, 500))
     par = init_stacked(build, [5, 6, 7, 8], workers=2)
@@ -242,10 +239,8 @@ def test_parallel_init_is_the_serial_init():
 def test_train_from_stacked_state_equals_from_models():
     import functools
 
-    from ffl.engine import init_stacked
-
     data = NetworkData.from_tasks(image_tasks())
-    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16, augment=True)
+    cfg = TrainConfig(lr=0.05, epochs=2, batch_size=16, augment=True, momentum=0.9, weight_decay=1e-4)
     build = functools.partial(build_model, "cnn", 3, **SMALL["cnn"])
     a = train_batched(models("cnn", [1, 2], 3), data, [0, 1], [3, 4], cfg)
     b = train_batched((build(), init_stacked(build, [1, 2], workers=1)), data, [0, 1], [3, 4], cfg)

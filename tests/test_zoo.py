@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ffl.zoo import (Zoo, ZooCorruptError, ZooSpec, chunks, data_seed, merge_zoos, run_seed,
-                     train_zoo)
+                     spec_from_profile, train_zoo)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_spec(**kw) -> ZooSpec:
     base = dict(arch="mlp", dataset="synthetic", tasks=[0, 1, 2], runs=3,
                 model_kwargs={"hidden": [8, 8]}, epochs=2, lr=0.05, lr_step_epochs=[1], batch_size=64,
+                momentum=0.9, weight_decay=1e-4,
                 data_kwargs={"n_train": 96, "n_test": 32})
     base.update(kw)
     return ZooSpec.from_dict(base)
@@ -141,16 +142,23 @@ def test_chunks_cover_once():
 
 
 def test_paper_presets():
-    s = ZooSpec.paper("cnn", "cifar100")
+    """The paper's settings come from profiles/paper.yaml, through the one profile → spec road."""
+    def paper(arch, dataset, **kw):
+        return spec_from_profile("paper", dataset, arch=arch, dataset=dataset, **kw)
+
+    s = paper("cnn", "cifar100")
     assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs, s.lr_step_epochs, s.augment) == \
         (0.1, 0.9, 1e-4, 128, 50, [30], True)
     assert len(s.tasks) == 50 and s.runs == 100
-    m = ZooSpec.paper("mlp", "cifar100")
+    m = paper("mlp", "cifar100")
     assert (m.epochs, m.lr_step_epochs, m.augment) == (100, [70], False)
-    g = ZooSpec.paper("gru", "namedata")
+    g = paper("gru", "namedata")
     assert (g.batch_size, g.lr, g.steps, g.lr_step_steps) == (1, 0.1, 10_000, [7_000])
-    a = ZooSpec.paper("mlp", "cifar100", optimizer="adam", lr=1e-3)
+    a = paper("mlp", "cifar100", optimizer="adam", lr=1e-3)
     assert a.optimizer == "adam" and a.lr == 1e-3
+    assert paper("resnet5", "cifar100").identity() == {**s.identity(), "arch": "resnet5"}
+    with pytest.raises(ValueError, match="defines no 'gru' zoo for 'cifar100'"):
+        paper("gru", "cifar100")
 
 
 def _cli(args, env=None, **kw):
