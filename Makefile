@@ -10,10 +10,10 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: book test html
 book: $(VENV)/.installed  ## run every chapter with papermill at PROFILE, then build the HTML
-	$(VENV)/bin/python -m ffl.book --profile $(PROFILE)
+	$(VENV)/bin/python -m ffl.book run --profile $(PROFILE)
 
 html: $(VENV)/.installed  ## build the HTML from the committed chapters only
-	$(VENV)/bin/python -m ffl.book --html-only
+	$(VENV)/bin/python -m ffl.book html
 
 test: $(VENV)/.installed  ## unit tests, every notebook at the smoke profile, and the book build
 	$(VENV)/bin/python -m pytest -m "" -ra

@@ -1,9 +1,12 @@
 """Build the book: run every chapter notebook through papermill with a named profile, record what
 produced it, then compile the HTML with Jupyter Book 1 (notebook execution off, warnings fatal).
 
-    python -m ffl.book --profile smoke            # run all chapters, then build the HTML
-    python -m ffl.book --profile smoke --no-html  # only run the chapters
-    python -m ffl.book --html-only                # only compile the committed chapters
+    python -m ffl.book run --profile smoke            # run all chapters, then build the HTML
+    python -m ffl.book run --profile smoke --no-html  # only run the chapters
+    python -m ffl.book html                           # only compile the committed chapters
+
+Without a subcommand the options go to ``run`` (``python -m ffl.book --profile smoke``,
+``python -m ffl.book --html-only``).
 
 The chapters a profile runs, and their papermill parameters, are listed in its ``chapters``
 section, so nothing is typed by hand. Each chapter is executed into a temporary file and moved
@@ -11,12 +14,9 @@ into ``book/chapters/`` only when it succeeded: a failed run leaves the previous
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from typing import Any
 import nbformat
 import papermill
 
+from ffl.cli import Command, run_command_line
+from ffl.files import atomic_path, write_bytes_atomic
 from ffl.profiles import load_profile
 from ffl.provenance import REPO_ROOT, run_info
 
@@ -69,10 +71,8 @@ def _mark_cells(nb: nbformat.NotebookNode) -> None:
 def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
     """Run one chapter with papermill and write it to ``book_dir/chapters/<output>.ipynb``."""
     target = book_dir / "chapters" / f"{entry['output']}.ipynb"
-    target.parent.mkdir(parents=True, exist_ok=True)
     params = entry["parameters"]
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / target.name
+    with atomic_path(target) as scratch:
         start = time.perf_counter()
         papermill.execute_notebook(
             str(NOTEBOOK_DIR / f"{entry['notebook']}.ipynb"), str(scratch),
@@ -87,7 +87,6 @@ def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
         if entry.get("title"):
             _set_title(nb, entry["title"])
         nbformat.write(nb, scratch)
-        shutil.move(scratch, target)
     return target
 
 
@@ -102,7 +101,7 @@ def write_run_summary(book_dir: Path = BOOK_DIR) -> Path:
             f"| {meta.get('seconds', '?')} s |"
         )
     out = book_dir / "run_summary.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_bytes_atomic(out, ("\n".join(lines) + "\n").encode())
     return out
 
 
@@ -115,27 +114,50 @@ def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
     return book_dir.parent / "_build" / "html"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ffl.book", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="smoke", help="profile whose chapters to run (default: smoke)")
-    parser.add_argument("--only", nargs="*", help="run only these chapter outputs")
-    parser.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
-    parser.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
-    parser.add_argument("--book-dir", type=Path, default=BOOK_DIR)
-    args = parser.parse_args(argv)
+def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: bool = True,
+             book_dir: Path = BOOK_DIR) -> None:
+    """Run the chapters of ``profile`` (or only the outputs in ``only``), write the run summary,
+    then build the HTML unless ``html=False``."""
+    for entry in chapter_plan(profile):
+        if only and entry["output"] not in only:
+            continue
+        print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
+              f"with {json.dumps(entry['parameters'])}", flush=True)
+        execute_chapter(entry, book_dir)
+    write_run_summary(book_dir)
+    if html:
+        print(f"[ffl.book] HTML in {build_html(book_dir)}/index.html")
 
-    if not args.html_only:
-        for entry in chapter_plan(args.profile):
-            if args.only and entry["output"] not in args.only:
-                continue
-            print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
-                  f"with {json.dumps(entry['parameters'])}", flush=True)
-            execute_chapter(entry, args.book_dir)
-        write_run_summary(args.book_dir)
-    if not args.no_html:
-        html = build_html(args.book_dir)
-        print(f"[ffl.book] HTML in {html}/index.html")
+
+def _run_arguments(ap) -> None:
+    ap.add_argument("--profile", default="smoke", help="profile whose chapters to run (default: smoke)")
+    ap.add_argument("--only", nargs="*", help="run only these chapter outputs")
+    ap.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
+    ap.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
+    ap.add_argument("--book-dir", type=Path, default=BOOK_DIR)
+
+
+def _run(args) -> int:
+    if args.html_only:
+        return _html(args)
+    run_book(args.profile, only=args.only, html=not args.no_html, book_dir=args.book_dir)
     return 0
+
+
+def _html(args) -> int:
+    print(f"[ffl.book] HTML in {build_html(args.book_dir)}/index.html")
+    return 0
+
+
+COMMANDS = (
+    Command("run", "run every chapter of a profile with papermill, then build the HTML", _run_arguments, _run),
+    Command("html", "build the HTML from the committed chapters only",
+            lambda ap: ap.add_argument("--book-dir", type=Path, default=BOOK_DIR), _html),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command_line("python -m ffl.book", __doc__.split("\n\n")[0], COMMANDS, argv, default="run")
 
 
 if __name__ == "__main__":
