@@ -53,3 +53,22 @@ def protocol_bars(
         ax.set_title(title)
     sns.despine(ax=ax)
     return ax
+
+
+def invariance_bars(rows: pd.DataFrame, *, tolerance: float = 1e-5, ax: plt.Axes | None = None) -> plt.Axes:
+    """§3.2's check as a figure: per network, the largest relative change of the raw weights W_l
+    against that of the chain Grams G_l under random function-preserving permutations (log scale),
+    with the tests' tolerance drawn. ``rows``: :attr:`ffl.invariance.InvarianceReport.rows`."""
+    summary = rows.groupby("model", sort=False).agg(raw=("rel_dW", "max"), chain=("rel_dG", "max")).reset_index()
+    long = summary.melt(id_vars="model", var_name="feature", value_name="relative change")
+    long["feature"] = long["feature"].map({"raw": "raw weights $W_l$", "chain": "chain Gram $G_l$"})
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.5))
+    sns.barplot(data=long, x="model", y="relative change", hue="feature", ax=ax)
+    ax.axhline(tolerance, color="0.4", linestyle="--", linewidth=1, label=f"test tolerance {tolerance:.0e}")
+    ax.set_yscale("log")
+    ax.set_xlabel("")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.tick_params(axis="x", rotation=30)
+    ax.figure.tight_layout()
+    return ax

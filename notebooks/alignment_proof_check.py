@@ -28,7 +28,8 @@
 # paper's CNN chain 4 hit a memory wall ("72G GPU memory even though the batch size is 1") that
 # the factored form of the chain removes.
 #
-# The definitions live in the library (`ffl.chain`, `ffl.permute`); this chapter only calls them.
+# The definitions live in the library (`ffl.chain`, `ffl.permute`) and so does the check
+# (`ffl.invariance`); this chapter only calls them.
 
 # %% tags=["parameters"]
 profile = "smoke"  # sizes: "smoke" (a minute on a CPU) or "paper" (full widths)
@@ -37,17 +38,14 @@ device = "cpu"  # "cpu" or "cuda"
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
-import seaborn as sns
 import torch
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.invariance
+import ffl.plots
 import ffl.profiles
 import ffl.provenance
-from ffl.chain import chain_factors, gram_inner, measure
-from ffl.models import build_model, input_shape
-from ffl.permute import broken_permutation_check, invariance_check, randomize_batchnorm_
 
 cfg = ffl.profiles.load_profile(profile)["alignment_proof_check"]
 # Exact single precision on GPUs too: TF32 convolutions would round at ~1e-3 and hide the check.
@@ -128,40 +126,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # $\lVert \Delta G_l \rVert_F / \lVert G_l \rVert_F$, and the largest change of an output.
 
 # %%
-gen = torch.Generator().manual_seed(seed)
-variants = [(a, act) for a in ("mlp", "cnn", "plainnet6", "resnet5") for act in ("relu", "leaky_relu")]
-variants.append(("gru", "relu"))
-names = {"mlp": "MLP-4", "cnn": "PlainNet-5", "plainnet6": "PlainNet-6", "resnet5": "ResNet-5", "gru": "GRU-2"}
-
-
-def make_network(arch, activation):
-    net = build_model(arch, 2, activation=activation, **cfg["models"][arch])
-    return randomize_batchnorm_(net, gen).eval().to(device)
-
-
-rows, controls = [], []
-for arch, act in variants:
-    torch.manual_seed(seed)
-    net = make_network(arch, act)
-    x = torch.randn(cfg["batch"], *input_shape(arch), generator=gen).to(device)
-    label = names[arch] + (" (leaky)" if act == "leaky_relu" else "")
-    chain_kw = {"gru_lags": cfg["gru_lags"]} if arch == "gru" else {}
-    for r in invariance_check(net, x, permutations=cfg["permutations"], generator=gen,
-                              explicit_max_dim=cfg["explicit_max_dim"], **chain_kw):
-        rows.append({"model": label, **r})
-    for r in broken_permutation_check(net, x, generator=gen, **chain_kw):
-        controls.append({"model": label, **r})
-rows, controls = pd.DataFrame(rows), pd.DataFrame(controls)
-
-table = rows.groupby(["model", "chain"], sort=False).agg(
-    dim=("dim", "first"),
-    max_abs_dW=("max_abs_dW", "max"),
-    max_rel_dW=("rel_dW", "max"),
-    max_abs_dG=("max_abs_dG", "max"),
-    G_explicit=("dG_explicit", "first"),
-    max_rel_dG=("rel_dG", "max"),
-    max_abs_dout=("max_abs_dout", "max"),
-)
+report = ffl.invariance.check_every_architecture(cfg, seed=seed, device=device)
+table = report.table
 glue("apc_permutations", cfg["permutations"], display=False)
 glue("apc_min_rel_dW", float(table["max_rel_dW"].min()), display=False)
 glue("apc_max_dG", float(table["max_abs_dG"].max()), display=False)
@@ -178,17 +144,7 @@ table.style.format({"max_abs_dW": "{:.3f}", "max_rel_dW": "{:.2f}", "max_abs_dG"
 # and activation.
 
 # %% mystnb={"figure": {"caption": "Largest relative change under random function-preserving permutations, raw weights $W_l$ against chain Grams $G_l$, over all chain indices and draws (log scale).", "name": "apc-invariance"}}
-summary = rows.groupby("model", sort=False).agg(raw=("rel_dW", "max"), chain=("rel_dG", "max")).reset_index()
-long = summary.melt(id_vars="model", var_name="feature", value_name="relative change")
-long["feature"] = long["feature"].map({"raw": "raw weights $W_l$", "chain": "chain Gram $G_l$"})
-fig, ax = plt.subplots(figsize=(9, 3.5))
-sns.barplot(data=long, x="model", y="relative change", hue="feature", ax=ax)
-ax.axhline(1e-5, color="0.4", linestyle="--", linewidth=1, label="test tolerance $10^{-5}$")
-ax.set_yscale("log")
-ax.set_xlabel("")
-ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-ax.tick_params(axis="x", rotation=30)
-fig.tight_layout()
+ffl.plots.invariance_bars(report.rows)
 plt.show()
 
 # %% [markdown]
@@ -201,25 +157,7 @@ plt.show()
 # GRU feature (no lags, $C_1 = W_{ih}^{(1)\top}$).
 
 # %%
-options = [("chain normalization", {"normalize": True})]
-option_rows = []
-for arch, act in variants:
-    arch_options = list(options)
-    if arch in ("cnn", "plainnet6", "resnet5"):
-        arch_options.append(("BatchNorm not folded", {"fold_bn": False}))
-    if arch == "gru":
-        arch_options = [(n, {**o, "gru_lags": cfg["gru_lags"]}) for n, o in arch_options]
-        arch_options.append(("official feature (no lags)", {"gru_lags": 0}))
-    torch.manual_seed(seed)
-    net = make_network(arch, act)
-    x = torch.randn(cfg["batch"], *input_shape(arch), generator=gen).to(device)
-    label = names[arch] + (" (leaky)" if act == "leaky_relu" else "")
-    for option, kw in arch_options:
-        r = pd.DataFrame(invariance_check(net, x, permutations=cfg["option_permutations"], generator=gen,
-                                          explicit_max_dim=cfg["explicit_max_dim"], **kw))
-        option_rows.append({"model": label, "chain definition": option, "chains": int(r["chain"].max()),
-                            "max_rel_dG": r["rel_dG"].max(), "min_rel_dW": r.groupby("chain")["rel_dW"].max().min()})
-option_table = pd.DataFrame(option_rows)
+option_table = report.options
 glue("apc_gru_lags", cfg["gru_lags"], display=False)
 glue("apc_option_max_rel_dG", float(option_table["max_rel_dG"].max()), display=False)
 option_table.style.format({"max_rel_dG": "{:.1e}", "min_rel_dW": "{:.2f}"}).hide(axis="index")
@@ -235,6 +173,7 @@ option_table.style.format({"max_rel_dG": "{:.1e}", "min_rel_dW": "{:.2f}"}).hide
 # zero-padded one, changes the network's function — and the next chain Gram changes with it.
 
 # %%
+controls = report.controls
 glue("apc_broken_min_dout", float(controls["max_abs_dout"].min()), display=False)
 glue("apc_broken_min_rel_dG", float(controls["rel_dG"].min()), display=False)
 controls.style.format({"max_abs_dout": "{:.2e}", "rel_dG": "{:.2f}"})
@@ -261,33 +200,10 @@ controls.style.format({"max_abs_dout": "{:.2e}", "rel_dG": "{:.2f}"})
 
 # %%
 cc = cfg["cost"]
-torch.manual_seed(seed)
-net_a = randomize_batchnorm_(build_model(cc["arch"], 2, **cc["model_kwargs"]), gen).eval().to(device)
-net_b = randomize_batchnorm_(build_model(cc["arch"], 2, **cc["model_kwargs"]), gen).eval().to(device)
-fa = measure(lambda: chain_factors(net_a), device=device)
-fb = chain_factors(net_b)
-MB = 2**20
-cost = []
-for l, (ca, cb) in enumerate(zip(fa.result, fb), 1):
-    d = ca.shape[0]
-    implicit = measure(lambda: gram_inner(ca, cb).item(), device=device)
-    row = {
-        "chain": l, "dim d_l": d, "neurons n_l": ca.shape[1],
-        "factor C_l [MiB]": ca.numel() * ca.element_size() / MB,
-        "explicit G_l [MiB]": d * d * ca.element_size() / MB,
-        "implicit time [s]": implicit.seconds,
-        "implicit peak [MiB]": None if implicit.peak_bytes is None else implicit.peak_bytes / MB,
-        "explicit time [s]": None, "explicit peak [MiB]": None,
-    }
-    if d <= cc["explicit_max_dim"]:
-        explicit = measure(lambda: ((ca @ ca.T) * (cb @ cb.T)).sum().item(), device=device)
-        assert abs(explicit.result - implicit.result) <= 1e-3 * abs(implicit.result)
-        row["explicit time [s]"] = explicit.seconds
-        row["explicit peak [MiB]"] = None if explicit.peak_bytes is None else explicit.peak_bytes / MB
-    cost.append(row)
-cost = pd.DataFrame(cost).set_index("chain")
+cost, factor_seconds = ffl.invariance.chain_costs(cc["arch"], cc["model_kwargs"], explicit_max_dim=cc["explicit_max_dim"],
+                                                  seed=seed, device=device)
 c4 = cost.loc[4]
-glue("apc_chain_factor_seconds", fa.seconds, display=False)
+glue("apc_chain_factor_seconds", factor_seconds, display=False)
 glue("apc_chain4_dim", int(c4["dim d_l"]), display=False)
 glue("apc_chain4_gram_gb", float(c4["explicit G_l [MiB]"] / 1024), display=False)
 glue("apc_chain4_factor_mb", float(c4["factor C_l [MiB]"]), display=False)

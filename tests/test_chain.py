@@ -271,21 +271,3 @@ def test_measure_peak_memory_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     if out != "None":
         assert int(out) >= 48 * 2**20
-
-
-def test_invariance_report_and_controls_for_the_chapter():
-    from ffl.permute import broken_permutation_check, invariance_check, randomize_batchnorm_
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    net = randomize_batchnorm_(build_model("resnet5", 2, activation="leaky_relu", widths=(8, 12, 16, 20)), gen).eval()
-    assert not torch.equal(net.bns[0].running_var, torch.ones(8))
-    x = torch.randn(4, 3, 16, 16, generator=gen)
-    rows = invariance_check(net, x, permutations=2, generator=gen, explicit_max_dim=243)
-    assert len(rows) == 2 * 5 and {r["chain"] for r in rows} == {1, 2, 3, 4, 5}
-    assert [r["dG_explicit"] for r in rows[:5]] == [True, True, False, False, False]
-    assert max(r["rel_dG"] for r in rows) < 1e-5 and max(r["max_abs_dout"] for r in rows) < 1e-5
-    assert max(r["rel_dW"] for r in rows) > 0.1
-    controls = broken_permutation_check(net, x, generator=gen)
-    assert [c["control"] for c in controls] == ["one side only"] * 4 + ["skip tie broken"] * 3
-    assert min(c["max_abs_dout"] for c in controls) > 1e-5 and min(c["rel_dG"] for c in controls) > 1e-3
