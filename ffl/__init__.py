@@ -1,8 +1,9 @@
 """ffl: Function Feature Learning of neural networks (Wang et al.), as a thin library.
 
 Modules mirror the paper: :mod:`ffl.models` (architectures), :mod:`ffl.chain` (chain alignment
-rule, §3.2), :mod:`ffl.data` (tasks), :mod:`ffl.zoo` (trained networks), :mod:`ffl.features`
-(function feature learning, §3.3), :mod:`ffl.protocols` and :mod:`ffl.metrics` (§4),
-:mod:`ffl.plots` (figures).
+rule, §3.2), :mod:`ffl.permute` and :mod:`ffl.invariance` (its symmetry, checked), :mod:`ffl.data`
+(tasks), :mod:`ffl.zoo` (trained networks, trained by :mod:`ffl.engine` on :mod:`ffl.batched`
+modules), :mod:`ffl.features` (function feature learning, §3.3), :mod:`ffl.protocols` and
+:mod:`ffl.metrics` (§4), :mod:`ffl.plots` (figures). DESIGN.md maps every module.
 """
 __version__ = "0.1.0"

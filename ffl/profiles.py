@@ -1,7 +1,9 @@
 """Named run sizes ("profiles"): ``smoke`` for CI and laptops, ``paper`` for the paper's settings.
 
 A profile is a YAML file in ``profiles/`` with one section per notebook; a notebook reads its own
-section. The ``notebooks`` section lists the papermill parameters the book build uses.
+section. The ``chapters`` section lists the chapters the book build runs (``python -m ffl.book``)
+and their papermill parameters. A section's ``zoo`` settings become a zoo spec through
+:func:`ffl.zoo.spec_from_profile`; ``profiles/paper.yaml`` is the one home of the paper's settings.
 """
 from __future__ import annotations
 

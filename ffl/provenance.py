@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+import ffl
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,8 +47,6 @@ def hardware(device: str = "cpu") -> str:
 
 def run_info(device: str = "cpu", **params: Any) -> dict[str, Any]:
     """Commit, UTC date, hardware and library versions, plus the run's own parameters."""
-    import ffl
-
     return {
         **params,
         "commit": git_commit(),
