@@ -247,6 +247,10 @@ def gather(x: torch.Tensor, task_index: torch.Tensor, idx: torch.Tensor) -> torc
     return out.view(*idx.shape, *x.shape[2:])
 
 
+# --------------------------------------------------------------------------------------------
+# Initialization (parallel, byte-identical to a serial loop)
+# --------------------------------------------------------------------------------------------
+
 
 def _init_worker(args) -> None:
     build, seeds, lo, hi, shared = args
@@ -293,7 +297,6 @@ def init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *, worker
     if bad:
         raise RuntimeError(f"model initialization workers failed with exit codes {bad}")
     return shared
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ they differ across runs and tasks and do not depend on how the zoo is chunked or
 Scale-out: ``train_zoo(..., shard=(rank, world))`` trains only chunks ``c % world == rank``
 (``python -m ffl.zoo train`` under ``torchrun`` does this and merges on rank 0);
 :func:`merge_zoos` combines zoos trained in separate directories.
+
+Specs: :func:`spec_from_profile` builds one from a profile section (the paper's settings are the
+``paper`` profile). Command line: ``python -m ffl.zoo train|spec|merge|info`` (``--help``).
 """
 from __future__ import annotations
 
