@@ -71,12 +71,13 @@ class MLP(nn.Module):
     @classmethod
     def from_layer_matrices(cls, matrices: Sequence[torch.Tensor], activation: str = "relu") -> "MLP":
         """An MLP without biases whose layer matrices (rows = inputs, columns = neurons) are
-        ``matrices`` — the form the paper writes networks in (§2)."""
+        ``matrices`` — the form the paper writes networks in (§2). The network takes the matrices'
+        dtype (float64 matrices, a float64 network)."""
         widths = [matrices[0].shape[0]] + [m.shape[1] for m in matrices]
         for k, (a, b) in enumerate(zip(matrices[:-1], matrices[1:])):
             if a.shape[1] != b.shape[0]:
                 raise ValueError(f"layer {k + 1} has {a.shape[1]} neurons but layer {k + 2} has {b.shape[0]} inputs")
-        net = cls(widths[0], widths[1:-1], widths[-1], activation)
+        net = cls(widths[0], widths[1:-1], widths[-1], activation).to(matrices[0].dtype)
         with torch.no_grad():
             for layer, m in zip(net.layers, matrices):
                 layer.weight.copy_(m.T)

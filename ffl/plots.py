@@ -1,5 +1,6 @@
 """Figures in the style of the paper's Figures 2–3: per index, the unaligned "layer" feature beside
-the aligned "chain" feature, with the paper's own numbers drawn next to ours when it reports them."""
+the aligned "chain" feature, with the paper's own numbers drawn next to ours when it reports them
+(bars where it names the index, dashed lines where it gives one number for no stated index)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -26,11 +27,16 @@ def protocol_bars(
     """Bar chart of ``metric`` per index for layer vs chain features.
 
     ``results`` (and ``paper``, if given) have columns ``index``, ``feature`` ("layer"/"chain"),
-    ``metric`` and ``value`` (a fraction in [0, 1]).
+    ``metric`` and ``value`` (a fraction in [0, 1]). The paper's rows with an index are drawn as bars
+    beside ours; rows whose index is missing (the paper gave one number for no stated index, e.g.
+    :func:`ffl.paper.reported` for CIFAR-100's text or Table 1) as dashed horizontal lines.
+    Which of the paper's numbers a figure shows belongs in its caption (:func:`ffl.paper.caption_note`).
     """
+    paper = paper[paper["metric"] == metric] if paper is not None else pd.DataFrame(columns=results.columns)
+    no_index = paper["index"].isna()
     frames = [results.assign(source="ours")]
-    if paper is not None and len(paper):
-        frames.append(paper.assign(source="paper"))
+    if (~no_index).any():
+        frames.append(paper[~no_index].astype({"index": int}).assign(source="paper"))
     data = pd.concat(frames, ignore_index=True)
     data = data[data["metric"] == metric]
     if data.empty:
@@ -42,9 +48,14 @@ def protocol_bars(
     order = [s for s in PALETTE if s in set(data["series"])]
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.0))
-    sns.barplot(data=data, x="index", y="percent", hue="series", hue_order=order, palette=PALETTE, ax=ax)
+    sns.barplot(data=data, x="index", y="percent", hue="series", hue_order=order, palette=PALETTE,
+                errorbar=None, ax=ax)  # one value per bar: no interval to draw
     for container in ax.containers:
         ax.bar_label(container, fmt="%.0f", fontsize=7, padding=1)
+    for _, row in paper[no_index].iterrows():
+        series = FEATURE_LABELS[row["feature"]] + ", paper"
+        ax.axhline(100 * row["value"], color=PALETTE[series], linestyle="--", linewidth=1.2,
+                   label=f"{series} (no index stated): {100 * row['value']:.1f}")
     ax.set_xlabel("index l (layer W_l / chain G_l)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 105)
