@@ -44,7 +44,7 @@ is invariant. An untied permutation changes the network's function and the chain
 stacked as torch does. A hidden permutation P_k permutes the rows of every gate block identically,
 the columns of W_h·^{(k)} (recurrent: both sides) and of W_i·^{(k+1)} (next layer's input). The
 official feature is the Gram of the first layer's input weights with the gates stacked as columns:
-C_1 = W_ih^{(1)ᵀ} ∈ R^{57 × 3H}, G_1 = Σ_g W_igᵀ W_ig (``gru_lags=0``). The full chain follows the
+C_1 = W_ih^{(1)ᵀ} ∈ R^{58 × 3H}, G_1 = Σ_g W_igᵀ W_ig (``gru_lags=0``). The full chain follows the
 input through both layers and through time. Linearize the hidden state's path at z = 0, r = 1
 (h_t = W_in x_t + W_hn h_{t-1}: the candidate path) and define the impulse responses of layer k's
 state to x_{t-s}, s = 0 … τ (``gru_lags`` = τ):
@@ -54,7 +54,7 @@ state to x_{t-s}, s = 0 … τ (``gru_lags`` = τ):
 and the responses of layer k's gate pre-activations, every gate explicit:
 A_g^{(k)}[s] = W_ig^{(k)} R^{(k-1)}[s] + W_hg^{(k)} R^{(k)}[s-1]. Chain k's factor has rows
 (s, input character) and columns (g, neuron): C_k[(s, c), (g, j)] = A_g^{(k)}[s][j, c], of
-dimension (τ+1)·57 × 3H; the classifier's chain is C_{L+1}[(s, c), m] = (W_fc R^{(L)}[s])[m, c].
+dimension (τ+1)·58 × 3H; the classifier's chain is C_{L+1}[(s, c), m] = (W_fc R^{(L)}[s])[m, c].
 Under the permutations R^{(k)} → P_kᵀ R^{(k)} and A_g^{(k)} → P_kᵀ A_g^{(k)} for every g, so C_k →
 C_k (I_3 ⊗ P_k): the Grams are invariant. With τ = 0 chain 1 is the official feature; with τ ≥ 1
 (default 1) the recurrent weights of both layers enter, and the s = 0 block of G_1 is still the
@@ -308,20 +308,24 @@ def gram_distance(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min(0).sqrt()
 
 
-def layer_features(model: nn.Module, *, fold_bn: bool = True) -> list[torch.Tensor]:
+def layer_features(model: nn.Module, *, fold_bn: bool = True, normalize: bool = False,
+                   gru_recurrent: bool = True) -> list[torch.Tensor]:
     """Raw per-layer weights, flattened: the paper's *unaligned* baseline.
 
     MLP: vec(W_lᵀ). ConvNet: the (BN-folded when ``fold_bn``) kernels, no skip, then the
-    classifier. GRU: per layer [W_ih | W_hh] (all gates), then the classifier.
+    classifier. GRU: per layer [W_ih | W_hh] (all gates), or W_ih alone with ``gru_recurrent=False``
+    (the official baseline), then the classifier. ``normalize`` scales every row of a layer matrix
+    (one input's outgoing weights) to unit L2 norm first, as the official MLP baseline does.
     """
     check_supported(model)
     if isinstance(model, MLP):
-        return [w.reshape(-1) for w in layer_matrices(model)]
-    if isinstance(model, ConvNet):
-        return [m.reshape(-1) for _, m in _convnet_steps(model, fold_bn, skip=False)]
-    return [torch.cat([wih, whh], dim=1).reshape(-1) for wih, whh in _gru_weights(model, False)] + [
-        model.fc.weight.detach().T.reshape(-1)
-    ]
+        mats = layer_matrices(model)
+    elif isinstance(model, ConvNet):
+        mats = [m for _, m in _convnet_steps(model, fold_bn, skip=False)]
+    else:
+        mats = [torch.cat([wih, whh], dim=1).T if gru_recurrent else wih.T
+                for wih, whh in _gru_weights(model, False)] + [model.fc.weight.detach().T]
+    return [(_normalize_rows(m) if normalize else m).reshape(-1) for m in mats]
 
 
 def num_chains(model: nn.Module) -> int:

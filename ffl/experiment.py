@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import ffl
 from ffl.data import DATASETS
-from ffl.features import ProjectionConfig, zoo_representations
+from ffl.features import FeatureConfig, ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
@@ -63,7 +63,7 @@ def evaluate_zoo(
     projection: ProjectionConfig,
     split: ProtocolSplit,
     *,
-    chain_normalize: bool = False,
+    features: FeatureConfig | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Both protocols, for layer and chain features at every index: a long table with columns
@@ -71,7 +71,7 @@ def evaluate_zoo(
     models = [zoo.model(i) for i in range(len(zoo))]
     rows = []
     jobs = [(kind, rep) for kind in FEATURE_KINDS
-            for rep in enumerate(zoo_representations(models, kind, chain_normalize=chain_normalize), 1)]
+            for rep in enumerate(zoo_representations(models, kind, features), 1)]
     for kind, (index, rep) in tqdm(jobs, desc="protocols", disable=not progress):
         for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
             for metric, value in fn(rep, zoo.tasks, zoo.runs, projection, split).items():
@@ -106,20 +106,20 @@ def run_experiment(
                              download=download, seed=seed)
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    chain_normalize = bool(settings.get("chain_normalize", False))
+    features = FeatureConfig.from_dict(settings.get("features"))
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec_dict = spec.identity()  # where the data lives does not change the zoo
     zoo = train_zoo(spec, cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}", device=device, progress=progress)
 
     result_key = _key({"zoo": spec_dict, "projection": dataclasses.asdict(projection),
-                       "split": dataclasses.asdict(split), "chain_normalize": chain_normalize,
+                       "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
                        "ffl": ffl.__version__})
     result_file = cache / "results" / f"{section}-{arch}-{dataset}-{result_key}.csv"
     if result_file.is_file():
         results = pd.read_csv(result_file)
     else:
-        results = evaluate_zoo(zoo, projection, split, chain_normalize=chain_normalize, progress=progress)
+        results = evaluate_zoo(zoo, projection, split, features=features, progress=progress)
         with atomic_path(result_file) as staged:  # a killed run leaves no half-written table
             results.to_csv(staged, index=False)
     return Experiment(zoo=zoo, results=results, settings=settings)

@@ -115,20 +115,56 @@ def _gram_inner_matrix(c: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass
+class FeatureConfig:
+    """Which weights stand for a network (§3.2–3.3 and the unaligned baseline of §4).
+
+    Defaults are the paper's and, where it is silent, the official code's:
+
+    * ``chain_normalize``: unit-norm rows of every layer matrix in chains of length ≥ 2 (the
+      paper's "we normalize the weights of each layer in MLP"; the official MLP chain does so);
+    * ``fold_bn``: fold eval-mode BatchNorm scales into the kernels (ours); ``False`` = the raw
+      kernels, as the official CNN chains and CNN baseline take them;
+    * ``gru_lags``: lags of the GRU chain; 0 = the official GRU feature W_ih^{(1)ᵀ} only;
+    * ``layer_normalize``: unit-norm rows (each input's outgoing weights) of every layer matrix in
+      the unaligned baseline, as the official MLP baseline does;
+    * ``gru_recurrent``: the GRU baseline takes [W_ih | W_hh] per layer (ours); ``False`` = W_ih only,
+      the official baseline (its layer 1 is the first layer's input weights).
+    """
+
+    chain_normalize: bool = False
+    fold_bn: bool = True
+    gru_lags: int = 1
+    layer_normalize: bool = False
+    gru_recurrent: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FeatureConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown feature settings {sorted(unknown)}; "
+                             f"choose from {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
 def zoo_representations(
-    models: Sequence[nn.Module], kind: str, *, chain_normalize: bool = False
+    models: Sequence[nn.Module], kind: str, features: FeatureConfig | None = None
 ) -> list[Representation]:
     """One :class:`Representation` per index for a list of same-architecture networks.
 
     ``kind="chain"``: aligned chain Grams G_1 … G_L (kept as factors C_l);
-    ``kind="layer"``: the unaligned per-layer weights W_1 … W_L.
+    ``kind="layer"``: the unaligned per-layer weights W_1 … W_L. ``features`` chooses the options.
     """
+    f = features or FeatureConfig()
     if kind == "chain":
-        per_model = [chain_factors(m, normalize=chain_normalize) for m in models]
-        return [Representation(factors=torch.stack([f[l] for f in per_model])) for l in range(len(per_model[0]))]
+        per_model = [chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn, gru_lags=f.gru_lags)
+                     for m in models]
+        return [Representation(factors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
     if kind == "layer":
-        per_model = [layer_features(m) for m in models]
-        return [Representation(vectors=torch.stack([f[l] for f in per_model])) for l in range(len(per_model[0]))]
+        per_model = [layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize, gru_recurrent=f.gru_recurrent)
+                     for m in models]
+        return [Representation(vectors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
     raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
 
 

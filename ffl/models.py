@@ -172,7 +172,7 @@ class ConvNet(nn.Module):
 class GRUNet(nn.Module):
     """GRU-2 of the paper (§4, name classification): stacked GRU layers on one-hot characters, then FC.
 
-    Input: one-hot sequences ``(B, T, 57)`` (float) or character indices ``(B, T)`` (long; index
+    Input: one-hot sequences ``(B, T, 58)`` (float) or character indices ``(B, T)`` (long; index
     ``-1`` = padding, an all-zero vector) over :data:`ALL_LETTERS`. The classifier reads the last
     layer's hidden state at the last step (or at step ``lengths - 1`` when ``lengths`` is given, for
     right-padded batches). Layer ``k`` follows ``torch.nn.GRU``: gates stacked ``[r, z, n]`` in
@@ -209,7 +209,7 @@ def input_shape(arch: str) -> tuple[int, ...]:
     """Shape of one input example (no batch dimension) for ``arch``.
 
     Images: ``(3, 32, 32)`` (the MLP flattens it to 3072). ``"gru"``: one-hot characters
-    ``(GRU_SEQ_LEN, 57)``; GRU-2 accepts any sequence length, this is only a default.
+    ``(GRU_SEQ_LEN, 58)``; GRU-2 accepts any sequence length, this is only a default.
     """
     if arch in ("mlp", "cnn", "plainnet6", "resnet5"):
         return (3, 32, 32)

@@ -220,15 +220,33 @@ def test_gru_official_feature_and_full_chain():
     wih0, whh0 = net.gru.weight_ih_l0.detach(), net.gru.weight_hh_l0.detach()
     official = chain_factors(net, gru_lags=0)[0]
     assert torch.equal(official, wih0.T)
-    gates = wih0.reshape(3, 6, 57)
+    gates = wih0.reshape(3, 6, 58)
     assert torch.allclose(chain_gram(official), sum(gates[g].T @ gates[g] for g in range(3)), atol=1e-5)
     full = chain_factors(net, gru_lags=1)
-    assert [tuple(c.shape) for c in full] == [(114, 18), (114, 18), (114, 3)]
-    assert torch.equal(full[0][:57], official)
-    assert torch.allclose(full[0][57:], wih0[12:].T @ whh0.T, atol=1e-6)  # x_{t-1} → n → gates at t
+    assert [tuple(c.shape) for c in full] == [(116, 18), (116, 18), (116, 3)]
+    assert torch.equal(full[0][:58], official)
+    assert torch.allclose(full[0][58:], wih0[12:].T @ whh0.T, atol=1e-6)  # x_{t-1} → n → gates at t
     wih1 = net.gru.weight_ih_l1.detach()
-    assert torch.allclose(full[1][:57], wih0[12:].T @ wih1.T, atol=1e-6)
-    assert num_chains(net) == 3 and chain_dims(net, gru_lags=2) == [171] * 3
+    assert torch.allclose(full[1][:58], wih0[12:].T @ wih1.T, atol=1e-6)
+    assert num_chains(net) == 3 and chain_dims(net, gru_lags=2) == [174] * 3
+
+
+def test_official_baselines_against_an_independent_computation():
+    """The official unaligned baselines: GRU layer 1 = the first layer's input weights; MLP layers
+    with each input's outgoing weights (a column of PyTorch's (out, in) weight) at unit norm."""
+    gru = make("gru", "relu", dict(hidden=6))
+    official = layer_features(gru, gru_recurrent=False)
+    assert torch.equal(official[0].reshape(58, 18), gru.gru.weight_ih_l0.detach().T)
+    assert official[1].numel() == 6 * 18  # layer 2: its input weights (3H × H) only
+    ours = layer_features(gru)
+    assert ours[0].numel() == 18 * (58 + 6)  # [W_ih | W_hh]
+    mlp = make("mlp", "relu", dict(in_features=12, hidden=(5, 4, 3)))
+    for feat, layer in zip(layer_features(mlp, normalize=True), mlp.layers):
+        w = layer.weight.detach()  # (out, in)
+        expected = (w / torch.linalg.vector_norm(w, dim=0)).T.reshape(-1)
+        assert torch.allclose(feat, expected, rtol=1e-6, atol=1e-7)
+    raw = layer_features(mlp)
+    assert torch.equal(raw[0], mlp.layers[0].weight.detach().T.reshape(-1))
 
 
 class Odd(ConvNet):

@@ -485,23 +485,49 @@ def write_fake_names(root: Path) -> Path:
 
 
 def test_letters_and_ascii_folding():
-    assert data.N_LETTERS == 57 == len(data.ALL_LETTERS)
+    assert data.N_LETTERS == 58 == len(data.ALL_LETTERS)
     assert data.unicode_to_ascii("Ślusàrski") == "Slusarski"  # the tutorial's own example
-    assert data.unicode_to_ascii("Müller-Lüdenscheidt") == "MullerLudenscheidt"  # '-' not a letter
+    assert data.unicode_to_ascii("Müller-Lüdenscheidt") == "Muller-Ludenscheidt"  # '-' is the 58th
+    assert data.unicode_to_ascii("O'Neill, Jr.") == "O'Neill, Jr."
     x = data.name_to_tensor("Bai")
-    assert x.shape == (3, 57) and x.dtype == torch.float32
+    assert x.shape == (3, 58) and x.dtype == torch.float32
     assert x.sum(1).tolist() == [1, 1, 1]
     assert x.argmax(1).tolist() == [data.ALL_LETTERS.index(c) for c in "Bai"]
     assert data.NAMEDATA_LANGUAGES == tuple(sorted(data.NAMEDATA_LANGUAGES))
     assert len(data.NAMEDATA_LANGUAGES) == 18
 
 
-def test_namedata_fake(tmp_path):
+def _decoded(x, lengths):
+    return ["".join(data.ALL_LETTERS[i] for i in row[:n].argmax(1).tolist()) for row, n in zip(x, lengths.tolist())]
+
+
+def test_namedata_official_split(tmp_path):
+    """The official split: a random half of each file's lines trains (repeats included); the
+    distinct names never drawn are the test set."""
     write_fake_names(tmp_path)
     t = load_task("namedata", 0, data_root=tmp_path)
+    assert t.x_train.shape[1] == t.x_test.shape[1] == 7  # "Au-Yong"
+    assert t.y_train.bincount().tolist() == [3, 5]  # half of 6 Arabic and of 10 Chinese lines
+    lines = {0: ["Nader", "Khoury", "Nader", "Haddad", "Saliba", "Antar"],
+             1: ["Ang", "Au-Yong", "Bai", "Ban", "Bao", "Bei", "Bian", "Bui", "Cai", "Cao"]}
+    train = _decoded(t.x_train, t.lengths_train)
+    test = _decoded(t.x_test, t.lengths_test)
+    for label in (0, 1):
+        tr = [n for n, y in zip(train, t.y_train.tolist()) if y == label]
+        te = [n for n, y in zip(test, t.y_test.tolist()) if y == label]
+        assert sorted(te) == sorted(set(lines[label]) - set(tr))  # every name not drawn, once
+    again = load_task("namedata", 0, data_root=tmp_path)
+    assert torch.equal(again.x_train, t.x_train) and torch.equal(again.y_test, t.y_test)
+    with pytest.raises(ValueError, match="unknown NameData split 'half'.*official"):
+        load_task("namedata", 0, data_root=tmp_path, split="half")
+
+
+def test_namedata_fake(tmp_path):
+    write_fake_names(tmp_path)
+    t = load_task("namedata", 0, data_root=tmp_path, split="fraction")
     assert t.classes == ["Arabic", "Chinese"]
-    assert t.x_train.dim() == 3 and t.x_train.shape[2] == 57
-    assert t.x_train.shape[1] == t.x_test.shape[1] == 6  # "Khoury", "Haddad", "Saliba", "AuYong"
+    assert t.x_train.dim() == 3 and t.x_train.shape[2] == 58
+    assert t.x_train.shape[1] == t.x_test.shape[1] == 7  # "Au-Yong"
     # deduped: 5 Arabic (1 test), 10 Chinese (2 test)
     assert t.y_train.bincount().tolist() == [4, 8] and t.y_test.bincount().tolist() == [1, 2]
     for x, lengths in ((t.x_train, t.lengths_train), (t.x_test, t.lengths_test)):
@@ -511,15 +537,15 @@ def test_namedata_fake(tmp_path):
                           for row, n in zip(x, l.tolist())}
     train, test = names(t.x_train, t.lengths_train), names(t.x_test, t.lengths_test)
     assert not train & test
-    assert train | test == {"Nader", "Khoury", "Haddad", "Saliba", "Antar", "Ang", "AuYong", "Bai",
+    assert train | test == {"Nader", "Khoury", "Haddad", "Saliba", "Antar", "Ang", "Au-Yong", "Bai",
                             "Ban", "Bao", "Bei", "Bian", "Bui", "Cai", "Cao"}
-    again = load_task("namedata", 0, data_root=tmp_path)
+    again = load_task("namedata", 0, data_root=tmp_path, split="fraction")
     assert torch.equal(again.x_train, t.x_train) and torch.equal(again.y_test, t.y_test)
-    other = [load_task("namedata", 0, data_root=tmp_path, seed=s) for s in range(1, 6)]
+    other = [load_task("namedata", 0, data_root=tmp_path, seed=s, split="fraction") for s in range(1, 6)]
     assert any(names(o.x_test, o.lengths_test) != test for o in other)
-    full = load_task("namedata", 0, data_root=tmp_path, dedupe=False)
+    full = load_task("namedata", 0, data_root=tmp_path, dedupe=False, split="fraction")
     assert len(full.y_train) + len(full.y_test) == 16
-    capped = load_task("namedata", 0, data_root=tmp_path, max_per_class=3)
+    capped = load_task("namedata", 0, data_root=tmp_path, max_per_class=3, split="fraction")
     assert len(capped.y_train) + len(capped.y_test) == 6
 
 
@@ -528,7 +554,7 @@ def test_namedata_packs_for_a_gru(tmp_path):
     t = load_task("namedata", 0, data_root=tmp_path)
     packed = torch.nn.utils.rnn.pack_padded_sequence(t.x_train, t.lengths_train, batch_first=True,
                                                      enforce_sorted=False)
-    _, h = torch.nn.GRU(57, 4, batch_first=True)(packed)
+    _, h = torch.nn.GRU(58, 4, batch_first=True)(packed)
     assert h.shape == (1, len(t.y_train), 4)
 
 
@@ -558,8 +584,17 @@ def test_namedata_download(tmp_path, monkeypatch):
 def test_real_namedata_all_tasks():
     total = 0
     for r in range(num_tasks("namedata")):
-        t = load_task("namedata", r, data_root=SHARED, dedupe=False)
+        t = load_task("namedata", r, data_root=SHARED, dedupe=False, split="fraction")
         assert t.classes == [data.NAMEDATA_LANGUAGES[c] for c in task_classes("namedata", r)]
         assert set(t.y_test.tolist()) == {0, 1}
         total += len(t.y_train) + len(t.y_test)
     assert total == 20074  # every line of the tutorial's 18 files (PROVENANCE.md)
+
+
+@pytest.mark.skipif(not (SHARED / "names").is_dir(), reason="no shared real data")
+def test_real_namedata_official_split():
+    t = load_task("namedata", 0, data_root=SHARED)  # Arabic (2,000 lines, 108 names), Chinese (268)
+    assert t.y_train.bincount().tolist() == [1000, 134]
+    train = set(_decoded(t.x_train, t.lengths_train))
+    test = _decoded(t.x_test, t.lengths_test)
+    assert not train & set(test) and len(test) == len(set(test))

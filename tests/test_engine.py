@@ -39,8 +39,8 @@ def name_tasks(sizes=((30, 9, 7), (22, 5, 9)), classes=2, seed=0):
     for n, nt, T in sizes:
         def split(m):
             lens = torch.randint(1, T + 1, (m,), generator=g)
-            idx = torch.randint(0, 57, (m, T), generator=g)
-            x = F.one_hot(idx, 57).float() * (torch.arange(T)[None, :] < lens[:, None]).unsqueeze(-1)
+            idx = torch.randint(0, 58, (m, T), generator=g)
+            x = F.one_hot(idx, 58).float() * (torch.arange(T)[None, :] < lens[:, None]).unsqueeze(-1)
             return x, torch.randint(0, classes, (m,), generator=g), lens
         x, y, l = split(n)
         xt, yt, lt = split(nt)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ffl.chain import chain_factors, chain_gram
-from ffl.features import ProjectionConfig, Representation, fit_projection, zoo_representations
+from ffl.features import FeatureConfig, ProjectionConfig, Representation, fit_projection, zoo_representations
 from ffl.models import MLP
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split,
                            retrieval_protocol, retrieval_split)
@@ -113,3 +113,10 @@ def test_split_sizes_follow_the_paper():
     assert all(torch.equal(a, b) for a, b in zip((seen, query, gallery), again))
     other = retrieval_split(tasks, runs, ProtocolSplit(seed=1))
     assert not torch.equal(other[1], query)
+
+
+def test_feature_config_from_profile_settings():
+    assert FeatureConfig.from_dict(None) == FeatureConfig()
+    assert FeatureConfig.from_dict({"gru_lags": 0, "gru_recurrent": False}).gru_lags == 0
+    with pytest.raises(ValueError, match="unknown feature settings \\['chain_norm'\\]; choose from"):
+        FeatureConfig.from_dict({"chain_norm": True})

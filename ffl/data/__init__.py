@@ -9,12 +9,12 @@ dataset            tasks     task ``r``
 ``synthetic``      50 (cfg)  binary Gaussian mixture in 3×32×32, class means seeded by (seed, r)
 ``cifar100``       50        CIFAR-100 fine classes ``2r, 2r+1`` (the paper's split)
 ``tiny_imagenet``  50        Tiny ImageNet classes ``4r … 4r+3`` in ``wnids.txt`` order, 32×32
-``namedata``       9         NameData languages ``2r, 2r+1`` (sorted file names), one-hot chars
+``namedata``       9         NameData languages ``2r, 2r+1`` (sorted file names), one-hot chars (58)
 =================  ========  =====================================================================
 
 Every loader returns a :class:`TaskData` with labels ``0..k-1`` *within* the task (label ``i`` is
 the ``i``-th entry of :func:`task_classes`). Images are float32 ``(N, 3, 32, 32)`` normalized with
-per-channel mean/std; names are padded one-hot sequences ``(N, max_len, 57)`` plus lengths.
+per-channel mean/std; names are padded one-hot sequences ``(N, max_len, 58)`` plus lengths.
 
 Files are never fetched silently: with ``download=False`` (the default) a missing dataset raises
 :class:`FileNotFoundError` naming the expected files and how to obtain them. Downloads go to a

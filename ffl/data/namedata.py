@@ -17,10 +17,12 @@ from ffl.data.tasks import TaskData, task_classes
 from ffl.files import atomic_path
 from ffl.seeds import derive_seed
 
-#: The 57 characters of the PyTorch char-RNN tutorial: names are folded to them and GRU-2 reads
-#: them one-hot (:mod:`ffl.models` takes its input size from here).
-ALL_LETTERS = string.ascii_letters + " .,;'"
-N_LETTERS = len(ALL_LETTERS)  # 57
+#: The 58 symbols of the official code's NameData (the char-RNN tutorial's 57 plus ``-``): names
+#: are folded to them and GRU-2 reads them one-hot (:mod:`ffl.models` takes its input size from here).
+ALL_LETTERS = string.ascii_letters + " .,;'-"
+N_LETTERS = len(ALL_LETTERS)  # 58
+#: How a language's names are split into train and test (see :func:`load_namedata`).
+NAMEDATA_SPLITS = ("official", "fraction")
 NAMEDATA_URL = "https://download.pytorch.org/tutorial/data.zip"
 # The 18 files of the tutorial's data/names/, sorted: label i = NAMEDATA_LANGUAGES[i].
 NAMEDATA_LANGUAGES = ("Arabic", "Chinese", "Czech", "Dutch", "English", "French", "German",
@@ -29,8 +31,8 @@ NAMEDATA_LANGUAGES = ("Arabic", "Chinese", "Czech", "Dutch", "English", "French"
 
 
 def unicode_to_ascii(s: str) -> str:
-    """Fold a name to the 57 letters exactly as the PyTorch char-RNN tutorial does: Unicode NFD,
-    drop combining marks (category Mn), keep only :data:`ALL_LETTERS`."""
+    """Fold a name to :data:`ALL_LETTERS` as the char-RNN tutorial and the official code do:
+    Unicode NFD, drop combining marks (category Mn), keep only the 58 symbols."""
     return "".join(c for c in unicodedata.normalize("NFD", s)
                    if unicodedata.category(c) != "Mn" and c in ALL_LETTERS)
 
@@ -58,18 +60,43 @@ def _names_to_padded(names: Sequence[str], max_len: int) -> tuple[torch.Tensor, 
     return x, lengths
 
 
-def load_namedata(task: int, root: Path, *, download: bool, seed: int,
+def _split_names(names: list[str], split: str, *, test_fraction: float, dedupe: bool,
+                 max_per_class: int | None, gen: torch.Generator) -> tuple[list[str], list[str]]:
+    """One language's (train, test) names; see :func:`load_namedata`."""
+    if split == "fraction" and dedupe:
+        names = list(dict.fromkeys(names))
+    names = [names[i] for i in torch.randperm(len(names), generator=gen).tolist()][:max_per_class]
+    if split == "official":
+        train = names[:len(names) // 2]
+        drawn = set(train)
+        return train, sorted(set(names) - drawn)
+    if len(names) < 2:
+        raise ValueError(f"fewer than 2 usable names for a {split!r} split")
+    n_test = min(len(names) - 1, max(1, round(test_fraction * len(names))))
+    return names[:-n_test], names[-n_test:]
+
+
+def load_namedata(task: int, root: Path, *, download: bool, seed: int, split: str = "official",
                   test_fraction: float = 0.2, dedupe: bool = True,
                   max_per_class: int | None = None) -> TaskData:
-    """Task r = languages 2r, 2r+1 of :data:`NAMEDATA_LANGUAGES` (§4).
+    """Task r = languages 2r, 2r+1 of :data:`NAMEDATA_LANGUAGES` (§4.3).
 
-    Per language: names are read as the tutorial does; with ``dedupe=True`` (default) repeated
-    lines are dropped first (e.g. Arabic.txt has 2,000 lines but 108 distinct names; keeping the
-    repeats would put the same name in train and test). The names are shuffled by a generator
-    seeded by ``(seed, language)``, optionally cut to ``max_per_class``, and the last
-    ``round(test_fraction·n)`` (at least 1) go to test. Train and test are then shuffled together
-    with a seeded permutation so classes are mixed.
+    Per language the names are read as the tutorial does, then split by ``split``:
+
+    * ``"official"`` (the official code's split; the paper is silent): a seeded random half of the
+      file's *lines* (repeated lines included) trains; the distinct names never drawn for training
+      are the test set. A file of many repeats can leave its language without test names
+      (Arabic.txt: 2,000 lines, 108 names); the task is then tested on its other language only.
+    * ``"fraction"`` (ours): with ``dedupe=True`` repeated lines are dropped first, so a name is
+      never both a training and a test name; the last ``round(test_fraction·n)`` (at least 1) of
+      a seeded shuffle test.
+
+    The official code draws without a seed; here every draw is seeded by ``(seed, language)``.
+    ``max_per_class`` keeps only that many lines per language (small test zoos). Train and test
+    are then shuffled with a seeded permutation so the classes are mixed.
     """
+    if split not in NAMEDATA_SPLITS:
+        raise ValueError(f"unknown NameData split {split!r}; choose one of {list(NAMEDATA_SPLITS)}")
     base = root / "names"
     languages = [NAMEDATA_LANGUAGES[c] for c in task_classes("namedata", task)]
     paths = [base / f"{lang}.txt" for lang in languages]
@@ -90,25 +117,23 @@ def load_namedata(task: int, root: Path, *, download: bool, seed: int,
             f"to {base}.")
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for label, (lang, path) in enumerate(zip(languages, paths)):
-        names = read_names(path)
-        if dedupe:
-            names = list(dict.fromkeys(names))
-        g = torch.Generator().manual_seed(derive_seed("ffl-namedata", seed, lang))
-        names = [names[i] for i in torch.randperm(len(names), generator=g).tolist()]
-        if max_per_class is not None:
-            names = names[:max_per_class]
-        if len(names) < 2:
-            raise ValueError(f"{path} has fewer than 2 usable names")
-        n_test = min(len(names) - 1, max(1, round(test_fraction * len(names))))
-        splits["train"] += [(n, label) for n in names[:-n_test]]
-        splits["test"] += [(n, label) for n in names[-n_test:]]
+        train, test = _split_names(read_names(path), split, test_fraction=test_fraction, dedupe=dedupe,
+                                   max_per_class=max_per_class,
+                                   gen=torch.Generator().manual_seed(derive_seed("ffl-namedata", seed, lang)))
+        if not train:
+            raise ValueError(f"{path}: no training names after the {split!r} split")
+        splits["train"] += [(n, label) for n in train]
+        splits["test"] += [(n, label) for n in test]
+    if not splits["test"]:
+        raise ValueError(f"NameData task {task} ({', '.join(languages)}) has no test names after the "
+                         f"{split!r} split")
     max_len = max(len(n) for rows in splits.values() for n, _ in rows)
     out = {}
-    for split, rows in splits.items():
-        g = torch.Generator().manual_seed(derive_seed("ffl-namedata", seed, task, split))
+    for part, rows in splits.items():
+        g = torch.Generator().manual_seed(derive_seed("ffl-namedata", seed, task, part))
         rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
         x, lengths = _names_to_padded([n for n, _ in rows], max_len)
-        out[split] = (x, torch.tensor([y for _, y in rows], dtype=torch.int64), lengths)
+        out[part] = (x, torch.tensor([y for _, y in rows], dtype=torch.int64), lengths)
     (x_tr, y_tr, l_tr), (x_te, y_te, l_te) = out["train"], out["test"]
     return TaskData(x_tr, y_tr, x_te, y_te, classes=languages, lengths_train=l_tr,
                     lengths_test=l_te)
