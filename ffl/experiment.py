@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,15 @@ def evaluate_zoo(
 
 @dataclasses.dataclass
 class Experiment:
+    """A section's zoo, its results table, and what made them (``seconds``: wall time per stage
+    of this run; a stage read from the cache counts as ``cached``)."""
+
     zoo: Zoo
     results: pd.DataFrame
     settings: dict[str, Any]
+    split: ProtocolSplit = dataclasses.field(default_factory=ProtocolSplit)
+    features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+    seconds: dict[str, float | str] = dataclasses.field(default_factory=dict)
 
 
 def run_experiment(
@@ -110,7 +117,12 @@ def run_experiment(
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec_dict = spec.identity()  # where the data lives does not change the zoo
-    zoo = train_zoo(spec, cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}", device=device, progress=progress)
+    zoo_root = cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}"
+    seconds: dict[str, float | str] = {}
+    start = time.perf_counter()
+    zoo_was_cached = (zoo_root / "manifest.json").is_file()  # complete zoos only have one
+    zoo = train_zoo(spec, zoo_root, device=device, progress=progress)
+    seconds["zoo"] = "cached" if zoo_was_cached else round(time.perf_counter() - start, 1)
 
     result_key = _key({"zoo": spec_dict, "projection": dataclasses.asdict(projection),
                        "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
@@ -118,8 +130,12 @@ def run_experiment(
     result_file = cache / "results" / f"{section}-{arch}-{dataset}-{result_key}.csv"
     if result_file.is_file():
         results = pd.read_csv(result_file)
+        seconds["features and protocols"] = "cached"
     else:
+        start = time.perf_counter()
         results = evaluate_zoo(zoo, projection, split, features=features, progress=progress)
+        seconds["features and protocols"] = round(time.perf_counter() - start, 1)
         with atomic_path(result_file) as staged:  # a killed run leaves no half-written table
             results.to_csv(staged, index=False)
-    return Experiment(zoo=zoo, results=results, settings=settings)
+    return Experiment(zoo=zoo, results=results, settings=settings, split=split, features=features,
+                      seconds=seconds)

@@ -17,7 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
+    """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes;
+    ``$FFL_COMMIT`` when set (a copy of the tree run where git history is not at hand, e.g. the
+    GPU machine of ``scripts/gpu_chapter.sh``)."""
+    if os.environ.get("FFL_COMMIT"):
+        return os.environ["FFL_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],

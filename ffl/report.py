@@ -1,0 +1,79 @@
+"""What a chapter prints about its run: the zoo and protocol sizes behind every percentage, the
+paper's numbers beside ours, and where the time went.
+
+Tables are Markdown strings (rendered by the book) or DataFrames; they read an
+:class:`ffl.experiment.Experiment` and never compute results of their own.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ffl.protocols import classification_split, retrieval_split
+
+if TYPE_CHECKING:  # type hints only: experiment imports nothing from here
+    from ffl.experiment import Experiment
+
+METRIC_NAMES = {"top1": "classification top-1 (%)", "rank1": "retrieval rank-1 (%)"}
+FEATURE_NAMES = {"chain": "aligned", "layer": "unaligned"}
+
+
+def _markdown(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _training(spec) -> str:
+    length = (f"{spec.steps:,} steps, lr/10 after {', '.join(f'{s:,}' for s in spec.lr_step_steps) or 'none'}"
+              if spec.steps is not None else
+              f"{spec.epochs} epochs, lr/10 after {', '.join(map(str, spec.lr_step_epochs)) or 'none'}")
+    extras = [f"momentum {spec.momentum}" if spec.optimizer == "sgd" else "",
+              f"weight decay {spec.weight_decay}" if spec.weight_decay else "no weight decay",
+              "crop+flip" if spec.augment else "no augmentation", spec.precision]
+    return (f"{spec.optimizer.upper()}, lr {spec.lr}, batch {spec.batch_size}, {length}; "
+            + ", ".join(e for e in extras if e))
+
+
+def run_table(exp: Experiment) -> str:
+    """The zoo and protocol sizes behind the chapter's numbers (Markdown)."""
+    zoo, spec, split = exp.zoo, exp.zoo.spec, exp.split
+    n_tasks = int(zoo.tasks.unique().numel())
+    acc = 100 * zoo.accuracy["test"].double()
+    cls_train, cls_test = classification_split(zoo.tasks, zoo.runs, split)
+    seen, query, gallery = retrieval_split(zoo.tasks, zoo.runs, split)
+    n_seen = int(zoo.tasks[seen].unique().numel())
+    model = ", ".join(f"{k}={v}" for k, v in spec.model_kwargs.items()) or "the architecture's defaults"
+    return _markdown([
+        ("zoo", f"{spec.arch} ({model}) on {spec.dataset}: {n_tasks} tasks × {spec.runs} runs = {len(zoo):,} networks"),
+        ("training", _training(spec)),
+        ("test accuracy on own task", f"mean {acc.mean():.1f} %, min {acc.min():.1f} %, max {acc.max():.1f} %"),
+        ("classification", f"Θ learned on {len(cls_train):,} networks, {len(cls_test):,} classified into {n_tasks} tasks"),
+        ("retrieval", f"Θ learned on the {len(seen):,} networks of {n_seen} tasks; {n_tasks - n_seen} unseen tasks give "
+                      f"{len(query):,} queries against a gallery of {len(gallery):,}"),
+        ("features", ", ".join(f"{k}={v}" for k, v in vars(exp.features).items())),
+    ])
+
+
+def paper_beside_ours(results: pd.DataFrame, paper: pd.DataFrame, *, index: int = 1) -> pd.DataFrame:
+    """Our top-1 / rank-1 at ``index`` beside the paper's (percent), one row per feature; the paper's
+    rows without an index (a table that names none) are matched to ``index``."""
+    ours = results[results["index"] == index]
+    paper = paper.assign(index=paper["index"].fillna(index))
+    paper = paper[paper["index"] == index]
+    rows = []
+    for feature, name in FEATURE_NAMES.items():
+        row = {"feature": f"{name} ({feature} {index})"}
+        for metric, label in METRIC_NAMES.items():
+            for source, frame in (("paper", paper), ("ours", ours)):
+                value = frame[(frame["feature"] == feature) & (frame["metric"] == metric)]["value"]
+                row[(label, source)] = round(100 * float(value.iloc[0]), 1) if len(value) else None
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("feature")
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    return table
+
+
+def stage_table(exp: Experiment) -> str:
+    """Wall time of each stage of this run (Markdown); ``cached`` where it was read from disk."""
+    return _markdown([(stage, value if isinstance(value, str) else f"{value:,.1f} s")
+                      for stage, value in exp.seconds.items()])
