@@ -59,8 +59,18 @@ __all__ = [
     "precision_scope",
     "tune_malloc",
     "PRECISIONS",
+    "SAMPLINGS",
+    "balanced_plan",
 ]
 
+
+SAMPLINGS = ("epochs", "balanced")
+"""How a network walks through its task's training set:
+
+* ``epochs``: successive reshuffled epochs, as a shuffling DataLoader does;
+* ``balanced``: every example independently: a class uniformly at random, then one of its examples
+  uniformly at random (with replacement), as the official GRU trainer draws names (step-based only).
+"""
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 """Arithmetic of training (weights, gradients and optimizer state are FP32 in all three):
@@ -84,7 +94,8 @@ class TrainConfig:
     zoo through :func:`ffl.zoo.spec_from_profile`.
 
     ``steps``: if set, training is step-based (``epochs`` ignored; ``lr_step_steps`` are the lr
-    milestones in steps); each network walks through its own reshuffled epochs as needed.
+    milestones in steps); each network walks through its own reshuffled epochs as needed, or
+    draws class-balanced examples (``sampling``, see :data:`SAMPLINGS`).
     """
 
     optimizer: str = "sgd"
@@ -100,11 +111,16 @@ class TrainConfig:
     lr_step_steps: list[int] = field(default_factory=list)
     crop_padding: int = 4
     precision: str = "fp32"
+    sampling: str = "epochs"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'sgd' or 'adam'")
         check_precision(self.precision)
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+        if self.sampling == "balanced" and self.steps is None:
+            raise ValueError("sampling 'balanced' draws examples step by step: set steps (step-based training)")
 
 
 def check_precision(precision: str, device: torch.device | str | None = None) -> None:
@@ -338,27 +354,53 @@ def _make_optimizer(params, cfg: TrainConfig, fused: bool = False) -> torch.opti
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
+def balanced_plan(gen: torch.Generator, labels: torch.Tensor, augment: bool, pad: int = 4):
+    """``len(labels)`` class-balanced draws (see :data:`SAMPLINGS`), laid out like :func:`epoch_plan`:
+    each index picks a class uniformly, then one of that class's examples uniformly."""
+    n = len(labels)
+    order = labels.argsort(stable=True)  # examples grouped by class
+    classes, counts = labels.unique(return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    c = torch.randint(0, len(classes), (n,), generator=gen)
+    within = (torch.rand(n, generator=gen, dtype=torch.float64) * counts[c]).long().clamp_max(counts[c] - 1)
+    idx = order[starts[c] + within]
+    if not augment:
+        return idx, None, None
+    return idx, torch.randint(0, 2 * pad + 1, (n, 2), generator=gen), torch.randint(0, 2, (n,), generator=gen)
+
+
 class _Stream:
     """One network's sample stream: successive epochs (permutation + augmentation draws, see
-    :func:`epoch_plan`) from its own generator, consumed in order."""
+    :func:`epoch_plan`), or blocks of class-balanced draws when ``labels`` are given (see
+    :func:`balanced_plan`), from its own generator, consumed in order."""
 
-    def __init__(self, seed: int, n: int, augment: bool, pad: int) -> None:
+    def __init__(self, seed: int, n: int, augment: bool, pad: int, labels: torch.Tensor | None = None) -> None:
         self.gen = torch.Generator().manual_seed(int(seed))
-        self.n, self.augment, self.pad = n, augment, pad
+        self.n, self.augment, self.pad, self.labels = n, augment, pad, labels
         self.buf: list[tuple] = []
         self.pos = 0
+
+    def _plan(self):
+        if self.labels is not None:
+            return balanced_plan(self.gen, self.labels, self.augment, self.pad)
+        return epoch_plan(self.gen, self.n, self.augment, self.pad)
 
     def take(self, m: int):
         parts, got = [], 0
         while got < m:
             if not self.buf or self.pos == len(self.buf[0]):
-                self.buf = [x for x in epoch_plan(self.gen, self.n, self.augment, self.pad) if x is not None]
+                self.buf = [x for x in self._plan() if x is not None]
                 self.pos = 0
             j = min(len(self.buf[0]), self.pos + m - got)
             parts.append([x[self.pos:j] for x in self.buf])
             got += j - self.pos
             self.pos = j
         return [torch.cat(c) for c in zip(*parts)]
+
+
+def _sampling_labels(cfg: TrainConfig, data: NetworkData, u: int) -> torch.Tensor | None:
+    # Labels of task u's training set when its stream draws class-balanced examples.
+    return data.y_train[u, :data.n_train[u]].cpu() if cfg.sampling == "balanced" else None
 
 
 def total_steps(cfg: TrainConfig, n: int) -> int:
@@ -477,7 +519,8 @@ def train_batched(
             # constant shapes per chunk: let cuDNN pick the fastest (grouped) convolution algorithms
             torch.backends.cudnn.benchmark = True
         tidx = torch.as_tensor(list(task_index), dtype=torch.long, device=device)
-        streams = [_Stream(s, data.n_train[int(u)], cfg.augment, cfg.crop_padding) for s, u in zip(data_seeds, task_index)]
+        streams = [_Stream(s, data.n_train[int(u)], cfg.augment, cfg.crop_padding, _sampling_labels(cfg, data, int(u)))
+                   for s, u in zip(data_seeds, task_index)]
         total = total_steps(cfg, streams[0].n)
         if max_steps is not None:
             total = min(total, max_steps)
@@ -549,7 +592,7 @@ def train_loop(
             u = int(task_index[k])
             d = data.subset(u)
             X, Y, Lt = d.x_train[0], d.y_train[0], None if d.lengths_train is None else d.lengths_train[0]
-            stream = _Stream(data_seeds[k], d.n_train[0], cfg.augment, cfg.crop_padding)
+            stream = _Stream(data_seeds[k], d.n_train[0], cfg.augment, cfg.crop_padding, _sampling_labels(cfg, d, 0))
             total = total_steps(cfg, stream.n)
             if max_steps is not None:
                 total = min(total, max_steps)

@@ -29,7 +29,8 @@ def _training(spec) -> str:
               f"{spec.epochs} epochs, lr/10 after {', '.join(map(str, spec.lr_step_epochs)) or 'none'}")
     extras = [f"momentum {spec.momentum}" if spec.optimizer == "sgd" else "",
               f"weight decay {spec.weight_decay}" if spec.weight_decay else "no weight decay",
-              "crop+flip" if spec.augment else "no augmentation", spec.precision]
+              "crop+flip" if spec.augment else "no augmentation",
+              "class-balanced draws" if spec.sampling == "balanced" else "", spec.precision]
     return (f"{spec.optimizer.upper()}, lr {spec.lr}, batch {spec.batch_size}, {length}; "
             + ", ".join(e for e in extras if e))
 

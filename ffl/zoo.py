@@ -68,7 +68,7 @@ FORMAT_VERSION = 1
 #: spec fields that do not change the zoo (where the data lives, whether to download it)
 NON_IDENTITY_FIELDS = ("data_root", "download")
 #: identity fields added after format 1, with the value their absence means
-LATER_FIELDS = {"precision": "fp32", "crop_padding": 4}
+LATER_FIELDS = {"precision": "fp32", "crop_padding": 4, "sampling": "epochs"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,8 +63,10 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # %% [markdown]
 # ## The zoo
 #
-# Every run of every task is trained (or loaded from the cache) with the profile's settings:
-# one name per step, plain SGD, as §4.3 describes.
+# Every run of every task is trained (or loaded from the cache) with the profile's settings: one
+# name per step and plain SGD, as §4.3 describes; each step draws a language uniformly, then one
+# of its training names, as the official trainer does (the languages of a task differ in size up
+# to a hundredfold).
 
 # %%
 exp = ffl.experiment.run_experiment(

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffl.batched import BatchedGRU, UnsupportedModel, stack_models
-from ffl.engine import (NetworkData, TrainConfig, augment_batch, init_stacked, lr_at, precision_scope,
-                        train_batched, train_loop)
+from ffl.engine import (NetworkData, TrainConfig, augment_batch, balanced_plan, init_stacked, lr_at,
+                        precision_scope, train_batched, train_loop)
 from ffl.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,15 +145,35 @@ def test_compiled_training_equals_eager():
     assert_same(a, b, atol=1e-6)
 
 
-def test_batched_equals_loop_gru_stepwise():
-    """GRU-2, NameData-style: batch 1, step-based lr schedule, tasks of different sizes/lengths."""
+@pytest.mark.parametrize("sampling", ["epochs", "balanced"])
+def test_batched_equals_loop_gru_stepwise(sampling):
+    """GRU-2, NameData-style: batch 1, step-based lr schedule, tasks of different sizes/lengths;
+    shuffled epochs or the official trainer's class-balanced draws."""
     data = NetworkData.from_tasks(name_tasks())
-    cfg = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=1, steps=40, lr_step_steps=[28])
+    cfg = TrainConfig(lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=1, steps=40, lr_step_steps=[28],
+                      sampling=sampling)
     seeds, dseeds, tidx = [1, 2, 3], [4, 5, 6], [0, 1, 0]
     a = train_batched(models("gru", seeds, 2), data, tidx, dseeds, cfg)
     b = train_loop(models("gru", seeds, 2), data, tidx, dseeds, cfg)
     assert a.steps == b.steps == 40
     assert_same(a, b)
+    if sampling == "balanced":  # the draws really differ from shuffled epochs
+        c = train_batched(models("gru", seeds, 2), data, tidx, dseeds, TrainConfig(**{**vars(cfg), "sampling": "epochs"}))
+        assert not torch.allclose(a.state["gru.weight_ih_l0"], c.state["gru.weight_ih_l0"])
+
+
+def test_balanced_sampling_draws_each_class_equally():
+    labels = torch.tensor([0] * 90 + [1] * 10 + [2] * 5)[torch.randperm(105, generator=torch.Generator().manual_seed(0))]
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.cat([balanced_plan(gen, labels, augment=False)[0] for _ in range(400)])  # 42,000 draws
+    share = labels[idx].bincount() / len(idx)
+    assert torch.allclose(share, torch.full((3,), 1 / 3, dtype=share.dtype), atol=0.01)
+    rare = idx[labels[idx] == 2]
+    assert set(rare.tolist()) == set((labels == 2).nonzero().squeeze(1).tolist())  # every rare example drawn
+    with pytest.raises(ValueError, match="sampling 'balanced' .* set steps"):
+        TrainConfig(sampling="balanced")
+    with pytest.raises(ValueError, match="unknown sampling 'uniform'; choose one of epochs, balanced"):
+        TrainConfig(sampling="uniform", steps=3)
 
 
 def test_batched_gru_layer_equals_nn_gru():

@@ -25,7 +25,7 @@ SMALL = {
 
 def test_archs_listed():
     assert ARCHS == ("mlp", "cnn", "plainnet6", "resnet5", "gru")
-    assert len(ALL_LETTERS) == N_LETTERS == 57
+    assert len(ALL_LETTERS) == N_LETTERS == 58
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -72,9 +72,9 @@ def test_gru_accepts_indices_and_lengths():
     torch.manual_seed(0)
     net = build_model("gru", 4, **SMALL["gru"]).eval()
     assert isinstance(net, GRUNet) and net.gru.num_layers == 2
-    assert tuple(build_model("gru", 4).gru.weight_ih_l0.shape) == (3 * 128, 57)
-    idx = torch.randint(0, 57, (3, 6))
-    onehot = nn.functional.one_hot(idx, 57).float()
+    assert tuple(build_model("gru", 4).gru.weight_ih_l0.shape) == (3 * 128, 58)
+    idx = torch.randint(0, 58, (3, 6))
+    onehot = nn.functional.one_hot(idx, 58).float()
     assert torch.allclose(net(idx), net(onehot))
     lengths = torch.tensor([6, 4, 2])
     padded = idx.clone()
@@ -98,7 +98,7 @@ def test_errors():
 
 def test_input_shapes_and_classes():
     assert input_shape("cnn") == input_shape("mlp") == (3, 32, 32)
-    assert input_shape("gru")[-1] == 57
+    assert input_shape("gru")[-1] == 58
     assert isinstance(build_model("mlp", 2), MLP) and isinstance(build_model("plainnet6", 2), ConvNet)
 
 
