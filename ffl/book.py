@@ -80,7 +80,7 @@ def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
         )
         nb = nbformat.read(scratch, as_version=4)
         nb.metadata["ffl"] = {
-            **run_info(device=str(params.get("device", "cpu")), notebook=entry["notebook"], **params),
+            **run_info(**{"device": "cpu", **params, "notebook": entry["notebook"]}),  # params may name the device
             "seconds": round(time.perf_counter() - start, 1),
         }
         _mark_cells(nb)

@@ -53,6 +53,7 @@ def run_info(device: str = "cpu", **params: Any) -> dict[str, Any]:
     """Commit, UTC date, hardware and library versions, plus the run's own parameters."""
     return {
         **params,
+        "device": device,
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": hardware(device),

@@ -88,3 +88,16 @@ def test_chapter_titles_are_distinct():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Old\n\nprose")])
     book._set_title(nb, "New")
     assert nb.cells[0].source == "# New\n\nprose"
+
+
+def test_chapter_metadata_records_a_device_parameter(tmp_path, monkeypatch):
+    """A chapter whose parameters name the device (the paper profile's GPU chapters) is recorded
+    with it; a device given twice once broke the metadata after the whole run."""
+    def fake_execute(src, dst, parameters, **kw):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# T")]), dst)
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    entry = {"notebook": "namedata", "output": "namedata", "parameters": {"profile": "paper", "device": "cpu"}}
+    out = book.execute_chapter(entry, tmp_path)
+    meta = nbformat.read(out, as_version=4).metadata["ffl"]
+    assert meta["device"] == "cpu" and meta["profile"] == "paper" and meta["notebook"] == "namedata"
