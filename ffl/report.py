@@ -6,6 +6,8 @@ Tables are Markdown strings (rendered by the book) or DataFrames; they read an
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -26,7 +28,7 @@ def _markdown(rows: list[tuple[str, str]]) -> str:
 def _training(spec) -> str:
     length = (f"{spec.steps:,} steps, lr/10 after {', '.join(f'{s:,}' for s in spec.lr_step_steps) or 'none'}"
               if spec.steps is not None else
-              f"{spec.epochs} epochs, lr/10 after {', '.join(map(str, spec.lr_step_epochs)) or 'none'}")
+              f"{spec.epochs} epoch{'s' * (spec.epochs != 1)}, lr/10 after {', '.join(map(str, spec.lr_step_epochs)) or 'none'}")
     extras = [f"momentum {spec.momentum}" if spec.optimizer == "sgd" else "",
               f"weight decay {spec.weight_decay}" if spec.weight_decay else "no weight decay",
               "crop+flip" if spec.augment else "no augmentation",
@@ -75,6 +77,23 @@ def paper_beside_ours(results: pd.DataFrame, paper: pd.DataFrame, *, index: int 
 
 
 def stage_table(exp: Experiment) -> str:
-    """Wall time of each stage of this run (Markdown); ``cached`` where it was read from disk."""
-    return _markdown([(stage, value if isinstance(value, str) else f"{value:,.1f} s")
-                      for stage, value in exp.seconds.items()])
+    """Wall time of each stage of this run (Markdown); ``cached`` where it was read from disk, with
+    the training time and hardware the zoo recorded when it was trained."""
+    rows = []
+    for stage, value in exp.seconds.items():
+        if isinstance(value, str):
+            prov = _zoo_provenance(exp) if stage == "zoo" else None
+            if prov and "seconds" in prov:
+                value += f" (trained in {prov['seconds']:,.1f} s on {prov.get('hardware', prov.get('device', '?'))})"
+        else:
+            value = f"{value:,.1f} s"
+        rows.append((stage, value))
+    return _markdown(rows)
+
+
+def _zoo_provenance(exp: Experiment) -> dict | None:
+    path = Path(exp.zoo.root) / "provenance.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -190,7 +190,14 @@ def read_offline(browser, site: Path, shots: Path) -> tuple[dict[str, list[str]]
 
 def _toc_pages() -> set[str]:
     toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
-    return {f"{toc['root']}.html", *(f"{c['file']}.html" for c in toc["chapters"])}
+
+    def files(entries):  # chapters, their sections, and the chapters of every part
+        for e in entries:
+            if "file" in e:
+                yield e["file"]
+            yield from files(e.get("sections", []) + e.get("chapters", []))
+
+    return {f"{toc['root']}.html", *(f"{f}.html" for f in files(toc.get("parts", []) + toc.get("chapters", [])))}
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ def _book_skeleton(tmp_path: Path) -> Path:
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "book").mkdir()
     shutil.copy(ROOT / "book" / "intro.md", tmp_path / "book" / "intro.md")
+    shutil.copytree(ROOT / "book" / "paper_scale", tmp_path / "book" / "paper_scale")  # GPU runs, committed
     (tmp_path / "book" / "_toc.yml").symlink_to("../_toc.yml")
     return tmp_path / "book"
 

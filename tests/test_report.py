@@ -1,0 +1,48 @@
+"""What a chapter prints about its run (ffl.report): sizes counted independently, the paper's
+numbers placed beside ours, stage times with the zoo's recorded training time."""
+import pandas as pd
+import pytest
+
+from ffl import report
+from ffl.experiment import Experiment
+from ffl.features import FeatureConfig
+from ffl.protocols import ProtocolSplit
+from ffl.zoo import ZooSpec, train_zoo
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    spec = ZooSpec.from_dict(dict(arch="mlp", dataset="synthetic", tasks=[0, 1, 2, 3, 4], runs=5,
+                                  model_kwargs={"hidden": [8, 8]}, epochs=1, lr=0.05, batch_size=64,
+                                  data_kwargs={"n_train": 64, "n_test": 32}))
+    zoo = train_zoo(spec, tmp_path_factory.mktemp("zoo"), progress=False)
+    return Experiment(zoo=zoo, results=pd.DataFrame(), settings={}, split=ProtocolSplit(),
+                      features=FeatureConfig(), seconds={"zoo": "cached", "features and protocols": 1.5})
+
+
+def test_run_table_counts_the_protocol_sizes(tiny_experiment):
+    table = report.run_table(tiny_experiment)
+    # 5 tasks × 5 runs: 3 of 5 runs per task learn Θ; 3 of 5 tasks are seen; 1 of 5 runs a query
+    assert "5 tasks × 5 runs = 25 networks" in table
+    assert "Θ learned on 15 networks, 10 classified into 5 tasks" in table
+    assert "Θ learned on the 15 networks of 3 tasks; 2 unseen tasks give 2 queries against a gallery of 8" in table
+    assert "1 epoch, lr/10 after none" in table and "no weight decay" in table
+
+
+def test_stage_table_names_the_recorded_training(tiny_experiment):
+    table = report.stage_table(tiny_experiment)
+    assert "| zoo | cached (trained in " in table and " s on " in table
+    assert "| features and protocols | 1.5 s |" in table
+
+
+def test_paper_beside_ours_places_an_unindexed_table():
+    ours = pd.DataFrame([{"index": i, "feature": f, "protocol": p, "metric": m, "value": v}
+                         for i in (1, 2) for f, v in (("chain", 0.9), ("layer", 0.3))
+                         for p, m in (("classification", "top1"), ("retrieval", "rank1"))])
+    paper = pd.DataFrame([{"index": pd.NA, "feature": "chain", "protocol": "classification", "metric": "top1",
+                           "value": 1.0}]).astype({"index": "Int64"})
+    table = report.paper_beside_ours(ours, paper)
+    assert table.loc["aligned (chain 1)", ("classification top-1 (%)", "paper")] == 100.0
+    assert table.loc["aligned (chain 1)", ("classification top-1 (%)", "ours")] == 90.0
+    assert table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "ours")] == 30.0
+    assert table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "paper")] is None
