@@ -17,8 +17,9 @@ networks sit side by side in the channel/feature dimension, ``(B, K*C, H, W)`` f
 The model's own ``forward`` is kept, except for the architectures of :mod:`ffl.models` that have
 a batched forward of their own (:data:`BATCHED_FORWARDS`, keyed by class): MLP runs network-major,
 activations ``(K, B, features)`` with one ``baddbmm`` per layer and a hand-written backward that
-writes dW in W's layout; ConvNet pads residual skips per network; GRUNet reads each network's
-last valid step.
+writes dW in W's layout; GRUNet reads each network's last valid step. ConvNet and ResNet keep
+their own forward (convolutions, BatchNorm, the shortcut addition and global pooling all act per
+network in the folded layout).
 
 Kernels were chosen by measurement (``python -m ffl.bench zoo`` and ``conv``; the figures are in
 README.md): on CPU, large linear layers run one GEMM per network instead of one ``bmm``, and
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffl.models import MLP, ConvNet, GRUNet
+from ffl.models import MLP, GRUNet
 
 __all__ = [
     "UnsupportedModel",
@@ -358,24 +359,9 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = batched_linear(h, layer.weight, layer.bias)
         if i < len(layers) - 1:
             h = self.act(h)
+        elif self.output_relu:
+            h = F.relu(h)
     return h.transpose(0, 1).reshape(B, -1)
-
-
-def _convnet_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """:class:`ffl.models.ConvNet.forward` in the folded layout; the residual skip zero-pads each
-    network's channels separately (a plain ``F.pad`` on K*C channels would mix networks)."""
-    K = self._ffl_K
-    h = x
-    for l, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-        y = bn(conv(h))
-        if self.residual and l > 0:
-            B, _, H, W = h.shape
-            cin, cout = h.shape[1] // K, y.shape[1] // K
-            y = y + F.pad(h.view(B, K, cin, H, W), (0, 0, 0, 0, 0, cout - cin)).view(B, K * cout, H, W)
-        h = self.act(y)
-        if l < self.pools:
-            h = F.max_pool2d(h, 2)
-    return self.fc(h.mean(dim=(2, 3)))
 
 
 def _grunet_forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -397,7 +383,7 @@ def _grunet_forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) 
 #: model class → (batched forward, input folding: see :func:`fold_input`); other models keep their
 #: own forward in the ``"channel"`` folding
 BATCHED_FORWARDS: dict[type[nn.Module], tuple[Callable, str]] = {
-    MLP: (_mlp_forward, "network"), ConvNet: (_convnet_forward, "channel"), GRUNet: (_grunet_forward, "last")}
+    MLP: (_mlp_forward, "network"), GRUNet: (_grunet_forward, "last")}
 
 
 def stack_state(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

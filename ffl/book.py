@@ -15,6 +15,7 @@ into ``book/chapters/`` only when it succeeded: a failed run leaves the previous
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,10 +25,11 @@ from typing import Any
 import nbformat
 import papermill
 
+from ffl import fidelity
 from ffl.cli import Command, run_command_line
 from ffl.files import atomic_path, write_bytes_atomic
 from ffl.profiles import load_profile
-from ffl.provenance import REPO_ROOT, run_info
+from ffl.provenance import REPO_ROOT, git_commit, run_info
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 BOOK_DIR = REPO_ROOT / "book"
@@ -45,9 +47,38 @@ def chapter_plan(profile: str) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"profile {profile!r} names notebook {notebook!r}, but "
                                     f"{NOTEBOOK_DIR / (notebook + '.ipynb')} does not exist")
         params = {"profile": profile, **entry.get("parameters", {})}
+        title = entry.get("title")
+        if title is not None:
+            title = chapter_title(title, params.get("dataset"), notebook)
         out.append({"notebook": notebook, "output": entry.get("output", notebook), "parameters": params,
-                    "title": entry.get("title")})
+                    "title": title})
     return out
+
+
+#: what each dataset is called in a chapter title
+DATA_NAMES = {"cifar100": "CIFAR-100", "tiny_imagenet": "Tiny ImageNet", "namedata": "NameData"}
+
+
+def data_label(dataset: str, stands_for: str | None = None) -> str:
+    """The data a chapter ran on, as its title names it: ``"CIFAR-100"``, or for the synthetic
+    tasks ``"Synthetic stand-in for CIFAR-100"`` (``stands_for``: the dataset the chapter is about)."""
+    if dataset == "synthetic":
+        return f"Synthetic stand-in for {DATA_NAMES.get(stands_for, 'real data')}"
+    if dataset not in DATA_NAMES:
+        raise ValueError(f"no title name for dataset {dataset!r}; known: {sorted(DATA_NAMES)} and 'synthetic'")
+    return DATA_NAMES[dataset]
+
+
+def chapter_title(template: str, dataset: str | None, notebook: str) -> str:
+    """A profile's chapter title with ``{data}`` filled from the chapter's ``dataset`` parameter, so
+    that the title cannot name data the run did not use (a chapter with a ``dataset`` must say
+    ``{data}``; its notebook's name is the dataset a synthetic run stands in for)."""
+    if dataset is None:
+        return template
+    if "{data}" not in template:
+        raise ValueError(f"chapter title {template!r} must name its data as {{data}} "
+                         f"(filled from dataset={dataset!r})")
+    return template.replace("{data}", data_label(dataset, notebook))
 
 
 def _set_title(nb: nbformat.NotebookNode, title: str) -> None:
@@ -105,8 +136,17 @@ def write_run_summary(book_dir: Path = BOOK_DIR) -> Path:
     return out
 
 
+def write_fidelity_page(book_dir: Path = BOOK_DIR) -> Path:
+    """``book/fidelity.md``: the fidelity table, generated from :mod:`ffl.fidelity` (never typed)."""
+    out = book_dir / "fidelity.md"
+    write_bytes_atomic(out, fidelity.page().encode())
+    return out
+
+
 def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
-    """``jupyter-book build`` with warnings as errors; returns the HTML folder."""
+    """Regenerate the fidelity page, then ``jupyter-book build`` with warnings as errors; returns
+    the HTML folder."""
+    write_fidelity_page(book_dir)
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(book_dir)]
     if strict:
         cmd += ["-W", "--keep-going"]
@@ -117,13 +157,26 @@ def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
 def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: bool = True,
              book_dir: Path = BOOK_DIR) -> None:
     """Run the chapters of ``profile`` (or only the outputs in ``only``), write the run summary,
-    then build the HTML unless ``html=False``."""
-    for entry in chapter_plan(profile):
-        if only and entry["output"] not in only:
-            continue
-        print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
-              f"with {json.dumps(entry['parameters'])}", flush=True)
-        execute_chapter(entry, book_dir)
+    then build the HTML unless ``html=False``.
+
+    The commit is read once, before the first chapter, and handed to every chapter through
+    ``$FFL_COMMIT``: each chapter the run writes dirties the tree, which must not mark the
+    chapters after it as run from uncommitted code."""
+    plan = chapter_plan(profile)
+    previous = os.environ.get("FFL_COMMIT")
+    os.environ["FFL_COMMIT"] = git_commit()
+    try:
+        for entry in plan:
+            if only and entry["output"] not in only:
+                continue
+            print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
+                  f"with {json.dumps(entry['parameters'])}", flush=True)
+            execute_chapter(entry, book_dir)
+    finally:
+        if previous is None:
+            os.environ.pop("FFL_COMMIT", None)
+        else:
+            os.environ["FFL_COMMIT"] = previous
     write_run_summary(book_dir)
     if html:
         print(f"[ffl.book] HTML in {build_html(book_dir)}/index.html")

@@ -31,14 +31,19 @@ their channel, so the fold is a per-neuron scale S_l: M_l → M_l S_l, and M_l S
 invariant. ``fold_bn=False`` uses the raw kernels (also invariant; then the optional chain
 normalization below is the paper's way to remove per-neuron scales).
 
-**ResNet.** Unit l ≥ 2 computes act(BN_l conv_l(h) + S_l h) with S_l the zero-padded identity.
-Linearized like the MLP chain (activations → identity), its layer matrix is M_l + E_l, where
-E_l[(i, centre), i] = 1 for i < n_{l-1}: the skip adds input channel i, at the centre of the
-kernel, to output channel i. A function-preserving permutation must keep the skip intact:
-P_l = P_{l-1} ⊕ Q_l (the first n_{l-1} channels follow the previous layer, the zero-padded ones are
-permuted among themselves; :mod:`ffl.permute`). For such tied permutations
-(P_{l-1}ᵀ ⊗ I) E_l P_l = E_l, so M_l + E_l transforms like a plain layer matrix and every chain
-is invariant. An untied permutation changes the network's function and the chain.
+**ResNet** (ResNet-5 as the official code builds it). Block l computes
+act(BN_l conv3×3_l(h) + BN'_l conv1×1'_l(h)), both convolutions of stride 2. The 1×1 projection
+with padding 0 reads exactly the input pixel that the centre tap of the 3×3 kernel (padding 1)
+reads, so the block's linear part is one 3×3 convolution whose kernel is K_l with the projection
+S_l added at the centre: its layer matrix is M_l + E_l, E_l[(i, centre), j] = S_l[j, i] (each
+term scaled by its own BatchNorm when folded; with folded BN this is exactly the block's linear
+map). A permutation of the block's output channels permutes the outputs of the 3×3 conv, its BN,
+the projection and its BN alike, and the next block's (or the classifier's) inputs, so E_l
+transforms like M_l: (P_{l-1}ᵀ ⊗ I)(M_l + E_l) P_l, and every chain is invariant, with no ties
+between layers (the projection has weights of its own). ``skips=False`` drops E_l: the 3×3
+kernels alone, as the official code takes them (it skips every kernel that is not 3×3); they
+are invariant by the PlainNet argument, since a permutation acts on them alone in the same way.
+Stride, like pooling, is outside the patch-space chain.
 
 **GRU.** Layer k has gate weights W_ig^{(k)} (input) and W_hg^{(k)} (recurrent), g ∈ {r, z, n},
 stacked as torch does. A hidden permutation P_k permutes the rows of every gate block identically,
@@ -85,12 +90,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ffl.models import MLP, ConvNet, GRUNet
+from ffl.models import MLP, ConvNet, GRUNet, ResNet
 
 _ACTS = (nn.ReLU, nn.LeakyReLU)
 _ALLOWED: dict[type, tuple[type, ...]] = {
     MLP: (nn.ModuleList, nn.Linear, *_ACTS),
     ConvNet: (nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.Linear, *_ACTS),
+    ResNet: (nn.ModuleList, nn.Conv2d, nn.BatchNorm2d, nn.Linear, *_ACTS),
     GRUNet: (nn.GRU, nn.Linear),
 }
 
@@ -111,9 +117,11 @@ def check_supported(model: nn.Module) -> None:
         if not isinstance(m, allowed):
             raise TypeError(f"chain alignment does not support layer {name!r} ({type(m).__name__})")
         if isinstance(m, nn.Conv2d) and (
-            m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1 or m.kernel_size[0] != m.kernel_size[1]
+            (m.stride != (1, 1) and not isinstance(model, ResNet))
+            or m.dilation != (1, 1) or m.groups != 1 or m.kernel_size[0] != m.kernel_size[1]
         ):
-            raise TypeError(f"chain alignment supports square stride-1 dense convolutions only; layer {name!r}: {m}")
+            raise TypeError(f"chain alignment supports square dense convolutions only (stride 1 outside "
+                            f"ResNet's blocks); layer {name!r}: {m}")
         if isinstance(m, nn.BatchNorm2d) and m.running_var is None:
             raise TypeError(f"layer {name!r} ({type(m).__name__}) has no running statistics to fold")
         if isinstance(m, nn.GRU) and (m.bidirectional or m.proj_size):
@@ -131,45 +139,40 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return scale
 
 
-def _conv_matrix(conv: nn.Conv2d, bn: nn.BatchNorm2d, fold_bn: bool) -> torch.Tensor:
+def _conv_matrix(conv: nn.Conv2d, bn: nn.BatchNorm2d, fold_bn: bool, size: int | None = None) -> torch.Tensor:
     w = conv.weight.detach()
     if fold_bn:
         w = w * bn_scale(bn).to(w.dtype)[:, None, None, None]
+    if size is not None and w.shape[-1] < size:  # a 1×1 projection as the centre of a size×size kernel
+        pad = (size - w.shape[-1]) // 2
+        w = torch.nn.functional.pad(w, (pad, pad, pad, pad))
     return w.reshape(w.shape[0], -1).T  # (c_in k², c_out), rows (c_in, ky, kx)
 
 
-def _skip_matrix(n_in: int, n_out: int, k: int, like: torch.Tensor) -> torch.Tensor:
-    e = torch.zeros(n_in * k * k, n_out, dtype=like.dtype, device=like.device)
-    centre = (k // 2) * k + k // 2
-    idx = torch.arange(n_in, device=like.device)
-    e[idx * k * k + centre, idx] = 1.0
-    return e
-
-
-def _convnet_steps(model: ConvNet, fold_bn: bool, skip: bool = True) -> list[tuple[str, torch.Tensor]]:
+def _convnet_steps(model: ConvNet | ResNet, fold_bn: bool, skips: bool = True) -> list[tuple[str, torch.Tensor]]:
     steps: list[tuple[str, torch.Tensor]] = []
     for l, (conv, bn) in enumerate(zip(model.convs, model.bns)):
         m = _conv_matrix(conv, bn, fold_bn)
-        if skip and model.residual and l > 0:
-            m = m + _skip_matrix(conv.in_channels, conv.out_channels, conv.kernel_size[0], m)
+        if skips and isinstance(model, ResNet) and l > 0:
+            m = m + _conv_matrix(model.skips[l - 1], model.skip_bns[l - 1], fold_bn, conv.kernel_size[0])
         steps.append(("conv", m))
     steps.append(("linear", model.fc.weight.detach().T))
     return steps
 
 
-def layer_matrices(model: nn.Module, *, fold_bn: bool = True) -> list[torch.Tensor]:
+def layer_matrices(model: nn.Module, *, fold_bn: bool = True, skips: bool = True) -> list[torch.Tensor]:
     """Layer matrices (rows = inputs, columns = neurons), input to output, classifier included.
 
-    MLP: W_lᵀ. ConvNet: M_l ∈ R^{(c_in k²) × c_out} (rows (c_in, ky, kx); BN folded when
-    ``fold_bn``; ResNet units include the skip E_l), then W_fcᵀ. GRU: the input weights of each
+    MLP: W_lᵀ. ConvNet/ResNet: M_l ∈ R^{(c_in k²) × c_out} (rows (c_in, ky, kx); BN folded when
+    ``fold_bn``; ResNet blocks include their projection E_l unless ``skips=False``), then W_fcᵀ. GRU: the input weights of each
     layer W_ih^{(k)ᵀ} (gates [r|z|n] as column blocks), then W_fcᵀ (the chain also uses the
     recurrent weights, see the module docstring). Unsupported layers → ``TypeError``.
     """
     check_supported(model)
     if isinstance(model, MLP):
         return [layer.weight.detach().T for layer in model.layers]
-    if isinstance(model, ConvNet):
-        return [m for _, m in _convnet_steps(model, fold_bn)]
+    if isinstance(model, (ConvNet, ResNet)):
+        return [m for _, m in _convnet_steps(model, fold_bn, skips)]
     gru = model.gru
     return [getattr(gru, f"weight_ih_l{k}").detach().T for k in range(gru.num_layers)] + [model.fc.weight.detach().T]
 
@@ -238,6 +241,7 @@ def chain_factors(
     *,
     normalize: bool = False,
     fold_bn: bool = True,
+    skips: bool = True,
     gru_lags: int = 1,
     upto: int | None = None,
 ) -> list[torch.Tensor]:
@@ -248,7 +252,9 @@ def chain_factors(
     neuron)) and the classifier; ``gru_lags=0`` makes chain 1 the official feature W_ih^{(1)ᵀ}.
     ``normalize`` is the official code's "chain normalization": for chains of length ≥ 2 every
     row of every layer matrix (one input's outgoing weights) is scaled to unit L2 norm first. ``fold_bn`` folds
-    eval-mode BatchNorm scales into the convolutions. ``upto`` stops after chain ``upto``.
+    eval-mode BatchNorm scales into the convolutions. ``skips`` adds ResNet's projection shortcuts
+    to its blocks' layer matrices (``False``: the 3×3 kernels only, as the official code).
+    ``upto`` stops after chain ``upto``.
     """
     check_supported(model)
     if isinstance(model, GRUNet):
@@ -258,7 +264,7 @@ def chain_factors(
     if isinstance(model, MLP):
         steps = [("linear", w) for w in layer_matrices(model)]
     else:
-        steps = _convnet_steps(model, fold_bn)
+        steps = _convnet_steps(model, fold_bn, skips)
     steps = steps[:upto]
     factors = [steps[0][1]]
     c = _normalize_rows(steps[0][1]) if normalize else steps[0][1]
@@ -273,7 +279,7 @@ def chain_dims(model: nn.Module, *, gru_lags: int = 1) -> list[int]:
     check_supported(model)
     if isinstance(model, MLP):
         return [model.layers[0].in_features] * len(model.layers)
-    if isinstance(model, ConvNet):
+    if isinstance(model, (ConvNet, ResNet)):
         dims, d = [], 1
         for conv in model.convs:
             kk = conv.kernel_size[0] * conv.kernel_size[1]
@@ -312,16 +318,16 @@ def layer_features(model: nn.Module, *, fold_bn: bool = True, normalize: bool = 
                    gru_recurrent: bool = True) -> list[torch.Tensor]:
     """Raw per-layer weights, flattened: the paper's *unaligned* baseline.
 
-    MLP: vec(W_lᵀ). ConvNet: the (BN-folded when ``fold_bn``) kernels, no skip, then the
-    classifier. GRU: per layer [W_ih | W_hh] (all gates), or W_ih alone with ``gru_recurrent=False``
+    MLP: vec(W_lᵀ). ConvNet/ResNet: the (BN-folded when ``fold_bn``) 3×3 kernels (ResNet: no
+    projection shortcut, as the official baseline), then the classifier. GRU: per layer [W_ih | W_hh] (all gates), or W_ih alone with ``gru_recurrent=False``
     (the official baseline), then the classifier. ``normalize`` scales every row of a layer matrix
     (one input's outgoing weights) to unit L2 norm first, as the official MLP baseline does.
     """
     check_supported(model)
     if isinstance(model, MLP):
         mats = layer_matrices(model)
-    elif isinstance(model, ConvNet):
-        mats = [m for _, m in _convnet_steps(model, fold_bn, skip=False)]
+    elif isinstance(model, (ConvNet, ResNet)):
+        mats = [m for _, m in _convnet_steps(model, fold_bn, skips=False)]
     else:
         mats = [torch.cat([wih, whh], dim=1).T if gru_recurrent else wih.T
                 for wih, whh in _gru_weights(model, False)] + [model.fc.weight.detach().T]

@@ -55,6 +55,22 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dic
     return settings
 
 
+def features_for_arch(setting: dict[str, Any] | None, arch: str) -> FeatureConfig:
+    """The :class:`FeatureConfig` of a profile section's ``features:`` for ``arch``: one dict for
+    every arch, or one dict per arch (``{mlp: {...}, cnn: {...}}``, keys from :data:`ARCHS`) where
+    the section's archs need different settings."""
+    setting = dict(setting or {})
+    per_arch = [k for k in setting if k in ARCHS]
+    if not per_arch:
+        return FeatureConfig.from_dict(setting)
+    if len(per_arch) != len(setting):
+        raise ValueError(f"features: mixes per-arch entries {per_arch} with settings "
+                         f"{sorted(set(setting) - set(per_arch))}; give one dict, or one dict per arch")
+    if arch not in setting:
+        raise ValueError(f"features: has entries for {per_arch} but none for {arch!r}")
+    return FeatureConfig.from_dict(setting[arch])
+
+
 def _key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -113,7 +129,7 @@ def run_experiment(
                              download=download, seed=seed)
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    features = FeatureConfig.from_dict(settings.get("features"))
+    features = features_for_arch(settings.get("features"), arch)
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     spec_dict = spec.identity()  # where the data lives does not change the zoo

@@ -125,6 +125,8 @@ class FeatureConfig:
       paper's "we normalize the weights of each layer in MLP"; the official MLP chain does so);
     * ``fold_bn``: fold eval-mode BatchNorm scales into the kernels (ours); ``False`` = the raw
       kernels, as the official CNN chains and CNN baseline take them;
+    * ``resnet_skips``: ResNet-5's projection shortcuts enter its chains as layer-matrix terms
+      (ours); ``False`` = the 3×3 kernels only, as the official chain takes them;
     * ``gru_lags``: lags of the GRU chain; 0 = the official GRU feature W_ih^{(1)ᵀ} only;
     * ``layer_normalize``: unit-norm rows (each input's outgoing weights) of every layer matrix in
       the unaligned baseline, as the official MLP baseline does;
@@ -134,6 +136,7 @@ class FeatureConfig:
 
     chain_normalize: bool = False
     fold_bn: bool = True
+    resnet_skips: bool = True
     gru_lags: int = 1
     layer_normalize: bool = False
     gru_recurrent: bool = True
@@ -158,8 +161,8 @@ def zoo_representations(
     """
     f = features or FeatureConfig()
     if kind == "chain":
-        per_model = [chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn, gru_lags=f.gru_lags)
-                     for m in models]
+        per_model = [chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn, skips=f.resnet_skips,
+                                   gru_lags=f.gru_lags) for m in models]
         return [Representation(factors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
     if kind == "layer":
         per_model = [layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize, gru_recurrent=f.gru_recurrent)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ffl.chain import chain_factors, chain_gram, gram_distance, gram_inner, layer_features, measure
-from ffl.models import ConvNet, build_model, input_shape
+from ffl.models import ResNet, build_model, input_shape
 from ffl.permute import hidden_sizes, permute_hidden, permute_one_side, random_hidden_permutations
 
 #: the networks of the chapter: every architecture, with ReLU and leaky ReLU where it has a choice
@@ -97,15 +97,16 @@ def broken_permutation_check(
     """Negative controls: permutations that do *not* preserve the function must change it.
 
     One row per hidden layer k with only its incoming side permuted (:func:`permute_one_side`,
-    a random permutation other than the identity), and for ResNets one row per residual unit k
-    whose permutation mixes a skip-fed channel with a zero-padded one. Fields: ``control``,
-    ``layer`` (k, 1-based), ``max_abs_dout`` and ``rel_dG`` of chain k+1.
+    a random permutation other than the identity), and for ResNets one row per block k whose
+    projection shortcut keeps its old order while everything else is permuted. Fields:
+    ``control``, ``layer`` (k, 1-based), ``max_abs_dout`` and ``rel_dG`` of chain k+1 (for the
+    shortcut control, of chain k: the block's own layer matrix is where its shortcut enters).
     """
     model = model.eval()
     y, fa = _out(model, x), chain_factors(model, **chain_kw)
 
-    def row(control: str, k: int, other: nn.Module) -> dict:
-        ca, cb = fa[k + 1], chain_factors(other, **chain_kw)[k + 1]
+    def row(control: str, k: int, other: nn.Module, chain: int) -> dict:
+        ca, cb = fa[chain], chain_factors(other, **chain_kw)[chain]
         rel = (gram_distance(ca, cb) / gram_inner(ca.double(), ca.double()).sqrt()).item()
         return dict(control=control, layer=k + 1, max_abs_dout=(_out(other, x) - y).abs().max().item(), rel_dG=rel)
 
@@ -115,18 +116,14 @@ def broken_permutation_check(
         p = torch.randperm(n, generator=generator)
         while torch.equal(p, torch.arange(n)):
             p = torch.randperm(n, generator=generator)
-        rows.append(row("one side only", k, permute_one_side(model, k, p)))
-    if isinstance(model, ConvNet) and model.residual:
+        rows.append(row("one side only", k, permute_one_side(model, k, p), k + 1))
+    if isinstance(model, ResNet):
         for k in range(1, len(sizes)):
-            m = sizes[k - 1]
-            if sizes[k] == m:
-                continue  # no zero-padded channels to mix with
-            perms = random_hidden_permutations(model, generator)
-            perms[k] = perms[k].clone()
-            perms[k][[0, m]] = perms[k][[m, 0]]
-            for j in range(k + 1, len(sizes)):
-                perms[j] = torch.cat([perms[j - 1], perms[j][sizes[j - 1]:]])
-            rows.append(row("skip tie broken", k, permute_hidden(model, perms, check=False)))
+            other = permute_hidden(model, random_hidden_permutations(model, generator))
+            with torch.no_grad():  # block k's shortcut left as it was: it no longer lines up
+                other.skips[k - 1].load_state_dict(model.skips[k - 1].state_dict())
+                other.skip_bns[k - 1].load_state_dict(model.skip_bns[k - 1].state_dict())
+            rows.append(row("shortcut not permuted", k, other, k))
     return rows
 
 
@@ -154,7 +151,9 @@ def _chain_options(arch: str, gru_lags: int) -> list[tuple[str, dict[str, Any]]]
                 ("official feature (no lags)", {"gru_lags": 0})]
     options: list[tuple[str, dict[str, Any]]] = [("chain normalization", {"normalize": True})]
     if arch in ("cnn", "plainnet6", "resnet5"):
-        options.append(("BatchNorm not folded", {"fold_bn": False}))
+        options.append(("BatchNorm not folded (official)", {"fold_bn": False}))
+    if arch == "resnet5":
+        options.append(("3×3 kernels only, not folded (official)", {"fold_bn": False, "skips": False}))
     return options
 
 

@@ -11,12 +11,15 @@ zoos store.
 =============  ==============================================================================
 ``mlp``        MLP-4: 3072–500–500–500–N (:class:`MLP`)
 ``cnn``        PlainNet-5: 4 × [conv3×3–BN–act(–maxpool)], GAP, FC(256, N) (:class:`ConvNet`)
-``plainnet6``  PlainNet-6: PlainNet-5 plus one more conv3×3(256)–BN–act unit
-``resnet5``    ResNet-5: PlainNet-5's weights, with zero-padded identity skips on units 2–4
+``plainnet6``  PlainNet-6: 5 × [conv3×3–BN–act–maxpool] (pools after units 1–4), GAP, FC(256, N)
+``resnet5``    ResNet-5: stem conv3×3–BN–act, 3 one-conv blocks (stride 2, 1×1 projection skips),
+               GAP, FC(256, N) (:class:`ResNet`)
 ``gru``        GRU-2: two stacked GRU layers (hidden 128) on one-hot characters, FC(128, N)
 =============  ==============================================================================
 
 ``activation="leaky_relu"`` (slope 0.01) gives the leaky-ReLU variants of MLP and the CNNs.
+PlainNet-6 and ResNet-5 are built as the authors' code builds them (``plain_net6_diff`` with
+``cfg['I']``, ``resnet5`` = ``ResNet_Cifar3`` with one-conv blocks); the paper only names them.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ GRU_SEQ_LEN: int = 16
 
 PLAINNET5_WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
 PLAINNET6_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 256)
+#: max-pools of PlainNet-6: after units 1–4 (the official ``cfg['I']``, 32→16→8→4→2)
+PLAINNET6_POOLS: int = 4
 
 
 def make_activation(name: str) -> nn.Module:
@@ -52,7 +57,10 @@ class MLP(nn.Module):
     """MLP-4 of the paper: 3072-500-500-500-N with ReLU (widths, depth, activation configurable).
 
     The input is flattened, so a 3x32x32 image becomes a 3072-vector. ``layers`` holds the
-    ``nn.Linear`` modules in order; the last one is the classifier.
+    ``nn.Linear`` modules in order; the last one is the classifier. ``output_relu=True`` puts a
+    ReLU on the logits too, as the official ``MLPNet`` does (``F.relu(fc4(x))`` fed to the
+    cross-entropy; the paper's "followed by one ReLU" reads the same way); the chain and the
+    permutations do not see it.
     State dict: ``layers.{i}.weight`` (out, in), ``layers.{i}.bias``.
     """
 
@@ -62,11 +70,13 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (500, 500, 500),
         num_classes: int = 2,
         activation: str = "relu",
+        output_relu: bool = False,
     ) -> None:
         super().__init__()
         widths = [in_features, *hidden, num_classes]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.act = make_activation(activation)
+        self.output_relu = bool(output_relu)
 
     @classmethod
     def from_layer_matrices(cls, matrices: Sequence[torch.Tensor], activation: str = "relu") -> "MLP":
@@ -96,11 +106,12 @@ class MLP(nn.Module):
         x = x.flatten(1)
         for layer in self.layers[:-1]:
             x = self.act(layer(x))
-        return self.layers[-1](x)
+        x = self.layers[-1](x)
+        return F.relu(x) if self.output_relu else x
 
 
 class ConvNet(nn.Module):
-    """PlainNet-L / ResNet-L of the paper (§4): conv units, global average pool, one FC layer.
+    """PlainNet-L of the paper (§4): conv units, global average pool, one FC layer.
 
     Unit ``l`` (``l = 1 … len(widths)``) is ``conv3×3(widths[l-1], padding 1, stride 1)`` →
     ``BatchNorm2d`` → activation, followed by a 2×2 max-pool for the first ``pools`` units
@@ -108,20 +119,14 @@ class ConvNet(nn.Module):
     last unit come a global average pool over space and ``FC(widths[-1], N)``.
 
     * PlainNet-5 (``arch="cnn"``): widths (32, 64, 128, 256) — conv(32)–BN–ReLU–pool,
-      conv(64)–…–pool, conv(128)–…–pool, conv(256)–BN–ReLU, GAP, FC(256, N).
-    * PlainNet-6 (``arch="plainnet6"``): widths (32, 64, 128, 256, 256) — one more conv unit
-      (256 → 256, 4×4 maps, no pool).
-    * ResNet-5 (``arch="resnet5"``, ``residual=True``): the same weights as PlainNet-5. Units 2…L are
-      residual: ``h_l = act(BN_l(conv_l(h_{l-1})) + S_l h_{l-1})`` where the skip ``S_l`` is the
-      identity on the ``widths[l-2]`` incoming channels, zero-padded to ``widths[l-1]`` output
-      channels (ResNet option A: channel ``i`` of the input adds to channel ``i`` of the output,
-      channels ``i ≥ widths[l-2]`` get no skip), so the skips add no weights. The pool of unit
-      ``l-1`` comes before unit ``l``, so the spatial sizes match. Unit 1 (RGB → 32) is a plain stem.
-      Widths must not decrease.
+      conv(64)–…–pool, conv(128)–…–pool, conv(256)–BN–ReLU, GAP, FC(256, N) (official ``cfg['G']``).
+    * PlainNet-6 (``arch="plainnet6"``): widths (32, 64, 128, 256, 256) and ``pools=4`` — a pool
+      after each of units 1–4, the fifth conv (256 → 256) on 2×2 maps (official ``cfg['I']``).
 
-    Convolutions have no bias (BatchNorm's β takes its place; ``conv_bias=True`` adds one).
-    State dict: ``convs.{i}.weight`` (out, in, 3, 3) [``convs.{i}.bias``], ``bns.{i}.weight``,
-    ``bns.{i}.bias``, ``bns.{i}.running_mean``, ``bns.{i}.running_var``,
+    Convolutions have no bias (BatchNorm's β takes its place; ``conv_bias=True`` adds one, as the
+    official ``make_layers`` has: a bias before BatchNorm changes nothing the network computes
+    but the running mean). State dict: ``convs.{i}.weight`` (out, in, 3, 3) [``convs.{i}.bias``],
+    ``bns.{i}.weight``, ``bns.{i}.bias``, ``bns.{i}.running_mean``, ``bns.{i}.running_var``,
     ``bns.{i}.num_batches_tracked``, ``fc.weight`` (N, widths[-1]), ``fc.bias``.
     """
 
@@ -132,7 +137,6 @@ class ConvNet(nn.Module):
         num_classes: int = 2,
         activation: str = "relu",
         *,
-        residual: bool = False,
         pools: int | None = None,
         kernel_size: int = 3,
         conv_bias: bool = False,
@@ -141,12 +145,9 @@ class ConvNet(nn.Module):
         widths = tuple(int(w) for w in widths)
         if not widths:
             raise ValueError("ConvNet needs at least one conv unit")
-        if residual and any(b < a for a, b in zip(widths[:-1], widths[1:])):
-            raise ValueError(f"residual units need non-decreasing widths, got {widths}")
         if kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd")
         self.widths = widths
-        self.residual = residual
         self.pools = min(3, len(widths) - 1) if pools is None else int(pools)
         chans = [in_channels, *widths]
         self.convs = nn.ModuleList(
@@ -160,12 +161,61 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for l, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            y = bn(conv(h))
-            if self.residual and l > 0:
-                y = y + F.pad(h, (0, 0, 0, 0, 0, y.shape[1] - h.shape[1]))
-            h = self.act(y)
+            h = self.act(bn(conv(h)))
             if l < self.pools:
                 h = F.max_pool2d(h, 2)
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class ResNet(nn.Module):
+    """ResNet-5 of the paper (§4.2), as the official ``resnet5`` builds it (``ResNet_Cifar3`` with
+    ``BasicBlock_1conv``; the paper only says "same weight size" as PlainNet-5).
+
+    Stem: ``conv3×3(widths[0], stride 1)`` → BN → act. Then one block per further width, each
+    ``h_l = act(BN_l(conv3×3_l(h_{l-1})) + BN'_l(conv1×1'_l(h_{l-1})))`` with both convolutions of
+    stride 2 (the projection shortcut ``conv1×1'`` + ``BN'`` exists because the stride and width
+    change), the activation after the addition only; no max-pool (32×32 → 16 → 8 → 4). Then a
+    global average pool and ``FC(widths[-1], N)``. Convolutions have no bias. The 3×3 kernels
+    have PlainNet-5's shapes. Convolutions are initialized ``N(0, 2/(k²·c_out))`` (He, fan-out)
+    and BatchNorm with γ = 1, β = 0, as in the official code.
+
+    ``convs``/``bns`` hold the stem and the blocks' 3×3 convolutions (unit ``l`` at index ``l``),
+    ``skips``/``skip_bns`` the projections of blocks 1 … (index ``l - 1``). State dict:
+    ``convs.{i}.weight``, ``bns.{i}.*``, ``skips.{i}.weight`` (out, in, 1, 1), ``skip_bns.{i}.*``,
+    ``fc.weight``, ``fc.bias``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = PLAINNET5_WIDTHS,
+        num_classes: int = 2,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if len(widths) < 2:
+            raise ValueError("ResNet needs a stem and at least one block")
+        self.widths = widths
+        chans = [in_channels, *widths]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=1 if l == 0 else 2, padding=1, bias=False)
+            for l, (a, b) in enumerate(zip(chans[:-1], chans[1:]))
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(b) for b in widths)
+        self.skips = nn.ModuleList(nn.Conv2d(a, b, 1, stride=2, bias=False) for a, b in zip(widths[:-1], widths[1:]))
+        self.skip_bns = nn.ModuleList(nn.BatchNorm2d(b) for b in widths[1:])
+        self.act = make_activation(activation)
+        self.fc = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bns[0](self.convs[0](x)))
+        for conv, bn, skip, skip_bn in zip(self.convs[1:], self.bns[1:], self.skips, self.skip_bns):
+            h = self.act(bn(conv(h)) + skip_bn(skip(h)))
         return self.fc(h.mean(dim=(2, 3)))
 
 
@@ -221,9 +271,10 @@ def input_shape(arch: str) -> tuple[int, ...]:
 def build_model(arch: str, num_classes: int, *, activation: str = "relu", **kw) -> nn.Module:
     """Build an architecture of the paper by name (one of :data:`ARCHS`); ``kw`` go to the class.
 
-    ``"mlp"`` → :class:`MLP` (``in_features``, ``hidden``); ``"cnn"``, ``"plainnet6"``,
-    ``"resnet5"`` → :class:`ConvNet` (``widths``, e.g. ``widths=(8, 16, 32, 64)`` for a small
-    PlainNet-5, ``in_channels``, ``pools``); ``"gru"`` → :class:`GRUNet` (``hidden``,
+    ``"mlp"`` → :class:`MLP` (``in_features``, ``hidden``, ``output_relu``); ``"cnn"``,
+    ``"plainnet6"`` → :class:`ConvNet` (``widths``, e.g. ``widths=(8, 16, 32, 64)`` for a small
+    PlainNet-5, ``in_channels``, ``pools``); ``"resnet5"`` → :class:`ResNet` (``widths``: stem
+    then blocks, ``in_channels``); ``"gru"`` → :class:`GRUNet` (``hidden``,
     ``num_layers``, ``input_size``; GRU gates are fixed, so only the default ``activation`` is
     accepted).
     """
@@ -236,10 +287,10 @@ def build_model(arch: str, num_classes: int, *, activation: str = "relu", **kw) 
         return ConvNet(num_classes=num_classes, activation=activation, **kw)
     if arch == "plainnet6":
         kw.setdefault("widths", PLAINNET6_WIDTHS)
+        kw.setdefault("pools", PLAINNET6_POOLS)
         return ConvNet(num_classes=num_classes, activation=activation, **kw)
     if arch == "resnet5":
-        kw.setdefault("widths", PLAINNET5_WIDTHS)
-        return ConvNet(num_classes=num_classes, activation=activation, residual=True, **kw)
+        return ResNet(num_classes=num_classes, activation=activation, **kw)
     if arch == "gru":
         if activation != "relu":
             raise ValueError("GRU-2 has fixed sigmoid/tanh gates; activation must be left at its default")

@@ -7,9 +7,10 @@ consistently on both sides of the layer:
 * MLP: rows of ``layers[k].weight`` and ``layers[k].bias``, columns of ``layers[k+1].weight``.
 * ConvNet: output channels of ``convs[k]`` (weight, bias), BatchNorm ``bns[k]`` (γ, β, running
   mean and variance), input channels of ``convs[k+1]`` or the columns of ``fc.weight``.
-  ResNet units tie the permutations: unit k ≥ 2 adds its zero-padded input to its output, so
-  ``p_k[:n_{k-1}]`` must equal ``p_{k-1}`` and ``p_k[n_{k-1}:]`` may only permute the padded channels
-  (checked unless ``check=False``).
+* ResNet: as ConvNet, and for block k ≥ 1 also the output channels of its projection shortcut
+  ``skips[k-1]`` and of ``skip_bns[k-1]``, and the input channels of the next block's projection.
+  The projections carry weights of their own, so the layers' permutations are independent (no
+  ties, unlike identity skips).
 * GRU: layer k's gate blocks r, z, n of ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``,
   ``bias_hh_l{k}`` are each permuted identically on the rows; the recurrent ``weight_hh_l{k}`` on
   the columns too; the next layer's ``weight_ih_l{k+1}`` (or ``fc.weight``) on the columns.
@@ -25,14 +26,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ffl.models import MLP, ConvNet, GRUNet
+from ffl.models import MLP, ConvNet, GRUNet, ResNet
 
 
 def hidden_sizes(model: nn.Module) -> list[int]:
     """Number of neurons of every permutable hidden layer, input to output."""
     if isinstance(model, MLP):
         return [layer.out_features for layer in model.layers[:-1]]
-    if isinstance(model, ConvNet):
+    if isinstance(model, (ConvNet, ResNet)):
         return list(model.widths)
     if isinstance(model, GRUNet):
         return [model.gru.hidden_size] * model.gru.num_layers
@@ -40,28 +41,8 @@ def hidden_sizes(model: nn.Module) -> list[int]:
 
 
 def random_hidden_permutations(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """One uniformly random function-preserving permutation per hidden layer (ResNet: tied)."""
-    sizes = hidden_sizes(model)
-    perms: list[torch.Tensor] = []
-    for k, n in enumerate(sizes):
-        if isinstance(model, ConvNet) and model.residual and k > 0:
-            m = sizes[k - 1]
-            free = m + torch.randperm(n - m, generator=generator)
-            perms.append(torch.cat([perms[-1], free]))
-        else:
-            perms.append(torch.randperm(n, generator=generator))
-    return perms
-
-
-def check_ties(model: nn.Module, perms: Sequence[torch.Tensor]) -> bool:
-    """Whether ``perms`` respects the skip connections of ``model`` (always true without skips)."""
-    if not (isinstance(model, ConvNet) and model.residual):
-        return True
-    for k in range(1, len(perms)):
-        m = len(perms[k - 1])
-        if not (torch.equal(perms[k][:m], perms[k - 1]) and bool((perms[k][m:] >= m).all())):
-            return False
-    return True
+    """One uniformly random function-preserving permutation per hidden layer."""
+    return [torch.randperm(n, generator=generator) for n in hidden_sizes(model)]
 
 
 def _gate_index(p: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,15 +64,22 @@ def _permute_in_place(model: nn.Module, perms: Sequence[torch.Tensor], incoming_
             rows(model.layers[k].bias, p)
             if not incoming_only[k]:
                 cols(model.layers[k + 1].weight, p)
-    elif isinstance(model, ConvNet):
+    elif isinstance(model, (ConvNet, ResNet)):
+        shortcut = isinstance(model, ResNet)
         for k, p in enumerate(perms):
-            rows(model.convs[k].weight, p)
-            rows(model.convs[k].bias, p)
-            bn = model.bns[k]
-            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
-                rows(t, p)
+            units = [(model.convs[k], model.bns[k])]
+            if shortcut and k > 0:
+                units.append((model.skips[k - 1], model.skip_bns[k - 1]))
+            for conv, bn in units:
+                rows(conv.weight, p)
+                rows(conv.bias, p)
+                for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                    rows(t, p)
             if not incoming_only[k]:
-                cols(model.convs[k + 1].weight if k + 1 < len(model.convs) else model.fc.weight, p)
+                last = k + 1 == len(model.convs)
+                cols(model.fc.weight if last else model.convs[k + 1].weight, p)
+                if shortcut and not last:
+                    cols(model.skips[k].weight, p)
     elif isinstance(model, GRUNet):
         gru, n = model.gru, model.gru.hidden_size
         for k, p in enumerate(perms):
@@ -120,14 +108,9 @@ def _validate(model: nn.Module, perms: Sequence[torch.Tensor]) -> list[torch.Ten
     return out
 
 
-def permute_hidden(model: nn.Module, perms: Sequence[torch.Tensor], *, check: bool = True) -> nn.Module:
-    """A copy of ``model`` with hidden layer k's neurons permuted by ``perms[k]`` (function unchanged).
-
-    ``check=False`` allows permutations that break ResNet's skip ties (they change the function).
-    """
+def permute_hidden(model: nn.Module, perms: Sequence[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with hidden layer k's neurons permuted by ``perms[k]`` (function unchanged)."""
     perms = _validate(model, perms)
-    if check and not check_ties(model, perms):
-        raise ValueError("permutations break the residual skip ties (p_k[:n_{k-1}] must equal p_{k-1})")
     out = copy.deepcopy(model)
     _permute_in_place(out, perms, [False] * len(perms))
     return out

@@ -18,8 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def git_commit() -> str:
     """Short commit of the working tree, with ``-dirty`` when it has uncommitted changes;
-    ``$FFL_COMMIT`` when set (a copy of the tree run where git history is not at hand, e.g. the
-    GPU machine of ``scripts/gpu_chapter.sh``)."""
+    ``$FFL_COMMIT`` when set: ``python -m ffl.book`` reads the commit once before its first
+    chapter and passes it on this way (the chapters it writes would otherwise mark the next ones
+    ``-dirty``), and a copy of the tree run where git history is not at hand (the GPU machine of
+    ``scripts/gpu_chapter.sh``) names it the same way."""
     if os.environ.get("FFL_COMMIT"):
         return os.environ["FFL_COMMIT"]
     try:

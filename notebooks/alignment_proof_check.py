@@ -20,8 +20,9 @@
 # to every permutation of hidden neurons that leaves a network's function unchanged, while the raw
 # weights are not. The paper derives it for a linear MLP and covers the other architectures with a
 # sentence ("a CNN can be regarded as a patch-based MLP"). This chapter states the chain of every
-# architecture of the paper precisely — PlainNet-5 and PlainNet-6 with BatchNorm, ResNet-5 with its
-# skip connections, leaky-ReLU variants, and the two-layer GRU — and checks the invariance
+# architecture of the paper precisely, built as the authors' code builds it — PlainNet-5 and
+# PlainNet-6 with BatchNorm, ResNet-5 with its projection shortcuts, leaky-ReLU variants, and the
+# two-layer GRU — and checks the invariance
 # numerically: many random permutations, applied to every hidden layer at once, must leave the
 # outputs and every chain feature unchanged up to rounding, and permutations that are *not*
 # function-preserving must change both. Finally it measures what the chains cost, because the
@@ -69,7 +70,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # ### PlainNet-5 and PlainNet-6: chains in patch space
 #
 # PlainNet-5 is conv3×3(32)–BN–act–maxpool, conv(64)…pool, conv(128)…pool, conv(256)–BN–act,
-# global average pooling, FC(256, N); PlainNet-6 has one more conv(256)–BN–act unit. Conv layer
+# global average pooling, FC(256, N); PlainNet-6 (the official `cfg['I']`) pools after conv(256)
+# too and adds a fifth conv(256)–BN–act unit on 2×2 maps. Conv layer
 # $l$ with kernel $K_l \in \mathbb{R}^{n_l \times n_{l-1} \times 3 \times 3}$ has the layer matrix
 # $M_l[(i, p), j] = K_l[j, i, p]$ (input channel $i$, kernel position $p$; output channel $j$).
 # Regarding the CNN as a patch-based MLP, layer $l$ sees a 3×3 patch of layer-$(l-1)$ neurons,
@@ -91,22 +93,26 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # chain). $\gamma, \beta, \mu, \sigma^2$ are permuted with their channel, so the fold is a
 # per-neuron scale that commutes with the permutation.
 #
-# ### ResNet-5: tied permutations
+# ### ResNet-5: projection shortcuts
 #
-# ResNet-5 has PlainNet-5's weights; units 2–4 add a skip,
-# $h_l = \mathrm{act}(\mathrm{BN}_l\,\mathrm{conv}_l(h_{l-1}) + S_l h_{l-1})$, where $S_l$ is the
-# identity on the $n_{l-1}$ incoming channels zero-padded to $n_l$ (no weights; the stem has no
-# skip). Linearized, unit $l$'s layer matrix is $M_l + E_l$ with $E_l[(i, \text{centre}), i] = 1$.
-# The skip ties the permutations: only $P_l = P_{l-1} \oplus Q_l$ (the skip-fed channels follow
-# the previous layer, the padded ones permute among themselves) preserves the function, and for
-# exactly these $(P_{l-1}^\top \otimes I)\, E_l\, P_l = E_l$, so the chain is invariant.
+# ResNet-5, as the official code builds it, is a stem conv3×3(32)–BN–act and three blocks
+# $h_l = \mathrm{act}(\mathrm{BN}_l\,\mathrm{conv}_l(h_{l-1}) + \mathrm{BN}'_l\,\mathrm{conv}'_l(h_{l-1}))$,
+# where $\mathrm{conv}_l$ is a 3×3 and $\mathrm{conv}'_l$ a 1×1 projection, both of stride 2, then
+# global average pooling and FC(256, N). The 1×1 projection reads exactly the pixel that the centre
+# of the 3×3 kernel reads, so a block's linear part is one 3×3 convolution: its layer matrix is
+# $M_l + E_l$ with $E_l[(i, \text{centre}), j] = S_l[j, i]$ (the projection's weights). A
+# permutation of a block's channels permutes the outputs of both convolutions and both BatchNorms
+# and the inputs of the next block's two convolutions, so $E_l$ transforms exactly like $M_l$ and
+# the chain is invariant; the projections have weights of their own, so the permutations of
+# different layers are independent. The official code takes the 3×3 kernels alone (it skips every
+# kernel that is not 3×3); those are invariant by the PlainNet argument and are checked below too.
 #
 # ### GRU-2: gates and recurrence
 #
 # A hidden permutation of GRU layer $k$ permutes the rows of each gate block $r, z, n$ of
 # $W_{ih}^{(k)}$, $W_{hh}^{(k)}$ and the biases identically, the columns of the recurrent
 # $W_{hh}^{(k)}$ too, and the columns of the next layer's $W_{ih}^{(k+1)}$ (or of the classifier).
-# The official feature is $C_1 = W_{ih}^{(1)\top}$ (57 × 3H, gates as column blocks). The full
+# The official feature is $C_1 = W_{ih}^{(1)\top}$ (58 × 3H, gates as column blocks). The full
 # chain follows the input through both layers and through time, along the candidate path
 # $h_t = W_{in} x_t + W_{hn} h_{t-1}$: with responses $R^{(k)}[s]$ of layer $k$'s state to
 # $x_{t-s}$ and gate responses $A_g^{(k)}[s] = W_{ig}^{(k)} R^{(k-1)}[s] + W_{hg}^{(k)} R^{(k)}[s-1]$,
@@ -119,8 +125,7 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 #
 # Each architecture is built with random weights and random BatchNorm parameters and running
 # statistics (fresh BatchNorm layers are the identity, which would make the check too easy). For
-# each of the profile's random permutations — one per hidden layer, all at once, tied across
-# ResNet's skips — we record, at every chain index, the largest change of a raw weight, the
+# each of the profile's random permutations — one per hidden layer, all at once — we record, at every chain index, the largest change of a raw weight, the
 # largest change of an entry of the chain Gram (exact where $G_l$ is small enough to form, else its
 # upper bound $\lVert \Delta G_l \rVert_F$ computed without $G$), the relative change
 # $\lVert \Delta G_l \rVert_F / \lVert G_l \rVert_F$, and the largest change of an output.
@@ -150,11 +155,13 @@ plt.show()
 # %% [markdown]
 # ### Every chain definition
 #
-# The table above uses the default chains: BatchNorm folded, no chain normalization, the GRU chain
-# with {glue:text}`apc_gru_lags` lag. The other definitions are invariant by the same argument;
-# the next table repeats the check, with fewer permutations, for chain normalization (every
-# architecture), the raw convolution kernels without the BatchNorm fold (the CNNs) and the official
-# GRU feature (no lags, $C_1 = W_{ih}^{(1)\top}$).
+# The table above uses the library's default chains: BatchNorm folded, no chain normalization,
+# ResNet-5's projections included, the GRU chain with {glue:text}`apc_gru_lags` lag. The other
+# definitions are invariant by the same argument; the next table repeats the check, with fewer
+# permutations, for chain normalization (every architecture; the official MLP chain), the raw
+# convolution kernels without the BatchNorm fold (the official CNN chains), ResNet-5's 3×3 kernels
+# alone (the official ResNet-5 chain) and the official GRU feature (no lags,
+# $C_1 = W_{ih}^{(1)\top}$).
 
 # %%
 option_table = report.options
@@ -169,8 +176,10 @@ option_table.style.format({"max_rel_dG": "{:.1e}", "min_rel_dW": "{:.2f}"}).hide
 # ## Permutations that break the function
 #
 # The check can fail. Permuting only the incoming side of one hidden layer (the next layer still
-# reads the neurons in their old order), or, in ResNet-5, exchanging a skip-fed channel with a
-# zero-padded one, changes the network's function — and the next chain Gram changes with it.
+# reads the neurons in their old order), or, in ResNet-5, permuting a block everywhere except in
+# its projection shortcut, changes the network's function — and the chain Gram that reads the
+# mismatch changes with it (for the shortcut control, the block's own chain with the projections;
+# the official 3×3-only chain cannot see a shortcut).
 
 # %%
 controls = report.controls

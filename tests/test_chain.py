@@ -18,7 +18,6 @@ from ffl.chain import (
 )
 from ffl.models import ConvNet, build_model, input_shape
 from ffl.permute import (
-    check_ties,
     hidden_sizes,
     permute_hidden,
     permute_one_side,
@@ -68,6 +67,8 @@ def chain_options(arch):
         return [dict(), dict(normalize=True), dict(gru_lags=0), dict(gru_lags=2, normalize=True)]
     if arch == "mlp":
         return [dict(), dict(normalize=True)]
+    if arch == "resnet5":  # with the projections (ours) and the 3×3 kernels only (official)
+        return [dict(), dict(normalize=True), dict(fold_bn=False), dict(fold_bn=False, skips=False)]
     return [dict(), dict(normalize=True), dict(fold_bn=False)]
 
 
@@ -85,7 +86,6 @@ def test_function_preserving_permutations_leave_outputs_and_chains_unchanged(arc
     gen = torch.Generator().manual_seed(2)
     for _ in range(2):
         perms = non_identity_permutations(net, gen)
-        assert check_ties(net, perms)
         other = permute_hidden(net, perms)
         assert (net(x) - other(x)).abs().max() < 1e-5
         # raw weights change (every layer touches a permuted hidden layer)
@@ -112,23 +112,20 @@ def test_one_sided_permutation_changes_outputs_and_chain(arch, activation, kw):
         assert rel_change(chain_factors(net)[nxt], chain_factors(broken)[nxt]) > 1e-3
 
 
-def test_resnet_untied_permutation_changes_function_and_is_refused():
+def test_resnet_shortcut_left_unpermuted_changes_function_and_chain():
+    """Permuting a block's channels everywhere but in its projection shortcut is not
+    function-preserving; the chain with the projections sees it, the 3×3-only chain cannot."""
     kw = dict(widths=(4, 6, 8, 10))
     net, x = make("resnet5", "relu", kw), inputs("resnet5", kw)
-    gen = torch.Generator().manual_seed(0)
-    perms = random_hidden_permutations(net, gen)
-    perms[1] = torch.roll(perms[1], 1)  # mixes a skip-fed channel with a padded one
-    perms[2] = torch.cat([perms[1], torch.arange(6, 8)])
-    perms[3] = torch.cat([perms[2], torch.arange(8, 10)])
-    assert not check_ties(net, perms)
-    with pytest.raises(ValueError, match="skip"):
-        permute_hidden(net, perms)
-    untied = permute_hidden(net, perms, check=False)
-    assert (net(x) - untied(x)).abs().max() > 1e-4
-    assert rel_change(chain_factors(net)[1], chain_factors(untied)[1]) > 1e-3
-    # the same permutations are harmless without skips: PlainNet has no ties
-    plain = make("cnn", "relu", kw)
-    assert (plain(x) - permute_hidden(plain, perms)(x)).abs().max() < 1e-5
+    perms = non_identity_permutations(net, torch.Generator().manual_seed(0))
+    broken = permute_hidden(net, perms)
+    with torch.no_grad():
+        broken.skips[1].weight.copy_(net.skips[1].weight)
+        broken.skip_bns[1].load_state_dict(net.skip_bns[1].state_dict())
+    assert (net(x) - broken(x)).abs().max() > 1e-4
+    assert rel_change(chain_factors(net)[2], chain_factors(broken)[2]) > 1e-3
+    official = dict(fold_bn=False, skips=False)
+    assert rel_change(chain_factors(net, **official)[2], chain_factors(broken, **official)[2]) < 1e-5
 
 
 def test_permutation_validation():
@@ -205,14 +202,74 @@ def test_batchnorm_fold_matches_eval_mode_network():
     assert torch.allclose(layer_matrices(net, fold_bn=False)[0], conv.weight.detach().reshape(4, 27).T)
 
 
-def test_resnet_layer_matrix_includes_the_skip():
+def test_resnet_block_matrix_is_the_blocks_linear_map():
+    """With BN folded, a block's layer matrix M_l + E_l is the kernel of one 3×3 stride-2 conv
+    that computes BN(conv3×3 h) + BN'(conv1×1' h) up to a per-channel shift."""
     net = make("resnet5", "relu", dict(widths=(4, 6, 8, 10)))
-    plain = layer_matrices(net, fold_bn=True)
-    conv_only = layer_features(net)
-    skip = plain[1] - conv_only[1].reshape(plain[1].shape)
-    assert skip.sum() == 4 and skip.shape == (36, 6)
-    for i in range(4):
-        assert skip[i * 9 + 4, i] == 1  # channel i, kernel centre → channel i
+    conv, bn, skip, sbn = net.convs[1], net.bns[1], net.skips[0], net.skip_bns[0]
+    h = torch.randn(2, 4, 9, 9)
+    y = bn(conv(h)) + sbn(skip(h))
+    m = layer_matrices(net)[1]  # (4·9, 6), rows (c_in, ky, kx)
+    kernel = m.T.reshape(6, 4, 3, 3)
+    shift = bn.bias - bn.running_mean * bn_scale(bn) + sbn.bias - sbn.running_mean * bn_scale(sbn)
+    assert torch.allclose(y, nn.functional.conv2d(h, kernel, stride=2, padding=1) + shift[None, :, None, None],
+                          atol=1e-5)
+    # without the projections: the 3×3 kernels alone, as the official code reads them
+    raw = layer_matrices(net, fold_bn=False, skips=False)
+    assert torch.equal(raw[1], conv.weight.detach().reshape(6, 36).T)
+    assert torch.equal(layer_features(net, fold_bn=False)[1], raw[1].reshape(-1))
+
+
+def _official_mlp_chain(ws: list, l: int):
+    """models/meta_model_mlp.py as the official code has it, in numpy float64: chain 1 is W_1ᵀ
+    (no normalization); for l ≥ 2 every W_kᵀ is normalized along its last axis (each input's
+    outgoing weights) and multiplied out."""
+    import numpy as np
+
+    if l == 1:
+        return ws[0].T
+    x = None
+    for w in ws[:l]:
+        wt = w.T / np.linalg.norm(w.T, axis=-1, keepdims=True)
+        x = wt if x is None else x @ wt
+    return x
+
+
+def _official_cnn_chain(kernels: list, l: int):
+    """models/meta_model_cnn.py (sup_cifar_chain) in numpy float64: C_1 = K_1 viewed (c_out, c_in·9);
+    C_i[o, q·9 + k] = Σ_c C_{i-1}[c, q] K_i[o, c, k]. Returns (c_out, d) with columns (c, p_1, …, p_l)."""
+    c = kernels[0].reshape(kernels[0].shape[0], -1)
+    for k in kernels[1:l]:
+        c_out, c_in = k.shape[:2]
+        t = c.T @ k.transpose(1, 0, 2, 3).reshape(c_in, c_out * 9)  # (d, c_out·9)
+        c = t.reshape(-1, c_out, 9).transpose(1, 0, 2).reshape(c_out, -1)
+    return c
+
+
+def test_official_mlp_chain_normalization_against_an_independent_computation():
+    net = make("mlp", "relu", dict(in_features=20, hidden=(6, 7, 8)))
+    ws = [layer.weight.detach().double().numpy() for layer in net.layers]  # (out, in)
+    ours = chain_factors(net, normalize=True)
+    for l in range(1, 5):
+        ref = torch.from_numpy(_official_mlp_chain(ws, l))
+        torch.testing.assert_close(ours[l - 1].double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+        torch.testing.assert_close(chain_gram(ours[l - 1].double()), ref @ ref.T, rtol=1e-6,
+                                   atol=1e-6 * (ref @ ref.T).abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet5"])
+def test_official_raw_kernel_cnn_chain_against_an_independent_computation(arch):
+    """Our chain on the raw 3×3 kernels (BN not folded; ResNet without its projections) equals the
+    official chain with its rows reordered: ours (p_l, …, p_2, c, p_1), official (c, p_1, …, p_l)."""
+    net = make(arch, "relu", dict(widths=(3, 4, 5, 6)))
+    kernels = [c.weight.detach().double().numpy() for c in net.convs]
+    ours = chain_factors(net, fold_bn=False, skips=False, upto=3)
+    for l in range(1, 4):
+        ref = torch.from_numpy(_official_cnn_chain(kernels, l)).T  # (d, c_out), rows (c, p_1, …, p_l)
+        axes = ref.reshape(3, 9, *([9] * (l - 1)), -1)  # (c, p_1, p_2, …, p_l, j)
+        order = [*range(l, 1, -1), 0, 1, l + 1]  # → (p_l, …, p_2, c, p_1, j)
+        ref = axes.permute(*order).reshape(ref.shape)
+        torch.testing.assert_close(ours[l - 1].double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
 
 def test_gru_official_feature_and_full_chain():
@@ -259,7 +316,7 @@ def test_unsupported_layers_are_named():
     with pytest.raises(TypeError, match=r"'act' \(GELU\)"):
         chain_factors(net)
     net = build_model("cnn", 2, widths=(2, 3, 4, 5))
-    net.convs[1] = nn.Conv2d(2, 3, 3, stride=2)
+    net.convs[1] = nn.Conv2d(2, 3, 3, stride=2)  # stride only in ResNet's blocks
     with pytest.raises(TypeError, match="'convs.1'"):
         layer_matrices(net)
     net = build_model("mlp", 2, hidden=(4,))

@@ -48,3 +48,26 @@ def test_smoke_zoo_chains_beat_layers_and_rerun_is_cached(tmp_path):
                            cache_dir=tmp_path, progress=False)
     assert again.results.equals(exp.results)
     assert {p: p.stat().st_mtime_ns for p in Path(tmp_path).rglob("*") if p.is_file()} == files
+
+
+def test_features_per_arch_resolve_and_bad_keys_fail():
+    """A section's `features:` is one dict for all archs, or one per arch (the official settings
+    differ between MLP and CNN)."""
+    from ffl.experiment import features_for_arch
+    from ffl.features import FeatureConfig
+    from ffl.profiles import load_profile
+
+    per_arch = load_profile("paper")["cifar100"]["features"]
+    mlp, cnn = features_for_arch(per_arch, "mlp"), features_for_arch(per_arch, "cnn")
+    assert (mlp.chain_normalize, mlp.layer_normalize, mlp.fold_bn) == (True, True, True)
+    assert (cnn.chain_normalize, cnn.fold_bn) == (False, False)
+    res = features_for_arch(per_arch, "resnet5")
+    assert (res.fold_bn, res.resnet_skips) == (False, False)
+    assert features_for_arch({"gru_lags": 0}, "gru") == FeatureConfig(gru_lags=0)
+    assert features_for_arch(None, "mlp") == FeatureConfig()
+    with pytest.raises(ValueError, match="none for 'gru'"):
+        features_for_arch(per_arch, "gru")
+    with pytest.raises(ValueError, match="mixes per-arch entries"):
+        features_for_arch({"mlp": {}, "fold_bn": False}, "mlp")
+    with pytest.raises(ValueError, match="unknown feature settings"):
+        features_for_arch({"mlp": {"fold": False}}, "mlp")

@@ -148,10 +148,12 @@ def test_paper_presets():
 
     s = paper("cnn", "cifar100")
     assert (s.lr, s.momentum, s.weight_decay, s.batch_size, s.epochs, s.lr_step_epochs, s.augment) == \
-        (0.1, 0.9, 1e-4, 128, 50, [30], True)
+        (0.1, 0.9, 0.0, 128, 50, [30], True)  # the official SGD: no weight decay
     assert len(s.tasks) == 50 and s.runs == 100
     m = paper("mlp", "cifar100")
-    assert (m.epochs, m.lr_step_epochs, m.augment) == (100, [70], False)
+    # paper's 100/70 epochs; the official loader's crop+flip and the official MLP's output ReLU
+    assert (m.epochs, m.lr_step_epochs, m.augment, m.weight_decay) == (100, [70], True, 0.0)
+    assert m.model_kwargs["output_relu"] is True
     g = paper("gru", "namedata")
     assert (g.batch_size, g.lr, g.steps, g.lr_step_steps) == (1, 0.1, 10_000, [7_000])
     a = paper("mlp", "cifar100", optimizer="adam", lr=1e-3)
