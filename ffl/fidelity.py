@@ -115,10 +115,10 @@ def rows(profile: str = "paper") -> list[Difference]:
                    _on(not gru["momentum"], "none", f"{gru['momentum']}"), "the code, where the paper is silent"),
         Difference("NameData", "GRU-2 sampling", "batch size 1",
                    "each step draws a class uniformly, then a name of it (train_rnn.py:31-39)",
-                   {"class_uniform": "each step draws a class uniformly, then a name of it"}.get(
+                   {"balanced": "the same (`sampling: balanced`), from each network's own seeded generator"}.get(
                        gru.get("sampling", ""), "each network shuffles all its training names once per epoch "
                                                 "(classes in proportion to their names)"),
-                   "see the NameData chapter"),
+                   "the code, where the paper is silent: a task's languages differ in size up to a hundredfold"),
         Difference("NameData", "language pairs", "not stated",
                    "pairs (2i, 2i+1) in `glob` order, which the file system decides (name_data.py:9, 38)",
                    "pairs (2i, 2i+1) of the sorted file names", "ours: the same pairs on every machine"),
