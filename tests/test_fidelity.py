@@ -31,14 +31,15 @@ def test_every_row_fills_every_cell_and_topics_are_unique():
 
 
 def test_book_column_follows_the_profile(monkeypatch):
+    assert {r.topic: r.book for r in fidelity.rows()}["GRU-2 sampling"].startswith("the same (`sampling: balanced`)")
     changed = copy.deepcopy(load_profile("paper"))
     changed["cifar100"]["zoo"]["arch"]["mlp"]["weight_decay"] = 1e-4
-    changed["namedata"]["zoo"]["arch"]["gru"]["sampling"] = "class_uniform"
+    changed["namedata"]["zoo"]["arch"]["gru"]["sampling"] = "epochs"
     changed["cifar100"]["features"]["cnn"] = {"fold_bn": True}
     monkeypatch.setattr(fidelity, "load_profile", lambda name: changed)
     by_topic = {r.topic: r.book for r in fidelity.rows()}
     assert "0.0001" in by_topic["weight decay"]
-    assert by_topic["GRU-2 sampling"].startswith("each step draws a class uniformly")
+    assert by_topic["GRU-2 sampling"].startswith("each network shuffles")
     assert by_topic["BatchNorm in CNN features"] == "BN folded into the kernels"
 
 
