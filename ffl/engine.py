@@ -22,9 +22,11 @@ Also here: :func:`probe_capacity` (how many networks fit on a GPU, measured by t
 and :func:`tune_malloc` (an allocator setting for processes that exist to train).
 
 Determinism: on CPU the same seeds give the same bytes. On CUDA kernels may differ at float
-rounding level between runs unless deterministic algorithms are enabled. Results of MLPs do not
-depend on which networks share an engine batch; for CNNs they can at rounding level, which is why
-:mod:`ffl.zoo` fixes the chunking of a zoo and stores it.
+rounding level between runs unless deterministic algorithms are enabled. Results can depend at
+rounding level on which networks share an engine batch, for every architecture: the fused optimizer
+rounds an element differently in the vectorized body and in the scalar tail of the stacked tensor
+(and CNN kernels may pick other algorithms), which is why :mod:`ffl.zoo` fixes the chunking of a
+zoo and stores it.
 """
 from __future__ import annotations
 

@@ -215,11 +215,19 @@ def test_torchrun_two_ranks(zoo_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume(zoo_dir, tmp_path):
-    """A real SIGKILL once the first shard has landed (no hook): resuming gives the same bytes."""
+def test_sigkill_and_resume(tmp_path):
+    """A real SIGKILL once the first shard has landed (no hook): resuming gives the bytes of an
+    uninterrupted run with the same chunking, and no temporary file is left behind.
+
+    The reference must use the same ``batch_networks``: the engine's fused SGD rounds an element
+    differently depending on where it falls in the stacked tensor (vectorized body or scalar
+    tail), so a zoo chunked 1 network at a time differs from one chunked 4 at a time in the last
+    bit of some weights, for every architecture (this test once compared against the 4-chunk zoo
+    and failed deterministically)."""
     import signal
     import time
 
+    reference = train_zoo(tiny_spec(), tmp_path / "reference", progress=False, batch_networks=1)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(tiny_spec().to_dict()))
     root = tmp_path / "z"
@@ -235,10 +243,5 @@ def test_sigkill_and_resume(zoo_dir, tmp_path):
     r = _cli(["train", "--spec", str(spec_file), "--root", str(root), "--quiet"])
     assert r.returncode == 0, r.stderr
     assert json.loads((root / "spec.json").read_text())["batch_networks"] == 1
-    # chunking differs from the reference zoo (1 vs 4 networks per chunk); MLP results do not
-    # depend on it, so the weights still match byte for byte
-    a, b = Zoo.load(zoo_dir), Zoo.load(root)
-    for i in range(len(a)):
-        sa, sb = a.state_dict(i), b.state_dict(i)
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.accuracy["test"].tolist() == b.accuracy["test"].tolist()
+    assert shard_bytes(root) == shard_bytes(reference.root)
+    assert not [f for f in root.rglob("*") if ".tmp-" in f.name]
