@@ -19,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import ffl
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
@@ -35,9 +36,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
 
 
-def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dict[str, Any]:
-    """Fail at once, with the valid choices, on an unknown arch/dataset/profile; return the
-    profile's settings for ``section``."""
+_UNSET: Any = object()
+
+
+def check_parameters(*, seed: Any = _UNSET, device: Any = _UNSET, download: Any = _UNSET,
+                     data_root: Any = _UNSET) -> dict[str, Any]:
+    """The run parameters of a chapter, checked for type and range (see :mod:`ffl.checks`) and
+    returned normalized (``download="true"``, as papermill's ``-p`` passes it, becomes ``True``);
+    parameters not given are not checked."""
+    checks = {"seed": as_seed, "device": as_device, "download": lambda v: as_bool("download", v),
+              "data_root": as_data_root}
+    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
+    return {name: checks[name](value) for name, value in given.items() if value is not _UNSET}
+
+
+def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: Any = _UNSET,
+                  device: Any = _UNSET, download: Any = _UNSET, data_root: Any = _UNSET) -> dict[str, Any]:
+    """Fail at once, with the valid choices, on an unknown arch/dataset/profile or a bad run
+    parameter (``seed`` an integer >= 0, ``device`` one this machine has, ``download`` a bool,
+    ``data_root`` a folder path or None; see :func:`check_parameters`); also check the section's
+    zoo spec (every training field's type and range). Return the profile's settings for
+    ``section``. Nothing is written."""
+    check_parameters(seed=seed, device=device, download=download, data_root=data_root)
     if profile not in available_profiles():
         raise ValueError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
     if dataset not in DATASETS:
@@ -52,7 +72,26 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dic
             f"profile {profile!r} defines no {arch!r} zoo for {section!r}; "
             f"it has {sorted(settings['zoo']['arch'])}"
         )
+    spec_from_profile(profile, section, arch=arch, dataset=dataset)  # the spec's fields, checked
+    _check_evaluation_settings(profile, section, settings)
     return settings
+
+
+def _check_evaluation_settings(profile: str, section: str, settings: dict[str, Any]) -> None:
+    """The section's ``projection``, ``split`` and ``features`` settings: known keys, numbers in range."""
+    where = f"profile {profile!r}, section {section!r}"
+    try:
+        projection = ProjectionConfig.from_dict(settings.get("projection"))
+        ProtocolSplit(**settings.get("split", {}))
+        FeatureConfig.from_dict(settings.get("features"))
+        as_float("projection lr", projection.lr, positive=True)
+        as_float("projection momentum", projection.momentum, minimum=0.0, below=1.0)
+        as_float("projection weight_decay", projection.weight_decay, minimum=0.0)
+        as_float("projection lr_gamma", projection.lr_gamma, positive=True)
+        as_int("projection epochs", projection.epochs, minimum=1)
+        as_int("projection batch_size", projection.batch_size, minimum=1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _key(payload: Any) -> str:
@@ -109,6 +148,8 @@ def run_experiment(
 ) -> Experiment:
     """Train or load the zoo of a paper section and evaluate it (cached)."""
     settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
+    params = check_parameters(seed=seed, device=device, download=download, data_root=data_root)
+    seed, device, download, data_root = params["seed"], params["device"], params["download"], params["data_root"]
     spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
                              download=download, seed=seed)
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})

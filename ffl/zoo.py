@@ -55,10 +55,12 @@ from tqdm import tqdm
 
 from ffl import __version__
 from ffl.cli import Command, run_command_line
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import TaskData, load_task
+from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import NetworkData, TrainConfig, check_precision, init_stacked, probe_capacity, train_batched, tune_malloc
 from ffl.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
-from ffl.models import build_model
+from ffl.models import ARCHS, build_model
 from ffl.profiles import load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
@@ -97,21 +99,50 @@ class ZooSpec(TrainConfig):
     data_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_training_fields()
         super().__post_init__()
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        check_dataset(self.dataset)
         if isinstance(self.tasks, int):
             self.tasks = list(range(self.tasks))
-        self.tasks = [int(t) for t in self.tasks]
+        if not isinstance(self.tasks, (list, tuple)):
+            raise ValueError(f"tasks must be a count or a list of task indices, got {self.tasks!r}")
+        self.tasks = [as_int("task", t, minimum=0) for t in self.tasks]
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct, got {self.tasks}")
-        self.runs = int(self.runs)
-        if self.runs < 1 or not self.tasks:
+        self.runs = as_int("runs", self.runs, minimum=1)
+        if not self.tasks:
             raise ValueError("a zoo needs at least one task and one run")
-        self.lr_step_epochs = [int(e) for e in self.lr_step_epochs]
-        self.lr_step_steps = [int(e) for e in self.lr_step_steps]
+        self.seed = as_seed(self.seed)
+        self.download = as_bool("download", self.download)
+        self.data_root = as_data_root(self.data_root)
+        if not isinstance(self.model_kwargs, dict) or not isinstance(self.data_kwargs, dict):
+            raise ValueError("model_kwargs and data_kwargs must be mappings")
+        n_tasks = self.data_kwargs.get("n_tasks") if self.dataset == "synthetic" else None
+        for t in self.tasks:
+            check_task(self.dataset, t, n_tasks)
         self.model_kwargs = _jsonable(dict(self.model_kwargs))
+        _check_model_kwargs(self.arch, self.model_kwargs)
         self.data_kwargs = _jsonable(dict(self.data_kwargs))
-        if self.data_root is not None:
-            self.data_root = str(self.data_root)
+
+    def _check_training_fields(self) -> None:
+        """Type and range of every training field (text that spells a number becomes one: PyYAML
+        reads ``1e-4`` as a string)."""
+        self.lr = as_float("lr", self.lr, positive=True)
+        self.momentum = as_float("momentum", self.momentum, minimum=0.0, below=1.0)
+        self.weight_decay = as_float("weight_decay", self.weight_decay, minimum=0.0)
+        self.lr_gamma = as_float("lr_gamma", self.lr_gamma, positive=True)
+        self.batch_size = as_int("batch_size", self.batch_size, minimum=1)
+        self.steps = None if self.steps is None else as_int("steps", self.steps, minimum=1)
+        self.epochs = as_int("epochs", self.epochs, minimum=1 if self.steps is None else 0)
+        self.crop_padding = as_int("crop_padding", self.crop_padding, minimum=0)
+        self.augment = as_bool("augment", self.augment)
+        for name in ("lr_step_epochs", "lr_step_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list of milestones, got {value!r}")
+            setattr(self, name, [as_int(f"{name} entry", e, minimum=0) for e in value])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZooSpec:
@@ -142,6 +173,21 @@ class ZooSpec(TrainConfig):
     @property
     def num_networks(self) -> int:
         return len(self.tasks) * self.runs
+
+
+def _check_model_kwargs(arch: str, model_kwargs: dict[str, Any]) -> None:
+    """Build one network of ``arch`` on the meta device (no memory, no time): unknown or ill-typed
+    ``model_kwargs`` and layers of width 0 fail here, before anything is trained or written."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "zero-element tensors": reported below
+            net = build_model(arch, 2, **model_kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"model_kwargs {model_kwargs} do not build a {arch!r} network: {e}") from None
+    empty = [name for name, p in net.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ValueError(f"model_kwargs {model_kwargs} give {arch!r} layers of width 0 ({', '.join(empty)}); "
+                         "every width must be >= 1")
 
 
 def _jsonable(x: Any) -> Any:
@@ -543,6 +589,14 @@ def train_zoo(
     root = Path(root)
     if not isinstance(spec, ZooSpec):
         spec = ZooSpec.from_dict(dict(spec))
+    device = as_device(device)
+    if batch_networks is not None:
+        batch_networks = as_int("batch_networks", batch_networks, minimum=1)
+    if shard is not None:
+        world = as_int("world size", shard[1], minimum=1)
+        shard = (as_int("rank", shard[0], minimum=0), world)
+        if shard[0] >= world:
+            raise ValueError(f"rank {shard[0]} must be < world size {world}")
     mpath = root / "manifest.json"
     if mpath.is_file():
         zoo = Zoo.load(root)

@@ -56,7 +56,8 @@ import ffl.plots
 import ffl.provenance
 
 # Checked before any work: a wrong choice stops here with the valid ones.
-settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="cifar100")
+settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="cifar100",
+                                          seed=seed, device=device, download=download, data_root=data_root)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch=arch, profile=profile, dataset=dataset, seed=seed))))
 
