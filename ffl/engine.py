@@ -54,6 +54,7 @@ __all__ = [
     "train_batched",
     "train_loop",
     "init_stacked",
+    "nonfinite_networks",
     "probe_capacity",
     "epoch_plan",
     "augment_batch",
@@ -431,13 +432,27 @@ def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths:
 
 @dataclass
 class BatchResult:
-    """Stacked final ``state_dict`` (on CPU) and final train/test accuracy per network."""
+    """Stacked final ``state_dict`` (on CPU) and final train/test accuracy per network;
+    ``diverged``: positions of the networks whose training diverged (see :func:`nonfinite_networks`)."""
 
     state: dict[str, torch.Tensor]
     train_acc: list[float]
     test_acc: list[float]
     seconds: float
     steps: int = 0
+    diverged: list[int] = field(default_factory=list)
+
+
+def nonfinite_networks(state: dict[str, torch.Tensor]) -> list[int]:
+    """Positions k of the networks in a stacked ``state_dict`` (leading dim = networks) with a NaN
+    or infinite weight or buffer: their training diverged (a non-finite loss gives non-finite
+    gradients, and SGD/Adam carry them into the weights). Checked once, after training."""
+    bad = None
+    for t in state.values():
+        if t.is_floating_point():
+            here = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            bad = here if bad is None else bad | here
+    return [] if bad is None else bad.nonzero().flatten().tolist()
 
 
 def train_batched(
@@ -523,7 +538,7 @@ def train_batched(
         else:
             train_acc = test_acc = [float("nan")] * K
         state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-        return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done)
+        return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done, nonfinite_networks(state))
 
 
 def train_loop(
@@ -587,7 +602,7 @@ def train_loop(
                 te.append(float("nan"))
             states.append({k2: v.detach().cpu() for k2, v in model.state_dict().items()})
         stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-        return BatchResult(stacked, tr, te, time.perf_counter() - t0, done)
+        return BatchResult(stacked, tr, te, time.perf_counter() - t0, done, nonfinite_networks(stacked))
 
 
 def probe_capacity(arch: str, model_kwargs: dict, cfg: TrainConfig, device: torch.device | str,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 import ffl
@@ -24,9 +25,10 @@ from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
-from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
+from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, retrieval_protocol,
+                           retrieval_split)
 from ffl.files import atomic_path
-from ffl.zoo import Zoo, spec_from_profile, train_zoo
+from ffl.zoo import Zoo, ZooSpec, spec_from_profile, train_zoo
 
 FEATURE_KINDS = ("layer", "chain")
 
@@ -72,17 +74,22 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: 
             f"profile {profile!r} defines no {arch!r} zoo for {section!r}; "
             f"it has {sorted(settings['zoo']['arch'])}"
         )
-    spec_from_profile(profile, section, arch=arch, dataset=dataset)  # the spec's fields, checked
-    _check_evaluation_settings(profile, section, settings)
+    spec = spec_from_profile(profile, section, arch=arch, dataset=dataset)  # the spec's fields, checked
+    _check_evaluation_settings(profile, section, settings, spec)
     return settings
 
 
-def _check_evaluation_settings(profile: str, section: str, settings: dict[str, Any]) -> None:
-    """The section's ``projection``, ``split`` and ``features`` settings: known keys, numbers in range."""
+def _check_evaluation_settings(profile: str, section: str, settings: dict[str, Any], spec: ZooSpec) -> None:
+    """The section's ``projection``, ``split`` and ``features`` settings: known keys, numbers in
+    range, and protocol splits that the zoo's tasks × runs allow (before the zoo is trained)."""
     where = f"profile {profile!r}, section {section!r}"
     try:
         projection = ProjectionConfig.from_dict(settings.get("projection"))
-        ProtocolSplit(**settings.get("split", {}))
+        split = ProtocolSplit(**settings.get("split", {}))
+        tasks = torch.tensor(spec.tasks).repeat_interleave(spec.runs)  # the zoo's order: task-major
+        runs = torch.arange(spec.runs).repeat(len(spec.tasks))
+        classification_split(tasks, runs, split)
+        retrieval_split(tasks, runs, split)
         FeatureConfig.from_dict(settings.get("features"))
         as_float("projection lr", projection.lr, positive=True)
         as_float("projection momentum", projection.momentum, minimum=0.0, below=1.0)

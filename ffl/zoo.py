@@ -251,6 +251,22 @@ class ZooCorruptError(ValueError):
     """A zoo file is truncated, tampered with or unreadable (the message names the file)."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """Networks of a zoo ended training with NaN or infinite weights (the message names them by
+    task and run); their chunk is not saved, so the zoo is never complete with them in it."""
+
+    def __init__(self, root: Path, spec: "ZooSpec", networks: Sequence[tuple[Piece, int]], chunk_size: int) -> None:
+        self.networks = [(p.task, r) for p, r in networks]
+        named = ", ".join(f"task {t} run {r}" for t, r in self.networks[:20]) + (" …" if len(networks) > 20 else "")
+        schedule = f"{spec.steps} steps" if spec.steps is not None else f"{spec.epochs} epochs"
+        super().__init__(
+            f"training diverged (non-finite weights or loss) for {len(networks)} of the {chunk_size} networks "
+            f"of a chunk of the zoo at {root}: {named}. Settings: optimizer {spec.optimizer}, lr {spec.lr}, "
+            f"momentum {spec.momentum}, weight_decay {spec.weight_decay}, {schedule}, precision {spec.precision}. "
+            "Nothing of this chunk was saved and the zoo stays incomplete; train with a smaller lr "
+            "(another spec, so another root).")
+
+
 def _shard_name(task: int, r0: int, r1: int) -> str:
     return f"t{task:05d}-r{r0:05d}-{r1 - 1:05d}"
 
@@ -645,6 +661,9 @@ def train_zoo(
 
             res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg, device=dev,
                                 on_step=on_step, compile=compile)
+            if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
+                bar.close()
+                raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
             i = 0
             for p in chunk:
                 n = p.r1 - p.r0

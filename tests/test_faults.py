@@ -139,3 +139,109 @@ def test_papermill_text_truth_values_are_read_as_bools():
     assert check_parameters(download="true", seed=3, device="cpu", data_root=None) == \
         {"download": True, "seed": 3, "device": "cpu", "data_root": None}
     assert check_parameters(download="False") == {"download": False}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Diverged training is an error, never a zoo
+# --------------------------------------------------------------------------------------------
+
+
+def test_diverged_network_is_named_and_its_chunk_not_saved(tmp_path):
+    """At lr 1e6 one network of the first chunk ends with NaN weights: train_zoo names it by task
+    and run, saves nothing of that chunk and writes no manifest (the zoo is not complete)."""
+    from ffl.zoo import TrainingDivergedError
+
+    root = tmp_path / "z"
+    with pytest.raises(TrainingDivergedError, match=r"diverged .* for 1 of the 4 networks .*: task 0 run 0\. "
+                                                     r"Settings: optimizer sgd, lr 1000000\.0") as err:
+        train_zoo(tiny(lr=1e6), root, progress=False, batch_networks=4)
+    assert err.value.networks == [(0, 0)]
+    assert not (root / "manifest.json").exists()
+    assert not list((root / "shards").glob("*"))
+
+
+def test_nonfinite_networks_finds_nan_and_inf_in_weights_and_buffers():
+    from ffl.engine import nonfinite_networks
+
+    state = {"w": torch.zeros(5, 3, 2), "running_var": torch.ones(5, 4), "steps": torch.zeros(5, dtype=torch.long)}
+    state["w"][1, 2, 0] = float("nan")
+    state["running_var"][3, 1] = float("inf")
+    assert nonfinite_networks(state) == [1, 3]
+
+
+def six_task_rep(n_tasks=6, runs=5):
+    from ffl.features import Representation
+
+    tasks = torch.arange(n_tasks).repeat_interleave(runs)
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(n_tasks, 12, generator=gen) * 3
+    vectors = means[tasks] + torch.randn(len(tasks), 12, generator=gen)
+    return Representation(vectors=vectors), tasks, torch.arange(runs).repeat(n_tasks)
+
+
+@pytest.mark.parametrize("protocol", ["classification_protocol", "retrieval_protocol"])
+def test_evaluation_refuses_nonfinite_features_naming_the_networks(protocol):
+    """One NaN network among 30 would drag the kernel, and the protocol, to chance."""
+    import ffl.protocols
+    from ffl.features import ProjectionConfig, Representation
+
+    rep, tasks, runs = six_task_rep()
+    fn = getattr(ffl.protocols, protocol)
+    assert fn(rep, tasks, runs, ProjectionConfig(epochs=2)) is not None  # the healthy zoo evaluates
+    vectors = rep.vectors.clone()
+    vectors[7, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite features for 1 of 30 networks: #7 \(task 1, run 2\)"):
+        fn(Representation(vectors=vectors), tasks, runs, ProjectionConfig(epochs=2))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Protocols refuse degenerate splits
+# --------------------------------------------------------------------------------------------
+
+
+def test_retrieval_with_one_unseen_task_is_refused():
+    """3 tasks at 60 % seen leave one unseen task: every gallery item would match every query."""
+    from ffl.protocols import retrieval_protocol
+
+    rep, tasks, runs = six_task_rep(n_tasks=3)
+    with pytest.raises(ValueError, match="retrieval needs at least 2 seen and 2 unseen tasks; 3 tasks .* "
+                                         "give 2 seen and 1 unseen"):
+        retrieval_protocol(rep, tasks, runs)
+
+
+def test_classification_with_one_task_is_refused():
+    from ffl.protocols import classification_protocol
+
+    rep, tasks, runs = six_task_rep(n_tasks=1)
+    with pytest.raises(ValueError, match="classification needs at least 2 tasks, got 1"):
+        classification_protocol(rep, tasks, runs)
+
+
+def test_too_few_runs_for_a_query_is_refused():
+    from ffl.protocols import retrieval_split
+
+    _, tasks, runs = six_task_rep(n_tasks=6, runs=2)
+    with pytest.raises(ValueError, match="has 2 runs: too few to split at 0.2"):
+        retrieval_split(tasks, runs)
+
+
+def test_degenerate_split_fails_before_the_zoo_is_trained(tmp_path, monkeypatch):
+    """A profile whose zoo has 3 tasks is refused by check_choices, before anything is written."""
+    import ffl.profiles
+    from ffl.experiment import run_experiment
+
+    smoke = (ffl.profiles.PROFILE_DIR / "smoke.yaml").read_text()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "few.yaml").write_text(smoke.replace("tasks: 10 ", "tasks: 3 "))
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path / "profiles")
+    with pytest.raises(ValueError, match="retrieval needs at least 2 seen and 2 unseen tasks"):
+        run_experiment("cifar100", arch="mlp", profile="few", dataset="synthetic", cache_dir=tmp_path / "cache",
+                       progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper"])
+@pytest.mark.parametrize("section,arch,dataset", [("cifar100", "mlp", "cifar100"), ("cifar100", "cnn", "cifar100"),
+                                                  ("namedata", "gru", "namedata")])
+def test_shipped_profiles_satisfy_the_protocol_guards(profile, section, arch, dataset):
+    check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
