@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, retrieval_protocol,
                            retrieval_split)
-from ffl.files import atomic_path
+from ffl.files import clean_stale_temp, write_bytes_atomic, write_json_atomic
 from ffl.zoo import Zoo, ZooSpec, spec_from_profile, train_zoo
 
 FEATURE_KINDS = ("layer", "chain")
@@ -101,6 +104,58 @@ def _check_evaluation_settings(profile: str, section: str, settings: dict[str, A
         raise ValueError(f"{where}: {e}") from None
 
 
+#: modules that only present results (pages, figures, benchmarks, command lines): not in :func:`code_hash`
+PRESENTATION_MODULES = ("bench.py", "book.py", "cli.py", "paper.py", "plots.py", "provenance.py", "report.py")
+
+
+def code_hash() -> str:
+    """SHA-256 of the library's source that computes results (every ``ffl/**/*.py`` but
+    :data:`PRESENTATION_MODULES`): a cached result made by other code is recomputed, whatever
+    ``ffl.__version__`` says."""
+    package = Path(ffl.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel not in PRESENTATION_MODULES:
+            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def write_results(path: Path, results: pd.DataFrame, made_by: dict[str, Any]) -> None:
+    """The table as CSV, then a sidecar ``<name>.json`` with its SHA-256 and ``made_by`` (the
+    settings and :func:`code_hash`); both atomic, the sidecar last (it vouches for the table)."""
+    data = results.to_csv(index=False).encode()
+    write_bytes_atomic(path, data)
+    write_json_atomic(path.with_suffix(".json"), {"sha256": hashlib.sha256(data).hexdigest(), "rows": len(results),
+                                                  "made_by": made_by})
+
+
+def read_results(path: Path, made_by: dict[str, Any]) -> pd.DataFrame | None:
+    """The cached table at ``path`` if its sidecar vouches for it (same SHA-256, same settings and
+    code, every value finite); else ``None`` (with a warning saying why), so it is recomputed."""
+    side = path.with_suffix(".json")
+    if not path.is_file() and not side.is_file():
+        return None
+    why = None
+    try:
+        record = json.loads(side.read_text())
+        data = path.read_bytes()
+        if record.get("made_by") != json.loads(json.dumps(made_by, default=str)):
+            why = "it was made by other settings or other library code"
+        elif hashlib.sha256(data).hexdigest() != record.get("sha256"):
+            why = "its SHA-256 differs from its sidecar's (truncated or edited)"
+        else:
+            results = pd.read_csv(io.BytesIO(data))
+            if len(results) != record.get("rows") or not results["value"].map(math.isfinite).all():
+                why = "it has missing or non-finite values"
+            else:
+                return results
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as e:
+        why = f"it or its sidecar {side.name} cannot be read ({type(e).__name__}: {e})"
+    warnings.warn(f"cached results {path} not used: {why}; recomputing", stacklevel=2)
+    return None
+
+
 def _key(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -172,18 +227,18 @@ def run_experiment(
     zoo = train_zoo(spec, zoo_root, device=device, progress=progress)
     seconds["zoo"] = "cached" if zoo_was_cached else round(time.perf_counter() - start, 1)
 
-    result_key = _key({"zoo": spec_dict, "projection": dataclasses.asdict(projection),
-                       "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
-                       "ffl": ffl.__version__})
-    result_file = cache / "results" / f"{section}-{arch}-{dataset}-{result_key}.csv"
-    if result_file.is_file():
-        results = pd.read_csv(result_file)
+    made_by = {"zoo": spec_dict, "projection": dataclasses.asdict(projection),
+               "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
+               "code": code_hash()}
+    result_file = cache / "results" / f"{section}-{arch}-{dataset}-{_key(made_by)}.csv"
+    clean_stale_temp(result_file.parent)
+    results = read_results(result_file, made_by)
+    if results is not None:
         seconds["features and protocols"] = "cached"
     else:
         start = time.perf_counter()
         results = evaluate_zoo(zoo, projection, split, features=features, progress=progress)
         seconds["features and protocols"] = round(time.perf_counter() - start, 1)
-        with atomic_path(result_file) as staged:  # a killed run leaves no half-written table
-            results.to_csv(staged, index=False)
+        write_results(result_file, results, made_by)
     return Experiment(zoo=zoo, results=results, settings=settings, split=split, features=features,
                       seconds=seconds)

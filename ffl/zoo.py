@@ -59,7 +59,7 @@ from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_se
 from ffl.data import TaskData, load_task
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import NetworkData, TrainConfig, check_precision, init_stacked, probe_capacity, train_batched, tune_malloc
-from ffl.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
 from ffl.models import ARCHS, build_model
 from ffl.profiles import load_profile
 from ffl.provenance import hardware
@@ -340,13 +340,29 @@ class Zoo:
             size = path.stat().st_size
             if size != s["bytes"]:
                 raise ZooCorruptError(f"zoo shard {path} has {size} bytes, manifest says {s['bytes']} (truncated or modified)")
+        self._check_identity()
         if verify == "full":
             self.verify()
 
+    def _check_identity(self) -> None:
+        """The manifest's spec hash, and its networks and shards against those its spec and chunk
+        size determine (count, order, task, run, seeds, shard, row): a relabelled or cut manifest
+        fails here."""
+        where = self.root / "manifest.json"
+        recorded = self.manifest.get("spec_sha256")  # zoos written before it was recorded have none
+        if recorded is not None and recorded != spec_sha256(self.manifest["spec"]):
+            raise ZooCorruptError(f"{where}: its spec does not match its recorded spec hash (edited)")
+        k = int(self.manifest["batch_networks"])
+        check_networks(self.manifest["networks"], self.spec, k, where)
+        files = [f"shards/{p.name}.safetensors" for chunk in chunks(self.spec, k) for p in chunk]
+        if sorted(self._shards) != sorted(files) or len(self.manifest["shards"]) != len(files):
+            raise ZooCorruptError(f"{where} lists shards {sorted(self._shards)[:4]}…, its spec needs {files[:4]}…")
+
     @classmethod
     def load(cls, root: str | os.PathLike, *, verify: str = "lazy") -> Zoo:
-        """Load a complete zoo. ``verify``: ``"lazy"`` (sizes now, SHA-256 of each shard when it
-        is first read) or ``"full"`` (SHA-256 of every shard now)."""
+        """Load a complete zoo. Always checked: the manifest's networks and shards against its
+        spec (count, order, task, run, seeds) and its spec hash. ``verify``: ``"lazy"`` (sizes
+        now, SHA-256 of each shard when it is first read) or ``"full"`` (SHA-256 of every shard now)."""
         root = Path(root)
         mpath = root / "manifest.json"
         if not mpath.is_file():
@@ -523,44 +539,95 @@ def _chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, device) -
 
 def _write_spec(root: Path, spec: ZooSpec, k: int) -> None:
     write_json_atomic(root / "spec.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                            "spec": spec.identity(), "batch_networks": k})
+                                            "spec": spec.identity(), "batch_networks": k,
+                                            "spec_sha256": spec_sha256(spec.identity())})
+
+
+def spec_sha256(identity: dict[str, Any]) -> str:
+    """SHA-256 of a spec identity (:meth:`ZooSpec.identity`) as key-sorted JSON: recorded in
+    ``spec.json``, in every shard's sidecar and in the manifest, so shards, manifest and spec
+    cannot be mixed up."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def expected_networks(spec: ZooSpec, k: int) -> list[dict[str, Any]]:
+    """Each network's identity as the spec and the chunk size ``k`` determine it, in zoo order:
+    task, run, seeds, shard file and row."""
+    return [{"task": p.task, "run": r, "seed": run_seed(spec.seed, p.task, r),
+             "data_seed": data_seed(spec.seed, p.task, r), "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
+            for chunk in chunks(spec, k) for p in chunk for r in range(p.r0, p.r1)]
+
+
+def check_networks(networks: Sequence[dict[str, Any]], spec: ZooSpec, k: int, where: Path) -> None:
+    """``ZooCorruptError`` unless ``networks`` (manifest or sidecar records) are exactly the
+    networks of ``spec`` (count, order, task, run, seeds, shard, row)."""
+    expected = expected_networks(spec, k)
+    if len(networks) != len(expected):
+        raise ZooCorruptError(f"{where} lists {len(networks)} networks; its spec ({len(spec.tasks)} tasks × "
+                              f"{spec.runs} runs) has {len(expected)} (cut or padded)")
+    for i, (got, want) in enumerate(zip(networks, expected)):
+        bad = [f"{key} {got.get(key)!r} (expected {value!r})" for key, value in want.items() if got.get(key) != value]
+        if bad:
+            raise ZooCorruptError(f"{where}: network {i} does not match its spec: " + ", ".join(bad))
+
+
+def _check_shards_belong(root: Path, spec: ZooSpec, spec_json_existed: bool) -> None:
+    """Refuse shards in ``root`` that another spec made (their sidecars record its hash), and
+    shards without a recorded spec when ``spec.json`` is gone (nothing vouches for them)."""
+    ours = spec_sha256(spec.identity())
+    for side in sorted((root / "shards").glob("*.json")) if (root / "shards").is_dir() else []:
+        try:
+            theirs = json.loads(side.read_text()).get("spec_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # unreadable: retrained like any torn shard
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"{side} belongs to another zoo (spec hash {theirs[:12]}…, this spec {ours[:12]}…); "
+                             f"use another root (or delete {root}) to train this spec")
+        if theirs is None and not spec_json_existed:
+            raise ValueError(f"{root} has shards but no spec.json, and {side} does not record its spec, so "
+                             "nothing says they belong to this spec; restore spec.json or delete the folder")
 
 
 def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
     """Write manifest.json if every shard is present; return whether the zoo is complete."""
-    metas = []
+    metas, sides = [], []
     for chunk in chunks(spec, k):
         for p in chunk:
             side = root / "shards" / f"{p.name}.json"
             if not side.is_file():
                 return False
             metas.append(json.loads(side.read_text()))
+            sides.append(side)
     networks, shards = [], []
-    for meta in metas:
+    ours = spec_sha256(spec.identity())
+    for meta, side in zip(metas, sides):
+        if meta.get("spec_sha256", ours) != ours:
+            raise ZooCorruptError(f"{side} belongs to another spec (hash {meta['spec_sha256'][:12]}…)")
         shards.append({"file": meta["file"], "bytes": meta["bytes"], "sha256": meta["sha256"],
                        "task": meta["task"], "runs": [meta["r0"], meta["r1"]]})
         networks.extend(meta["networks"])
+    check_networks(networks, spec, k, root / "shards")
     for i, n in enumerate(networks):
         n["index"] = i
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "spec": spec.identity(), "arch": spec.arch, "build_kwargs": metas[0]["build_kwargs"],
         "hyperparameters": dataclasses.asdict(spec.train_config()), "batch_networks": k,
-        "num_networks": len(networks), "networks": networks, "shards": shards,
+        "num_networks": len(networks), "networks": networks, "shards": shards, "spec_sha256": ours,
     }
     write_json_atomic(root / "manifest.json", manifest)
     return True
 
 
 def _write_piece(root: Path, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
-                 nets: list[dict[str, Any]], build_kwargs: dict[str, Any]) -> None:
+                 nets: list[dict[str, Any]], build_kwargs: dict[str, Any], spec_hash: str) -> None:
     tensors = {name: t[rows].contiguous() for name, t in state.items()}
     data = save(tensors, metadata={"format": "pt"})
     fname = f"shards/{piece.name}.safetensors"
     write_bytes_atomic(root / fname, data)
     meta = {"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "task": piece.task, "r0": piece.r0, "r1": piece.r1, "build_kwargs": build_kwargs,
-            "networks": nets}
+            "networks": nets, "spec_sha256": spec_hash}
     write_json_atomic(root / "shards" / f"{piece.name}.json", meta)
 
 
@@ -632,8 +699,11 @@ def train_zoo(
     # Data first: a missing dataset fails before anything is written under root.
     needed = sorted({p.task for c in todo for p in c})
     task_data = _load_tasks(spec, needed)
+    _check_shards_belong(root, spec, spec_exists)
     root.mkdir(parents=True, exist_ok=True)
     (root / "shards").mkdir(exist_ok=True)
+    for folder in (root, root / "shards"):  # staging folders of a killed run
+        clean_stale_temp(folder)
     if not spec_exists:
         _write_spec(root, spec, k)
     t_start = time.time()
@@ -669,7 +739,7 @@ def train_zoo(
                 n = p.r1 - p.r0
                 metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
                          for j, m in enumerate(nets_meta[i:i + n])]
-                _write_piece(root, p, res.state, slice(i, i + n), metas, inp.build_kwargs)
+                _write_piece(root, p, res.state, slice(i, i + n), metas, inp.build_kwargs, spec_sha256(spec.identity()))
                 i += n
             _maybe_die_after_chunk()
             del stacked, res, inp
@@ -706,7 +776,10 @@ def prepare_zoo(spec: ZooSpec, root: str | os.PathLike, *, batch_networks: int |
     root = Path(root)
     if (root / "manifest.json").is_file():
         return int(json.loads((root / "manifest.json").read_text())["batch_networks"])
-    k, exists = _chunk_size(root, spec, batch_networks, device)
+    if batch_networks is not None:
+        batch_networks = as_int("batch_networks", batch_networks, minimum=1)
+    k, exists = _chunk_size(root, spec, batch_networks, as_device(device))
+    _check_shards_belong(root, spec, exists)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     if not exists:
         _write_spec(root, spec, k)
