@@ -245,3 +245,166 @@ def test_degenerate_split_fails_before_the_zoo_is_trained(tmp_path, monkeypatch)
                                                   ("namedata", "gru", "namedata")])
 def test_shipped_profiles_satisfy_the_protocol_guards(profile, section, arch, dataset):
     check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Caches that cannot lie
+# --------------------------------------------------------------------------------------------
+
+TINY_PROFILE = """
+cifar100:
+  zoo:
+    tasks: 5
+    runs: 5
+    data_kwargs:
+      synthetic: {n_train: 32, n_test: 16}
+    arch:
+      mlp: {model_kwargs: {hidden: [4, 4]}, lr: 5e-2, momentum: 0.9, batch_size: 32, epochs: 1}
+  projection: {epochs: 2, lr_step_epochs: [1]}
+  split: {train_run_fraction: 0.6, train_task_fraction: 0.6, query_fraction: 0.2}
+"""
+
+
+@pytest.fixture
+def tiny_profile(tmp_path, monkeypatch):
+    import ffl.profiles
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tiny.yaml").write_text(TINY_PROFILE)
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path / "profiles")
+    return tmp_path / "cache"
+
+
+def run_tiny(cache):
+    from ffl.experiment import run_experiment
+
+    return run_experiment("cifar100", arch="mlp", profile="tiny", dataset="synthetic", cache_dir=cache, progress=False)
+
+
+def test_result_cache_recomputes_truncated_edited_or_stale_tables(tiny_profile, monkeypatch):
+    import ffl.experiment
+
+    first = run_tiny(tiny_profile)
+    (table,) = (tiny_profile / "results").glob("*.csv")
+    assert json.loads(table.with_suffix(".json").read_text())["made_by"]["code"] == ffl.experiment.code_hash()
+    assert run_tiny(tiny_profile).seconds["features and protocols"] == "cached"
+
+    table.write_bytes(table.read_bytes()[:-40])  # truncated
+    with pytest.warns(UserWarning, match=r"not used: its SHA-256 differs .*; recomputing"):
+        again = run_tiny(tiny_profile)
+    assert again.seconds["features and protocols"] != "cached" and again.results.equals(first.results)
+
+    text = table.read_text()
+    table.write_text(text.replace(text.splitlines()[1].split(",")[4], "0.999", 1))  # an edited value
+    with pytest.warns(UserWarning, match="its SHA-256 differs"):
+        assert run_tiny(tiny_profile).results.equals(first.results)
+
+    table.with_suffix(".json").unlink()  # a table nothing vouches for
+    with pytest.warns(UserWarning, match="cannot be read"):
+        assert run_tiny(tiny_profile).results.equals(first.results)
+
+    # other library code (e.g. a change to ffl/metrics.py): another key, so computed afresh
+    monkeypatch.setattr(ffl.experiment, "code_hash", lambda: "0" * 64)
+    assert run_tiny(tiny_profile).seconds["features and protocols"] != "cached"
+    assert len(list((tiny_profile / "results").glob("*.csv"))) == 2
+
+
+def test_code_hash_follows_the_source_not_the_version(tmp_path, monkeypatch):
+    import shutil
+
+    import ffl
+    from ffl.experiment import code_hash
+
+    copy = tmp_path / "ffl"
+    shutil.copytree(Path(ffl.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(ffl, "__file__", str(copy / "__init__.py"))
+    before = code_hash()
+    (copy / "book.py").write_text((copy / "book.py").read_text() + "\n# presentation only\n")
+    assert code_hash() == before
+    (copy / "metrics.py").write_text((copy / "metrics.py").read_text() + "\n# a change\n")
+    assert code_hash() != before
+
+
+@pytest.fixture
+def small_zoo(tmp_path):
+    root = tmp_path / "zoo"
+    train_zoo(tiny(), root, progress=False, batch_networks=4)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in files_under(root)}
+
+
+def test_lost_spec_json_does_not_let_another_spec_adopt_the_shards(small_zoo):
+    (small_zoo / "manifest.json").unlink()
+    (small_zoo / "spec.json").unlink()
+    before = snapshot(small_zoo)
+    with pytest.raises(ValueError, match=r"t00000-r00000-00002.json belongs to another zoo \(spec hash"):
+        train_zoo(tiny(lr=0.01), small_zoo, progress=False, batch_networks=4)
+    assert snapshot(small_zoo) == before
+    # its own spec picks the shards up again (nothing retrained) and completes the zoo
+    assert len(train_zoo(tiny(), small_zoo, progress=False, batch_networks=4)) == 6
+    after = snapshot(small_zoo)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("shards"))  # not retrained
+
+
+def test_shards_without_a_recorded_spec_and_no_spec_json_are_refused(small_zoo):
+    (small_zoo / "manifest.json").unlink()
+    (small_zoo / "spec.json").unlink()
+    for side in (small_zoo / "shards").glob("*.json"):  # as a zoo written before the hash was recorded
+        meta = json.loads(side.read_text())
+        del meta["spec_sha256"]
+        side.write_text(json.dumps(meta))
+    before = snapshot(small_zoo)
+    with pytest.raises(ValueError, match="has shards but no spec.json.*does not record its spec"):
+        train_zoo(tiny(), small_zoo, progress=False, batch_networks=4)
+    assert snapshot(small_zoo) == before
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["networks"][0].update(task=1), r"network 0 does not match its spec: task 1 \(expected 0\)"),
+    (lambda m: m["networks"][4].update(run=0), r"network 4 does not match its spec: run 0 \(expected 1\)"),
+    (lambda m: m.update(networks=m["networks"][:5]), r"lists 5 networks; its spec \(2 tasks × 3 runs\) has 6"),
+    (lambda m: m["spec"].update(lr=0.5), "its spec does not match its recorded spec hash"),
+    (lambda m: m.update(shards=m["shards"][:-1]), "lists shards"),
+])
+def test_relabelled_or_cut_manifest_is_refused(small_zoo, edit, message):
+    from ffl.zoo import Zoo, ZooCorruptError
+
+    manifest = json.loads((small_zoo / "manifest.json").read_text())
+    edit(manifest)
+    (small_zoo / "manifest.json").write_text(json.dumps(manifest))
+    for verify in ("lazy", "full"):
+        with pytest.raises(ZooCorruptError, match=message):
+            Zoo.load(small_zoo, verify=verify)
+
+
+def test_zoo_written_before_spec_hashes_still_loads(small_zoo):
+    from ffl.zoo import Zoo
+
+    manifest = json.loads((small_zoo / "manifest.json").read_text())
+    del manifest["spec_sha256"]
+    (small_zoo / "manifest.json").write_text(json.dumps(manifest))
+    assert len(Zoo.load(small_zoo, verify="full")) == 6
+
+
+def test_orphaned_staging_folders_of_a_killed_writer_are_removed_at_the_next_start(small_zoo):
+    """A writer SIGKILLed inside a shard write leaves its staging folder; the next train_zoo on
+    that root removes it (a live writer's folder is kept)."""
+    from ffl.files import atomic_path, clean_stale_temp
+
+    (small_zoo / "manifest.json").unlink()
+    (small_zoo / "shards" / "t00001-r00001-00002.json").unlink()  # one unfinished shard
+    target = small_zoo / "shards" / "t00001-r00001-00002.safetensors"
+    code = ("import os, sys\nfrom ffl.files import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as s:\n    s.write_bytes(b'x' * 1_600_000)\n    os._exit(9)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(target)], env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 9
+    (orphan,) = [p for p in (small_zoo / "shards").iterdir() if ".tmp-" in p.name]
+    with atomic_path(small_zoo / "shards" / "live.bin") as staged:  # this process is alive: kept
+        staged.write_bytes(b"x")
+        assert clean_stale_temp(small_zoo / "shards") == [orphan]
+        assert staged.parent.exists()
+    train_zoo(tiny(), small_zoo, progress=False, batch_networks=4)
+    assert not [p for p in small_zoo.rglob("*") if ".tmp-" in p.name]
