@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,70 @@ def test_orphaned_staging_folders_of_a_killed_writer_are_removed_at_the_next_sta
         assert staged.parent.exists()
     train_zoo(tiny(), small_zoo, progress=False, batch_networks=4)
     assert not [p for p in small_zoo.rglob("*") if ".tmp-" in p.name]
+
+
+def tiny_imagenet_layout(tmp_path):
+    import ffl.data.tiny_imagenet as tiny_imagenet
+    from tests.test_data import write_fake_tiny_imagenet
+
+    tiny_imagenet._CACHE.clear()
+    wnids = write_fake_tiny_imagenet(tmp_path)
+    return tmp_path / "tiny-imagenet-200", wnids
+
+
+def test_changed_jpeg_is_not_served_from_the_decoded_cache(tmp_path):
+    """Same file names, new content: the cache is keyed by each file's size and mtime."""
+    import ffl.data.tiny_imagenet as tiny_imagenet
+    from PIL import Image
+
+    from ffl.data import load_task
+
+    base, wnids = tiny_imagenet_layout(tmp_path)
+    before = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    image = base / "train" / wnids[1] / "images" / f"{wnids[1]}_0.JPEG"
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(image, quality=95)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    for fresh_process in (False, True):  # the in-memory cache, then the .ffl_cache files
+        if fresh_process:
+            tiny_imagenet._CACHE.clear()
+        after = load_task("tiny_imagenet", 0, data_root=tmp_path)
+        assert after.x_train[3].mean() < before.x_train[3].mean() - 0.5  # black now
+        assert torch.equal(after.x_train[4:], before.x_train[4:])
+
+
+def test_truncated_decoded_cache_is_named_and_rebuilt(tmp_path):
+    import ffl.data.tiny_imagenet as tiny_imagenet
+
+    from ffl.data import load_task
+
+    base, wnids = tiny_imagenet_layout(tmp_path)
+    before = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    cache = base / ".ffl_cache" / f"train_{wnids[2]}_32.npz"
+    cache.write_bytes(cache.read_bytes()[:100])
+    tiny_imagenet._CACHE.clear()
+    with pytest.warns(UserWarning, match=f"decoded-image cache {cache} cannot be read .*decoding the JPEGs again"):
+        after = load_task("tiny_imagenet", 0, data_root=tmp_path)
+    assert torch.equal(after.x_train, before.x_train)
+    tiny_imagenet._CACHE.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cache was rewritten: read without a warning now
+        load_task("tiny_imagenet", 0, data_root=tmp_path)
+
+
+def test_truncated_jpeg_error_names_the_file(tmp_path):
+    from ffl.data import load_task
+
+    base, wnids = tiny_imagenet_layout(tmp_path)
+    image = base / "val" / "images" / "val_2.JPEG"
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(OSError, match=f"cannot decode the image {image} .*the file is damaged; restore it"):
+        load_task("tiny_imagenet", 0, data_root=tmp_path, disk_cache=False)
+
+
+def test_names_file_not_in_utf8_is_named(tmp_path):
+    from ffl.data import read_names
+
+    path = tmp_path / "Czech.txt"
+    path.write_bytes("Dvořák\nNovák\n".encode("utf-8") + "Müller\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text .*iconv -f latin1 -t utf-8"):
+        read_names(path)
