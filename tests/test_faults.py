@@ -476,3 +476,37 @@ def test_names_file_not_in_utf8_is_named(tmp_path):
     path.write_bytes("Dvořák\nNovák\n".encode("utf-8") + "Müller\n".encode("latin-1"))
     with pytest.raises(ValueError, match=f"{path} is not UTF-8 text .*iconv -f latin1 -t utf-8"):
         read_names(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The book command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_book_only_with_an_unknown_chapter_fails_listing_the_chapters(tmp_path):
+    import ffl.book
+
+    with pytest.raises(ValueError, match=r"no chapter \['nosuch'\] in profile 'smoke'; its chapters: \[.*'cifar100_mlp'"):
+        ffl.book.main(["--profile", "smoke", "--only", "nosuch", "--no-html", "--book-dir", str(tmp_path)])
+    assert files_under(tmp_path) == []
+
+
+def test_failed_chapter_is_stated_in_the_run_summary(tmp_path, monkeypatch):
+    import ffl.book
+
+    (tmp_path / "run_summary.md").write_text("the previous run: everything fine\n")
+    ran = []
+
+    def execute(entry, book_dir):
+        if entry["output"] == "cifar100_mlp":
+            raise RuntimeError("zoo diverged\nmore lines")
+        ran.append(entry["output"])
+
+    monkeypatch.setattr(ffl.book, "execute_chapter", execute)
+    with pytest.raises(RuntimeError, match="zoo diverged"):
+        ffl.book.run_book("smoke", html=False, book_dir=tmp_path)
+    summary = (tmp_path / "run_summary.md").read_text()
+    assert "previous run" not in summary
+    assert f"ran: {', '.join(ran)}; failed: cifar100_mlp; not run: " in summary
+    assert "cifar100_cnn" in summary.split("not run: ")[1].split(".")[0]
+    assert "A chapter failed" in summary and "RuntimeError: zoo diverged" in summary
