@@ -14,8 +14,15 @@ zoo with the batched engine (:mod:`ffl.engine`), stores it in one directory and 
     ``provenance.json`` device, hardware and wall time of the run(s) (not part of the zoo bytes)
 
 Loading never unpickles (safetensors + JSON). Every file is written atomically (temporary file +
-``os.replace``). A killed run resumes at the first unfinished chunk and ends with the same bytes
-as an uninterrupted run (on CPU). A truncated or tampered shard raises an error naming the file.
+``os.replace``; staging folders a killed run left are removed at the next start). A killed run
+resumes at the first unfinished chunk and ends with the same bytes as an uninterrupted run with
+the same chunking (on CPU). A truncated or tampered shard raises an error naming the file.
+
+Identity: ``spec.json``, every shard's sidecar and the manifest record the spec's hash
+(:func:`spec_sha256`), so shards of another spec are never adopted (not even with ``spec.json``
+lost), and every load checks the manifest's networks (count, order, task, run, seeds, shard, row)
+against its spec. A chunk with a diverged network (NaN/inf weights) is not saved:
+:class:`TrainingDivergedError` names the networks, and the zoo stays incomplete.
 
 Seeds: network (task t, run r) is initialized from ``run_seed(spec.seed, t, r)`` and draws its
 minibatch order/augmentation from ``data_seed(spec.seed, t, r)``; both are SHA-256 derived, so
