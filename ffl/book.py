@@ -27,7 +27,7 @@ import papermill
 
 from ffl import fidelity
 from ffl.cli import Command, run_command_line
-from ffl.files import atomic_path, write_bytes_atomic
+from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
 from ffl.profiles import load_profile
 from ffl.provenance import REPO_ROOT, git_commit, run_info
 
@@ -121,9 +121,17 @@ def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
     return target
 
 
-def write_run_summary(book_dir: Path = BOOK_DIR) -> Path:
-    """``book/run_summary.md``: what produced each chapter, read from the chapters themselves."""
-    lines = ["| chapter | profile | data | commit | date | hardware | run time |", "|---|---|---|---|---|---|---|"]
+def write_run_summary(book_dir: Path = BOOK_DIR, run: dict[str, Any] | None = None) -> Path:
+    """``book/run_summary.md``: what produced each chapter, read from the chapters themselves.
+    ``run`` (from :func:`run_book`): this run's profile and which chapters it ran, which failed
+    (their pages stay those of an earlier run) and which it did not run, stated above the table."""
+    head = []
+    if run is not None:
+        head = [f"Last run ({time.strftime('%Y-%m-%d %H:%M')}, profile `{run['profile']}`): "
+                + "; ".join(f"{what}: {', '.join(run[what]) or 'none'}" for what in ("ran", "failed", "not run"))
+                + (". **A chapter failed**: its page below, if any, is from an earlier run "
+                   f"({run['error']})." if run["failed"] else "."), ""]
+    lines = [*head, "| chapter | profile | data | commit | date | hardware | run time |", "|---|---|---|---|---|---|---|"]
     for path in sorted((book_dir / "chapters").glob("*.ipynb")):
         meta = nbformat.read(path, as_version=4).metadata.get("ffl", {})
         lines.append(
@@ -163,6 +171,12 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     ``$FFL_COMMIT``: each chapter the run writes dirties the tree, which must not mark the
     chapters after it as run from uncommitted code."""
     plan = chapter_plan(profile)
+    outputs = [entry["output"] for entry in plan]
+    unknown = sorted(set(only or ()) - set(outputs))
+    if unknown:
+        raise ValueError(f"no chapter {unknown} in profile {profile!r}; its chapters: {outputs}")
+    run = {"profile": profile, "ran": [], "failed": [], "not run": [], "error": None}
+    clean_stale_temp(book_dir / "chapters")  # staging folders of a killed run
     previous = os.environ.get("FFL_COMMIT")
     os.environ["FFL_COMMIT"] = git_commit()
     try:
@@ -171,13 +185,20 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
                 continue
             print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
                   f"with {json.dumps(entry['parameters'])}", flush=True)
-            execute_chapter(entry, book_dir)
-    finally:
+            try:
+                execute_chapter(entry, book_dir)
+            except Exception as e:
+                run["failed"].append(entry["output"])
+                run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                raise
+            run["ran"].append(entry["output"])
+    finally:  # also after a failure: the summary must not describe the previous run
         if previous is None:
             os.environ.pop("FFL_COMMIT", None)
         else:
             os.environ["FFL_COMMIT"] = previous
-    write_run_summary(book_dir)
+        run["not run"] = [o for o in outputs if o not in run["ran"] + run["failed"]]
+        write_run_summary(book_dir, run)
     if html:
         print(f"[ffl.book] HTML in {build_html(book_dir)}/index.html")
 

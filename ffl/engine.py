@@ -22,9 +22,11 @@ Also here: :func:`probe_capacity` (how many networks fit on a GPU, measured by t
 and :func:`tune_malloc` (an allocator setting for processes that exist to train).
 
 Determinism: on CPU the same seeds give the same bytes. On CUDA kernels may differ at float
-rounding level between runs unless deterministic algorithms are enabled. Results of MLPs do not
-depend on which networks share an engine batch; for CNNs they can at rounding level, which is why
-:mod:`ffl.zoo` fixes the chunking of a zoo and stores it.
+rounding level between runs unless deterministic algorithms are enabled. Results can depend at
+rounding level on which networks share an engine batch, for every architecture: the fused optimizer
+rounds an element differently in the vectorized body and in the scalar tail of the stacked tensor
+(and CNN kernels may pick other algorithms), which is why :mod:`ffl.zoo` fixes the chunking of a
+zoo and stores it.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ __all__ = [
     "train_batched",
     "train_loop",
     "init_stacked",
+    "nonfinite_networks",
     "probe_capacity",
     "epoch_plan",
     "augment_batch",
@@ -471,13 +474,27 @@ def _accuracy_batched(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths:
 
 @dataclass
 class BatchResult:
-    """Stacked final ``state_dict`` (on CPU) and final train/test accuracy per network."""
+    """Stacked final ``state_dict`` (on CPU) and final train/test accuracy per network;
+    ``diverged``: positions of the networks whose training diverged (see :func:`nonfinite_networks`)."""
 
     state: dict[str, torch.Tensor]
     train_acc: list[float]
     test_acc: list[float]
     seconds: float
     steps: int = 0
+    diverged: list[int] = field(default_factory=list)
+
+
+def nonfinite_networks(state: dict[str, torch.Tensor]) -> list[int]:
+    """Positions k of the networks in a stacked ``state_dict`` (leading dim = networks) with a NaN
+    or infinite weight or buffer: their training diverged (a non-finite loss gives non-finite
+    gradients, and SGD/Adam carry them into the weights). Checked once, after training."""
+    bad = None
+    for t in state.values():
+        if t.is_floating_point():
+            here = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            bad = here if bad is None else bad | here
+    return [] if bad is None else bad.nonzero().flatten().tolist()
 
 
 def train_batched(
@@ -564,7 +581,7 @@ def train_batched(
         else:
             train_acc = test_acc = [float("nan")] * K
         state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-        return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done)
+        return BatchResult(state, train_acc, test_acc, time.perf_counter() - t0, done, nonfinite_networks(state))
 
 
 def train_loop(
@@ -628,7 +645,7 @@ def train_loop(
                 te.append(float("nan"))
             states.append({k2: v.detach().cpu() for k2, v in model.state_dict().items()})
         stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
-        return BatchResult(stacked, tr, te, time.perf_counter() - t0, done)
+        return BatchResult(stacked, tr, te, time.perf_counter() - t0, done, nonfinite_networks(stacked))
 
 
 def probe_capacity(arch: str, model_kwargs: dict, cfg: TrainConfig, device: torch.device | str,

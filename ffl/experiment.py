@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 import ffl
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
-from ffl.protocols import ProtocolSplit, classification_protocol, retrieval_protocol
-from ffl.files import atomic_path
-from ffl.zoo import Zoo, spec_from_profile, train_zoo
+from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, retrieval_protocol,
+                           retrieval_split)
+from ffl.files import clean_stale_temp, write_bytes_atomic, write_json_atomic
+from ffl.zoo import Zoo, ZooSpec, spec_from_profile, train_zoo
 
 FEATURE_KINDS = ("layer", "chain")
 
@@ -35,9 +41,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
 
 
-def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dict[str, Any]:
-    """Fail at once, with the valid choices, on an unknown arch/dataset/profile; return the
-    profile's settings for ``section``."""
+_UNSET: Any = object()
+
+
+def check_parameters(*, seed: Any = _UNSET, device: Any = _UNSET, download: Any = _UNSET,
+                     data_root: Any = _UNSET) -> dict[str, Any]:
+    """The run parameters of a chapter, checked for type and range (see :mod:`ffl.checks`) and
+    returned normalized (``download="true"``, as papermill's ``-p`` passes it, becomes ``True``);
+    parameters not given are not checked."""
+    checks = {"seed": as_seed, "device": as_device, "download": lambda v: as_bool("download", v),
+              "data_root": as_data_root}
+    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
+    return {name: checks[name](value) for name, value in given.items() if value is not _UNSET}
+
+
+def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: Any = _UNSET,
+                  device: Any = _UNSET, download: Any = _UNSET, data_root: Any = _UNSET) -> dict[str, Any]:
+    """Fail at once, with the valid choices, on an unknown arch/dataset/profile or a bad run
+    parameter (``seed`` an integer >= 0, ``device`` one this machine has, ``download`` a bool,
+    ``data_root`` a folder path or None; see :func:`check_parameters`); also check the section's
+    zoo spec (every training field's type and range). Return the profile's settings for
+    ``section``. Nothing is written."""
+    check_parameters(seed=seed, device=device, download=download, data_root=data_root)
     if profile not in available_profiles():
         raise ValueError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
     if dataset not in DATASETS:
@@ -52,6 +77,8 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str) -> dic
             f"profile {profile!r} defines no {arch!r} zoo for {section!r}; "
             f"it has {sorted(settings['zoo']['arch'])}"
         )
+    spec = spec_from_profile(profile, section, arch=arch, dataset=dataset)  # the spec's fields, checked
+    _check_evaluation_settings(profile, section, settings, spec)
     return settings
 
 
@@ -69,6 +96,81 @@ def features_for_arch(setting: dict[str, Any] | None, arch: str) -> FeatureConfi
     if arch not in setting:
         raise ValueError(f"features: has entries for {per_arch} but none for {arch!r}")
     return FeatureConfig.from_dict(setting[arch])
+
+
+def _check_evaluation_settings(profile: str, section: str, settings: dict[str, Any], spec: ZooSpec) -> None:
+    """The section's ``projection``, ``split`` and ``features`` settings: known keys, numbers in
+    range, and protocol splits that the zoo's tasks × runs allow (before the zoo is trained)."""
+    where = f"profile {profile!r}, section {section!r}"
+    try:
+        projection = ProjectionConfig.from_dict(settings.get("projection"))
+        split = ProtocolSplit(**settings.get("split", {}))
+        tasks = torch.tensor(spec.tasks).repeat_interleave(spec.runs)  # the zoo's order: task-major
+        runs = torch.arange(spec.runs).repeat(len(spec.tasks))
+        classification_split(tasks, runs, split)
+        retrieval_split(tasks, runs, split)
+        features_for_arch(settings.get("features"), spec.arch)
+        as_float("projection lr", projection.lr, positive=True)
+        as_float("projection momentum", projection.momentum, minimum=0.0, below=1.0)
+        as_float("projection weight_decay", projection.weight_decay, minimum=0.0)
+        as_float("projection lr_gamma", projection.lr_gamma, positive=True)
+        as_int("projection epochs", projection.epochs, minimum=1)
+        as_int("projection batch_size", projection.batch_size, minimum=1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+#: modules that only present results (pages, figures, benchmarks, command lines): not in :func:`code_hash`
+PRESENTATION_MODULES = ("bench.py", "book.py", "cli.py", "fidelity.py", "paper.py", "plots.py", "provenance.py",
+                        "report.py")
+
+
+def code_hash() -> str:
+    """SHA-256 of the library's source that computes results (every ``ffl/**/*.py`` but
+    :data:`PRESENTATION_MODULES`): a cached result made by other code is recomputed, whatever
+    ``ffl.__version__`` says."""
+    package = Path(ffl.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel not in PRESENTATION_MODULES:
+            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def write_results(path: Path, results: pd.DataFrame, made_by: dict[str, Any]) -> None:
+    """The table as CSV, then a sidecar ``<name>.json`` with its SHA-256 and ``made_by`` (the
+    settings and :func:`code_hash`); both atomic, the sidecar last (it vouches for the table)."""
+    data = results.to_csv(index=False).encode()
+    write_bytes_atomic(path, data)
+    write_json_atomic(path.with_suffix(".json"), {"sha256": hashlib.sha256(data).hexdigest(), "rows": len(results),
+                                                  "made_by": made_by})
+
+
+def read_results(path: Path, made_by: dict[str, Any]) -> pd.DataFrame | None:
+    """The cached table at ``path`` if its sidecar vouches for it (same SHA-256, same settings and
+    code, every value finite); else ``None`` (with a warning saying why), so it is recomputed."""
+    side = path.with_suffix(".json")
+    if not path.is_file() and not side.is_file():
+        return None
+    why = None
+    try:
+        record = json.loads(side.read_text())
+        data = path.read_bytes()
+        if record.get("made_by") != json.loads(json.dumps(made_by, default=str)):
+            why = "it was made by other settings or other library code"
+        elif hashlib.sha256(data).hexdigest() != record.get("sha256"):
+            why = "its SHA-256 differs from its sidecar's (truncated or edited)"
+        else:
+            results = pd.read_csv(io.BytesIO(data))
+            if len(results) != record.get("rows") or not results["value"].map(math.isfinite).all():
+                why = "it has missing or non-finite values"
+            else:
+                return results
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as e:
+        why = f"it or its sidecar {side.name} cannot be read ({type(e).__name__}: {e})"
+    warnings.warn(f"cached results {path} not used: {why}; recomputing", stacklevel=2)
+    return None
 
 
 def _key(payload: Any) -> str:
@@ -125,6 +227,8 @@ def run_experiment(
 ) -> Experiment:
     """Train or load the zoo of a paper section and evaluate it (cached)."""
     settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
+    params = check_parameters(seed=seed, device=device, download=download, data_root=data_root)
+    seed, device, download, data_root = params["seed"], params["device"], params["download"], params["data_root"]
     spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
                              download=download, seed=seed)
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
@@ -140,18 +244,18 @@ def run_experiment(
     zoo = train_zoo(spec, zoo_root, device=device, progress=progress)
     seconds["zoo"] = "cached" if zoo_was_cached else round(time.perf_counter() - start, 1)
 
-    result_key = _key({"zoo": spec_dict, "projection": dataclasses.asdict(projection),
-                       "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
-                       "ffl": ffl.__version__})
-    result_file = cache / "results" / f"{section}-{arch}-{dataset}-{result_key}.csv"
-    if result_file.is_file():
-        results = pd.read_csv(result_file)
+    made_by = {"zoo": spec_dict, "projection": dataclasses.asdict(projection),
+               "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
+               "code": code_hash()}
+    result_file = cache / "results" / f"{section}-{arch}-{dataset}-{_key(made_by)}.csv"
+    clean_stale_temp(result_file.parent)
+    results = read_results(result_file, made_by)
+    if results is not None:
         seconds["features and protocols"] = "cached"
     else:
         start = time.perf_counter()
         results = evaluate_zoo(zoo, projection, split, features=features, progress=progress)
         seconds["features and protocols"] = round(time.perf_counter() - start, 1)
-        with atomic_path(result_file) as staged:  # a killed run leaves no half-written table
-            results.to_csv(staged, index=False)
+        write_results(result_file, results, made_by)
     return Experiment(zoo=zoo, results=results, settings=settings, split=split, features=features,
                       seconds=seconds)

@@ -9,7 +9,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     raises, everything staged is deleted and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}{_TMP_TAG}{_owner()}-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
         yield staged
         if staged.is_file():
@@ -32,6 +35,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         elif path.is_dir():  # os.replace cannot overwrite a non-empty folder: move it aside first
             os.replace(path, Path(tmp) / ".replaced")
         os.replace(staged, path)
+
+
+_TMP_TAG = ".tmp-"
+#: temporary folders of another host (or of the old naming) are removed once they are this old
+STALE_SECONDS = 24 * 3600
+
+
+def _owner() -> str:
+    """``<pid>@<host>`` of this process, part of each staging folder's name, so that a later run
+    can tell a folder left by a killed process from one that is being written."""
+    return f"{os.getpid()}@{socket.gethostname().replace('-', '_')}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def clean_stale_temp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the staging folders of :func:`atomic_path` in ``folder`` that a killed process left
+    behind (SIGKILL, power loss): those of a process of this host that no longer runs, and those
+    of other hosts older than :data:`STALE_SECONDS`. Returns what was removed. Called when a zoo,
+    a results table or a loader cache is about to be written."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname().replace("-", "_")
+    for entry in folder.iterdir():
+        if not (entry.name.startswith(".") and _TMP_TAG in entry.name):
+            continue
+        owner = entry.name.rsplit(_TMP_TAG, 1)[1].split("-", 1)[0]
+        pid, _, where = owner.partition("@")
+        try:
+            age = time.time() - entry.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        if where == host and pid.isdigit():
+            stale = not _alive(int(pid))
+        else:
+            stale = age > STALE_SECONDS
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

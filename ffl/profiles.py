@@ -7,12 +7,23 @@ and their papermill parameters. A section's ``zoo`` settings become a zoo spec t
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with numbers as YAML 1.2 reads them: PyYAML (YAML 1.1) takes ``1e-4`` (no dot) for text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)$"),
+    list("-+0123456789."))
 
 
 def available_profiles() -> list[str]:
@@ -24,4 +35,4 @@ def load_profile(name: str) -> dict[str, Any]:
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown profile {name!r}; choose one of {available_profiles()}")
-    return yaml.safe_load(path.read_text()) or {}
+    return yaml.load(path.read_text(), Loader=_Loader) or {}

@@ -50,7 +50,8 @@ def _fraction_per_task(tasks: torch.Tensor, runs: torch.Tensor, fraction: float,
         members = members[torch.randperm(len(members), generator=gen)]
         cut = int(round(fraction * len(members)))
         if cut == 0 or cut == len(members):
-            raise ValueError(f"task {int(t)} has {len(members)} runs: too few to split at {fraction}")
+            raise ValueError(f"task {int(t)} has {len(members)} runs: too few to split at {fraction} "
+                             "(each side needs at least one run); use more runs or another fraction")
         mask[members[:cut]] = True
     return mask
 
@@ -63,6 +64,10 @@ def _task_labels(tasks: torch.Tensor) -> tuple[torch.Tensor, int]:
 def classification_split(tasks: torch.Tensor, runs: torch.Tensor,
                          split: ProtocolSplit = ProtocolSplit()) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the networks that train Θ and of those classified (per task 60 / 40 %)."""
+    n_tasks = len(tasks.unique())
+    if n_tasks < 2:
+        raise ValueError(f"classification needs at least 2 tasks, got {n_tasks}: with one task every "
+                         "network is classified correctly whatever its features")
     train = _fraction_per_task(tasks, runs, split.train_run_fraction, split.generator(1))
     return train.nonzero().squeeze(1), (~train).nonzero().squeeze(1)
 
@@ -74,12 +79,28 @@ def retrieval_split(tasks: torch.Tensor, runs: torch.Tensor, split: ProtocolSpli
     task_ids = tasks.unique()
     task_ids = task_ids[torch.randperm(len(task_ids), generator=split.generator(2))]
     n_train_tasks = int(round(split.train_task_fraction * len(task_ids)))
-    if not 0 < n_train_tasks < len(task_ids):
-        raise ValueError(f"{len(task_ids)} tasks are too few to split at {split.train_task_fraction}")
+    n_unseen = len(task_ids) - n_train_tasks
+    if n_train_tasks < 2 or n_unseen < 2:
+        raise ValueError(
+            f"retrieval needs at least 2 seen and 2 unseen tasks; {len(task_ids)} tasks split at "
+            f"train_task_fraction {split.train_task_fraction} give {n_train_tasks} seen and {n_unseen} unseen "
+            "(with one unseen task every gallery item matches every query: rank-1 = mAP = 1 on any "
+            "features). Use more tasks or another train_task_fraction.")
     seen = torch.isin(tasks, task_ids[:n_train_tasks])
     unseen = (~seen).nonzero().squeeze(1)
     is_query = _fraction_per_task(tasks[unseen], runs[unseen], split.query_fraction, split.generator(3))
     return seen.nonzero().squeeze(1), unseen[is_query], unseen[~is_query]
+
+
+def check_finite(rep: Representation, tasks: torch.Tensor, runs: torch.Tensor) -> None:
+    """``ValueError`` naming the networks (position, task, run) whose features are NaN or infinite:
+    one such network makes the whole kernel, and so the protocol, meaningless."""
+    bad = (~torch.isfinite(rep.squared_norms())).nonzero().flatten().tolist()
+    if bad:
+        named = ", ".join(f"#{i} (task {int(tasks[i])}, run {int(runs[i])})" for i in bad[:20])
+        raise ValueError(f"non-finite features for {len(bad)} of {len(rep)} networks: {named}"
+                         + (" …" if len(bad) > 20 else "") + ". Their weights are NaN or infinite (training "
+                         "diverged); retrain the zoo (a smaller lr) rather than evaluate it.")
 
 
 def classification_protocol(
@@ -92,6 +113,7 @@ def classification_protocol(
     """Local-solution classification: top-1 of predicting each test run's task."""
     labels, num_classes = _task_labels(tasks)
     train_index, test_index = classification_split(tasks, runs, split)
+    check_finite(rep, tasks, runs)
     proj = fit_projection(rep, train_index, labels[train_index], num_classes, config)
     scores = proj.project(rep, test_index)
     return {"top1": top1(scores, labels[test_index])}
@@ -107,6 +129,7 @@ def retrieval_protocol(
 ) -> dict[str, float]:
     """Retrieval of runs of tasks never seen while learning Θ: CMC rank-k and mAP."""
     train_index, query, gallery = retrieval_split(tasks, runs, split)
+    check_finite(rep, tasks, runs)
     labels, num_classes = _task_labels(tasks[train_index])
     proj = fit_projection(rep, train_index, labels, num_classes, config)
     sim = cosine_similarity(proj.project(rep, query), proj.project(rep, gallery))

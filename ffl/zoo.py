@@ -14,8 +14,15 @@ zoo with the batched engine (:mod:`ffl.engine`), stores it in one directory and 
     ``provenance.json`` device, hardware and wall time of the run(s) (not part of the zoo bytes)
 
 Loading never unpickles (safetensors + JSON). Every file is written atomically (temporary file +
-``os.replace``). A killed run resumes at the first unfinished chunk and ends with the same bytes
-as an uninterrupted run (on CPU). A truncated or tampered shard raises an error naming the file.
+``os.replace``; staging folders a killed run left are removed at the next start). A killed run
+resumes at the first unfinished chunk and ends with the same bytes as an uninterrupted run with
+the same chunking (on CPU). A truncated or tampered shard raises an error naming the file.
+
+Identity: ``spec.json``, every shard's sidecar and the manifest record the spec's hash
+(:func:`spec_sha256`), so shards of another spec are never adopted (not even with ``spec.json``
+lost), and every load checks the manifest's networks (count, order, task, run, seeds, shard, row)
+against its spec. A chunk with a diverged network (NaN/inf weights) is not saved:
+:class:`TrainingDivergedError` names the networks, and the zoo stays incomplete.
 
 Seeds: network (task t, run r) is initialized from ``run_seed(spec.seed, t, r)`` and draws its
 minibatch order/augmentation from ``data_seed(spec.seed, t, r)``; both are SHA-256 derived, so
@@ -55,10 +62,12 @@ from tqdm import tqdm
 
 from ffl import __version__
 from ffl.cli import Command, run_command_line
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import TaskData, load_task
+from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import NetworkData, TrainConfig, check_precision, init_stacked, probe_capacity, train_batched, tune_malloc
-from ffl.files import atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
-from ffl.models import build_model
+from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
+from ffl.models import ARCHS, build_model
 from ffl.profiles import load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
@@ -97,21 +106,50 @@ class ZooSpec(TrainConfig):
     data_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_training_fields()
         super().__post_init__()
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {list(ARCHS)}")
+        check_dataset(self.dataset)
         if isinstance(self.tasks, int):
             self.tasks = list(range(self.tasks))
-        self.tasks = [int(t) for t in self.tasks]
+        if not isinstance(self.tasks, (list, tuple)):
+            raise ValueError(f"tasks must be a count or a list of task indices, got {self.tasks!r}")
+        self.tasks = [as_int("task", t, minimum=0) for t in self.tasks]
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct, got {self.tasks}")
-        self.runs = int(self.runs)
-        if self.runs < 1 or not self.tasks:
+        self.runs = as_int("runs", self.runs, minimum=1)
+        if not self.tasks:
             raise ValueError("a zoo needs at least one task and one run")
-        self.lr_step_epochs = [int(e) for e in self.lr_step_epochs]
-        self.lr_step_steps = [int(e) for e in self.lr_step_steps]
+        self.seed = as_seed(self.seed)
+        self.download = as_bool("download", self.download)
+        self.data_root = as_data_root(self.data_root)
+        if not isinstance(self.model_kwargs, dict) or not isinstance(self.data_kwargs, dict):
+            raise ValueError("model_kwargs and data_kwargs must be mappings")
+        n_tasks = self.data_kwargs.get("n_tasks") if self.dataset == "synthetic" else None
+        for t in self.tasks:
+            check_task(self.dataset, t, n_tasks)
         self.model_kwargs = _jsonable(dict(self.model_kwargs))
+        _check_model_kwargs(self.arch, self.model_kwargs)
         self.data_kwargs = _jsonable(dict(self.data_kwargs))
-        if self.data_root is not None:
-            self.data_root = str(self.data_root)
+
+    def _check_training_fields(self) -> None:
+        """Type and range of every training field (text that spells a number becomes one: PyYAML
+        reads ``1e-4`` as a string)."""
+        self.lr = as_float("lr", self.lr, positive=True)
+        self.momentum = as_float("momentum", self.momentum, minimum=0.0, below=1.0)
+        self.weight_decay = as_float("weight_decay", self.weight_decay, minimum=0.0)
+        self.lr_gamma = as_float("lr_gamma", self.lr_gamma, positive=True)
+        self.batch_size = as_int("batch_size", self.batch_size, minimum=1)
+        self.steps = None if self.steps is None else as_int("steps", self.steps, minimum=1)
+        self.epochs = as_int("epochs", self.epochs, minimum=1 if self.steps is None else 0)
+        self.crop_padding = as_int("crop_padding", self.crop_padding, minimum=0)
+        self.augment = as_bool("augment", self.augment)
+        for name in ("lr_step_epochs", "lr_step_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name} must be a list of milestones, got {value!r}")
+            setattr(self, name, [as_int(f"{name} entry", e, minimum=0) for e in value])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZooSpec:
@@ -142,6 +180,21 @@ class ZooSpec(TrainConfig):
     @property
     def num_networks(self) -> int:
         return len(self.tasks) * self.runs
+
+
+def _check_model_kwargs(arch: str, model_kwargs: dict[str, Any]) -> None:
+    """Build one network of ``arch`` on the meta device (no memory, no time): unknown or ill-typed
+    ``model_kwargs`` and layers of width 0 fail here, before anything is trained or written."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "zero-element tensors": reported below
+            net = build_model(arch, 2, **model_kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"model_kwargs {model_kwargs} do not build a {arch!r} network: {e}") from None
+    empty = [name for name, p in net.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ValueError(f"model_kwargs {model_kwargs} give {arch!r} layers of width 0 ({', '.join(empty)}); "
+                         "every width must be >= 1")
 
 
 def _jsonable(x: Any) -> Any:
@@ -203,6 +256,22 @@ def data_seed(seed: int, task: int, run: int) -> int:
 
 class ZooCorruptError(ValueError):
     """A zoo file is truncated, tampered with or unreadable (the message names the file)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Networks of a zoo ended training with NaN or infinite weights (the message names them by
+    task and run); their chunk is not saved, so the zoo is never complete with them in it."""
+
+    def __init__(self, root: Path, spec: "ZooSpec", networks: Sequence[tuple[Piece, int]], chunk_size: int) -> None:
+        self.networks = [(p.task, r) for p, r in networks]
+        named = ", ".join(f"task {t} run {r}" for t, r in self.networks[:20]) + (" …" if len(networks) > 20 else "")
+        schedule = f"{spec.steps} steps" if spec.steps is not None else f"{spec.epochs} epochs"
+        super().__init__(
+            f"training diverged (non-finite weights or loss) for {len(networks)} of the {chunk_size} networks "
+            f"of a chunk of the zoo at {root}: {named}. Settings: optimizer {spec.optimizer}, lr {spec.lr}, "
+            f"momentum {spec.momentum}, weight_decay {spec.weight_decay}, {schedule}, precision {spec.precision}. "
+            "Nothing of this chunk was saved and the zoo stays incomplete; train with a smaller lr "
+            "(another spec, so another root).")
 
 
 def _shard_name(task: int, r0: int, r1: int) -> str:
@@ -278,13 +347,29 @@ class Zoo:
             size = path.stat().st_size
             if size != s["bytes"]:
                 raise ZooCorruptError(f"zoo shard {path} has {size} bytes, manifest says {s['bytes']} (truncated or modified)")
+        self._check_identity()
         if verify == "full":
             self.verify()
 
+    def _check_identity(self) -> None:
+        """The manifest's spec hash, and its networks and shards against those its spec and chunk
+        size determine (count, order, task, run, seeds, shard, row): a relabelled or cut manifest
+        fails here."""
+        where = self.root / "manifest.json"
+        recorded = self.manifest.get("spec_sha256")  # zoos written before it was recorded have none
+        if recorded is not None and recorded != spec_sha256(self.manifest["spec"]):
+            raise ZooCorruptError(f"{where}: its spec does not match its recorded spec hash (edited)")
+        k = int(self.manifest["batch_networks"])
+        check_networks(self.manifest["networks"], self.spec, k, where)
+        files = [f"shards/{p.name}.safetensors" for chunk in chunks(self.spec, k) for p in chunk]
+        if sorted(self._shards) != sorted(files) or len(self.manifest["shards"]) != len(files):
+            raise ZooCorruptError(f"{where} lists shards {sorted(self._shards)[:4]}…, its spec needs {files[:4]}…")
+
     @classmethod
     def load(cls, root: str | os.PathLike, *, verify: str = "lazy") -> Zoo:
-        """Load a complete zoo. ``verify``: ``"lazy"`` (sizes now, SHA-256 of each shard when it
-        is first read) or ``"full"`` (SHA-256 of every shard now)."""
+        """Load a complete zoo. Always checked: the manifest's networks and shards against its
+        spec (count, order, task, run, seeds) and its spec hash. ``verify``: ``"lazy"`` (sizes
+        now, SHA-256 of each shard when it is first read) or ``"full"`` (SHA-256 of every shard now)."""
         root = Path(root)
         mpath = root / "manifest.json"
         if not mpath.is_file():
@@ -461,44 +546,95 @@ def _chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, device) -
 
 def _write_spec(root: Path, spec: ZooSpec, k: int) -> None:
     write_json_atomic(root / "spec.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                            "spec": spec.identity(), "batch_networks": k})
+                                            "spec": spec.identity(), "batch_networks": k,
+                                            "spec_sha256": spec_sha256(spec.identity())})
+
+
+def spec_sha256(identity: dict[str, Any]) -> str:
+    """SHA-256 of a spec identity (:meth:`ZooSpec.identity`) as key-sorted JSON: recorded in
+    ``spec.json``, in every shard's sidecar and in the manifest, so shards, manifest and spec
+    cannot be mixed up."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def expected_networks(spec: ZooSpec, k: int) -> list[dict[str, Any]]:
+    """Each network's identity as the spec and the chunk size ``k`` determine it, in zoo order:
+    task, run, seeds, shard file and row."""
+    return [{"task": p.task, "run": r, "seed": run_seed(spec.seed, p.task, r),
+             "data_seed": data_seed(spec.seed, p.task, r), "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
+            for chunk in chunks(spec, k) for p in chunk for r in range(p.r0, p.r1)]
+
+
+def check_networks(networks: Sequence[dict[str, Any]], spec: ZooSpec, k: int, where: Path) -> None:
+    """``ZooCorruptError`` unless ``networks`` (manifest or sidecar records) are exactly the
+    networks of ``spec`` (count, order, task, run, seeds, shard, row)."""
+    expected = expected_networks(spec, k)
+    if len(networks) != len(expected):
+        raise ZooCorruptError(f"{where} lists {len(networks)} networks; its spec ({len(spec.tasks)} tasks × "
+                              f"{spec.runs} runs) has {len(expected)} (cut or padded)")
+    for i, (got, want) in enumerate(zip(networks, expected)):
+        bad = [f"{key} {got.get(key)!r} (expected {value!r})" for key, value in want.items() if got.get(key) != value]
+        if bad:
+            raise ZooCorruptError(f"{where}: network {i} does not match its spec: " + ", ".join(bad))
+
+
+def _check_shards_belong(root: Path, spec: ZooSpec, spec_json_existed: bool) -> None:
+    """Refuse shards in ``root`` that another spec made (their sidecars record its hash), and
+    shards without a recorded spec when ``spec.json`` is gone (nothing vouches for them)."""
+    ours = spec_sha256(spec.identity())
+    for side in sorted((root / "shards").glob("*.json")) if (root / "shards").is_dir() else []:
+        try:
+            theirs = json.loads(side.read_text()).get("spec_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # unreadable: retrained like any torn shard
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"{side} belongs to another zoo (spec hash {theirs[:12]}…, this spec {ours[:12]}…); "
+                             f"use another root (or delete {root}) to train this spec")
+        if theirs is None and not spec_json_existed:
+            raise ValueError(f"{root} has shards but no spec.json, and {side} does not record its spec, so "
+                             "nothing says they belong to this spec; restore spec.json or delete the folder")
 
 
 def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
     """Write manifest.json if every shard is present; return whether the zoo is complete."""
-    metas = []
+    metas, sides = [], []
     for chunk in chunks(spec, k):
         for p in chunk:
             side = root / "shards" / f"{p.name}.json"
             if not side.is_file():
                 return False
             metas.append(json.loads(side.read_text()))
+            sides.append(side)
     networks, shards = [], []
-    for meta in metas:
+    ours = spec_sha256(spec.identity())
+    for meta, side in zip(metas, sides):
+        if meta.get("spec_sha256", ours) != ours:
+            raise ZooCorruptError(f"{side} belongs to another spec (hash {meta['spec_sha256'][:12]}…)")
         shards.append({"file": meta["file"], "bytes": meta["bytes"], "sha256": meta["sha256"],
                        "task": meta["task"], "runs": [meta["r0"], meta["r1"]]})
         networks.extend(meta["networks"])
+    check_networks(networks, spec, k, root / "shards")
     for i, n in enumerate(networks):
         n["index"] = i
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "spec": spec.identity(), "arch": spec.arch, "build_kwargs": metas[0]["build_kwargs"],
         "hyperparameters": dataclasses.asdict(spec.train_config()), "batch_networks": k,
-        "num_networks": len(networks), "networks": networks, "shards": shards,
+        "num_networks": len(networks), "networks": networks, "shards": shards, "spec_sha256": ours,
     }
     write_json_atomic(root / "manifest.json", manifest)
     return True
 
 
 def _write_piece(root: Path, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
-                 nets: list[dict[str, Any]], build_kwargs: dict[str, Any]) -> None:
+                 nets: list[dict[str, Any]], build_kwargs: dict[str, Any], spec_hash: str) -> None:
     tensors = {name: t[rows].contiguous() for name, t in state.items()}
     data = save(tensors, metadata={"format": "pt"})
     fname = f"shards/{piece.name}.safetensors"
     write_bytes_atomic(root / fname, data)
     meta = {"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "task": piece.task, "r0": piece.r0, "r1": piece.r1, "build_kwargs": build_kwargs,
-            "networks": nets}
+            "networks": nets, "spec_sha256": spec_hash}
     write_json_atomic(root / "shards" / f"{piece.name}.json", meta)
 
 
@@ -543,6 +679,14 @@ def train_zoo(
     root = Path(root)
     if not isinstance(spec, ZooSpec):
         spec = ZooSpec.from_dict(dict(spec))
+    device = as_device(device)
+    if batch_networks is not None:
+        batch_networks = as_int("batch_networks", batch_networks, minimum=1)
+    if shard is not None:
+        world = as_int("world size", shard[1], minimum=1)
+        shard = (as_int("rank", shard[0], minimum=0), world)
+        if shard[0] >= world:
+            raise ValueError(f"rank {shard[0]} must be < world size {world}")
     mpath = root / "manifest.json"
     if mpath.is_file():
         zoo = Zoo.load(root)
@@ -562,8 +706,11 @@ def train_zoo(
     # Data first: a missing dataset fails before anything is written under root.
     needed = sorted({p.task for c in todo for p in c})
     task_data = _load_tasks(spec, needed)
+    _check_shards_belong(root, spec, spec_exists)
     root.mkdir(parents=True, exist_ok=True)
     (root / "shards").mkdir(exist_ok=True)
+    for folder in (root, root / "shards"):  # staging folders of a killed run
+        clean_stale_temp(folder)
     if not spec_exists:
         _write_spec(root, spec, k)
     t_start = time.time()
@@ -591,12 +738,15 @@ def train_zoo(
 
             res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg, device=dev,
                                 on_step=on_step, compile=compile)
+            if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
+                bar.close()
+                raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
             i = 0
             for p in chunk:
                 n = p.r1 - p.r0
                 metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
                          for j, m in enumerate(nets_meta[i:i + n])]
-                _write_piece(root, p, res.state, slice(i, i + n), metas, inp.build_kwargs)
+                _write_piece(root, p, res.state, slice(i, i + n), metas, inp.build_kwargs, spec_sha256(spec.identity()))
                 i += n
             _maybe_die_after_chunk()
             del stacked, res, inp
@@ -633,7 +783,10 @@ def prepare_zoo(spec: ZooSpec, root: str | os.PathLike, *, batch_networks: int |
     root = Path(root)
     if (root / "manifest.json").is_file():
         return int(json.loads((root / "manifest.json").read_text())["batch_networks"])
-    k, exists = _chunk_size(root, spec, batch_networks, device)
+    if batch_networks is not None:
+        batch_networks = as_int("batch_networks", batch_networks, minimum=1)
+    k, exists = _chunk_size(root, spec, batch_networks, as_device(device))
+    _check_shards_belong(root, spec, exists)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     if not exists:
         _write_spec(root, spec, k)

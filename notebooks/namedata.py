@@ -56,7 +56,8 @@ import ffl.provenance
 import ffl.report
 
 # Checked before any work: a wrong choice stops here with the valid ones.
-settings = ffl.experiment.check_choices(arch="gru", dataset="namedata", profile=profile, section="namedata")
+settings = ffl.experiment.check_choices(arch="gru", dataset="namedata", profile=profile, section="namedata",
+                                          seed=seed, device=device, download=download, data_root=data_root)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch="gru", profile=profile, dataset="namedata", seed=seed))))
 

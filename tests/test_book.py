@@ -10,7 +10,7 @@ def test_run_book_records_the_commit_read_before_the_first_chapter(monkeypatch, 
     monkeypatch.delenv("FFL_COMMIT", raising=False)
     seen = []
     monkeypatch.setattr(book, "execute_chapter", lambda entry, book_dir: seen.append(os.environ["FFL_COMMIT"]))
-    monkeypatch.setattr(book, "write_run_summary", lambda book_dir: None)
+    monkeypatch.setattr(book, "write_run_summary", lambda book_dir, run=None: None)
     book.run_book("smoke", html=False, book_dir=tmp_path)
     assert seen == ["abc123"] * len(book.chapter_plan("smoke"))
     assert "FFL_COMMIT" not in os.environ  # the caller's environment is left as it was

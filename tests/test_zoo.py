@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ffl.zoo import (Zoo, ZooCorruptError, ZooSpec, chunks, data_seed, merge_zoos, run_seed,
-                     spec_from_profile, train_zoo)
+                     spec_from_profile, spec_sha256, train_zoo)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,15 +59,21 @@ def test_api(zoo_dir):
     assert all(s["sha256"] and s["bytes"] > 0 for s in man["shards"])
 
 
-def test_init_matches_build_model_seed(zoo_dir):
-    """Network i starts from build_model under torch.manual_seed(run_seed) (checked via a 0-epoch zoo)."""
+def test_init_matches_build_model_seed():
+    """Network i starts from build_model under torch.manual_seed(run_seed): checked on the initial
+    weights train_zoo hands to the engine (a zoo of 0 epochs is refused, so not through one)."""
+    from ffl.engine import init_stacked
     from ffl.models import build_model
+    from ffl.zoo import _load_tasks, chunk_inputs
 
-    zoo0 = train_zoo(tiny_spec(epochs=0, lr_step_epochs=[]), zoo_dir.parent / "z0", progress=False)
+    spec = tiny_spec()
+    chunk = chunks(spec, 9)[0]
+    inp = chunk_inputs(spec, chunk, _load_tasks(spec, spec.tasks), "cpu")
+    stacked = init_stacked(inp.build, inp.seeds)
     torch.manual_seed(run_seed(0, 2, 1))
     ref = build_model("mlp", 2, in_features=3072, hidden=[8, 8])
     for k, v in ref.state_dict().items():
-        assert torch.equal(v, zoo0.state_dict(7)[k])
+        assert torch.equal(v, stacked[k][7])
 
 
 def test_cached_and_spec_mismatch(zoo_dir):
@@ -100,6 +106,7 @@ def test_precision_is_part_of_the_zoo(zoo_dir, tmp_path):
     shutil.copytree(zoo_dir, tmp_path / "tf32")
     man = json.loads((tmp_path / "tf32" / "manifest.json").read_text())
     man["spec"]["precision"] = "tf32"
+    man["spec_sha256"] = spec_sha256(man["spec"])  # as a zoo trained in TF32 records it
     (tmp_path / "tf32" / "manifest.json").write_text(json.dumps(man))
     assert len(train_zoo(tiny_spec(precision="tf32"), tmp_path / "tf32", progress=False)) == 9
 
@@ -217,11 +224,19 @@ def test_torchrun_two_ranks(zoo_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume(zoo_dir, tmp_path):
-    """A real SIGKILL once the first shard has landed (no hook): resuming gives the same bytes."""
+def test_sigkill_and_resume(tmp_path):
+    """A real SIGKILL once the first shard has landed (no hook): resuming gives the bytes of an
+    uninterrupted run with the same chunking, and no temporary file is left behind.
+
+    The reference must use the same ``batch_networks``: the engine's fused SGD rounds an element
+    differently depending on where it falls in the stacked tensor (vectorized body or scalar
+    tail), so a zoo chunked 1 network at a time differs from one chunked 4 at a time in the last
+    bit of some weights, for every architecture (this test once compared against the 4-chunk zoo
+    and failed deterministically)."""
     import signal
     import time
 
+    reference = train_zoo(tiny_spec(), tmp_path / "reference", progress=False, batch_networks=1)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(tiny_spec().to_dict()))
     root = tmp_path / "z"
@@ -237,10 +252,5 @@ def test_sigkill_and_resume(zoo_dir, tmp_path):
     r = _cli(["train", "--spec", str(spec_file), "--root", str(root), "--quiet"])
     assert r.returncode == 0, r.stderr
     assert json.loads((root / "spec.json").read_text())["batch_networks"] == 1
-    # chunking differs from the reference zoo (1 vs 4 networks per chunk); MLP results do not
-    # depend on it, so the weights still match byte for byte
-    a, b = Zoo.load(zoo_dir), Zoo.load(root)
-    for i in range(len(a)):
-        sa, sb = a.state_dict(i), b.state_dict(i)
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.accuracy["test"].tolist() == b.accuracy["test"].tolist()
+    assert shard_bytes(root) == shard_bytes(reference.root)
+    assert not [f for f in root.rglob("*") if ".tmp-" in f.name]

@@ -47,7 +47,11 @@ def name_to_tensor(name: str) -> torch.Tensor:
 def read_names(path: str | os.PathLike) -> list[str]:
     """Lines of a ``names/<Language>.txt`` file, ASCII-folded, as the tutorial reads them
     (``read().strip().split('\\n')``); names empty after folding are dropped."""
-    lines = Path(path).read_text(encoding="utf-8").strip().split("\n")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").strip().split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); NameData files are UTF-8: download them again, "
+                         f"or convert this one (e.g. iconv -f latin1 -t utf-8)") from None
     return [n for n in map(unicode_to_ascii, lines) if n]
 
 

@@ -3,7 +3,9 @@
 :func:`materialize_tiny_imagenet` writes that layout from the offline ``.npz`` copy."""
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from torchvision.datasets import utils as tv_utils  # module attribute: tests st
 from torchvision.transforms.v2 import functional as TF
 
 from ffl.data.tasks import TaskData, normalize_images, task_classes
-from ffl.files import atomic_path
+from ffl.files import atomic_path, clean_stale_temp
 
 # Standard per-channel statistics of the training set (RGB, pixel values in [0, 1]).
 TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
@@ -25,8 +27,8 @@ TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 _NO_BOX = "0\t0\t63\t63"  # whole 64×64 image, when the npz comes without val boxes
 _CACHE_DIR = ".ffl_cache"  # decoded 32×32 arrays, inside tiny-imagenet-200/
 
-# (base folder, split, wnid) -> uint8 (n, 3, 32, 32)
-_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
+# (base folder, split, wnid, hash of the files' sizes and mtimes) -> uint8 (n, 3, 32, 32)
+_CACHE: dict[tuple[str, str, str, str], torch.Tensor] = {}
 
 
 def _tiny_missing_message(base: Path, missing: Sequence[Path]) -> str:
@@ -84,8 +86,12 @@ def _decode_resize(paths: Sequence[Path], size: int = 32) -> torch.Tensor:
     with antialiased bilinear interpolation (bit-identical to PIL's ``resize(BILINEAR)``)."""
     arrays = []
     for p in paths:
-        with Image.open(p) as im:
-            arrays.append(np.array(im.convert("RGB")))  # copy: a writable, owned array
+        try:
+            with Image.open(p) as im:
+                arrays.append(np.array(im.convert("RGB")))  # copy: a writable, owned array
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or not an image, no file name
+            raise OSError(f"cannot decode the image {p} ({e}): the file is damaged; restore it (unzip "
+                          "the archive again, or rewrite the layout with materialize_tiny_imagenet)") from e
     if not arrays:
         return torch.empty(0, 3, size, size, dtype=torch.uint8)
     if len({a.shape for a in arrays}) == 1:  # the official data: all 64×64, one batched call
@@ -95,11 +101,19 @@ def _decode_resize(paths: Sequence[Path], size: int = 32) -> torch.Tensor:
                                   antialias=True) for a in arrays])
 
 
+def _file_stamps(folder: Path, files: Sequence[str]) -> np.ndarray:
+    """(size, mtime in ns) of each file: the decoded cache is valid only for exactly these."""
+    stats = [(folder / f).stat() for f in files]
+    return np.array([(st.st_size, st.st_mtime_ns) for st in stats], dtype=np.int64).reshape(-1, 2)
+
+
 def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder: Path,
                 disk_cache: bool) -> torch.Tensor:
     """Decoded 32×32 images of one class and split: process cache, then the on-disk cache
-    (valid only if it lists exactly ``files``), then JPEG decoding."""
-    key = (str(base.resolve()), split, wnid)
+    (valid only if it lists exactly ``files`` with the same sizes and modification times), then
+    JPEG decoding. A cache that cannot be read is decoded again, with a warning naming it."""
+    stamps = _file_stamps(folder, files)
+    key = (str(base.resolve()), split, wnid, hashlib.sha256(stamps.tobytes()).hexdigest())
     if key in _CACHE:
         return _CACHE[key]
     cache = base / _CACHE_DIR / f"{split}_{wnid}_32.npz"
@@ -107,16 +121,19 @@ def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder:
     if disk_cache and cache.is_file():
         try:
             with np.load(cache) as z:
-                if z["files"].tolist() == list(files):
+                if z["files"].tolist() == list(files) and "stamps" in z.files and np.array_equal(z["stamps"], stamps):
                     images = torch.from_numpy(z["images"].copy())
-        except (OSError, ValueError, KeyError):
-            images = None  # unreadable cache: decode again
+        except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle-free array…: a cache, so rebuild
+            warnings.warn(f"decoded-image cache {cache} cannot be read ({type(e).__name__}: {e}); "
+                          "decoding the JPEGs again and rewriting it", stacklevel=2)
+            images = None
     if images is None:
         images = _decode_resize([folder / f for f in files])
         if disk_cache:
             try:  # best effort (data_root may be read-only)
+                clean_stale_temp(cache.parent)
                 with atomic_path(cache) as staged:
-                    np.savez(staged, files=np.array(list(files), dtype=str), images=images.numpy())
+                    np.savez(staged, files=np.array(list(files), dtype=str), images=images.numpy(), stamps=stamps)
             except OSError:
                 pass
     _CACHE[key] = images
