@@ -71,6 +71,12 @@ def _tiny_base(root: Path, download: bool) -> Path:
     return base
 
 
+def tiny_imagenet_source(root: Path) -> Path:
+    """Where tiny ImageNet is read from under ``root``: the official ``tiny-imagenet-200/`` folder
+    or the ``.npz`` copy (``FileNotFoundError`` naming both when neither is there)."""
+    return _tiny_base(root, download=False)
+
+
 def _read_wnids(base: Path) -> list[str]:
     """The wnids in class-index order: sorted, as ImageFolder sorts the official train folders."""
     return sorted(w.strip() for w in (base / "wnids.txt").read_text().split("\n") if w.strip())
