@@ -40,8 +40,8 @@
 arch = "mlp"  # "mlp" (MLP-4) or "cnn" (PlainNet-5)
 profile = "smoke"  # sizes: "smoke" (minutes on a CPU) or "paper" (the paper's settings)
 dataset = "cifar100"  # "cifar100" (real data) or "synthetic" (offline stand-in)
-data_root = "data"  # where the dataset lives (or is downloaded to)
-download = False  # download the dataset if it is missing
+data_root = None  # where the dataset lives or is downloaded to (None: $FFL_DATA_ROOT, else ./data)
+download = True  # download the dataset (md5-checked) if it is missing
 seed = 0  # seeds every zoo network and the learning of Θ
 device = "cpu"  # "cpu" or "cuda"
 
@@ -50,6 +50,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.data
 import ffl.experiment
 import ffl.paper
 import ffl.plots
@@ -57,6 +58,8 @@ import ffl.provenance
 
 # Checked before any work: a wrong choice stops here with the valid ones.
 settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="cifar100")
+if dataset == "cifar100":  # the data too: missing and not downloadable, this cell says what to do
+    ffl.data.cifar100.ensure_cifar100(ffl.data.resolve_root(data_root), download=download)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch=arch, profile=profile, dataset=dataset, seed=seed))))
 

@@ -222,6 +222,26 @@ def test_cifar100_missing_files_named(tmp_path):
     assert not (tmp_path / "cifar-100-python").exists()  # nothing written
 
 
+def test_cifar100_failed_download_names_the_ways_on(tmp_path, monkeypatch):
+    """Offline, download=True (the notebooks' default) stops with the expected files, the two ways
+    on and the reason, and leaves nothing behind."""
+    import urllib.error
+
+    from torchvision.datasets import CIFAR100
+
+    class Offline(CIFAR100):
+        def download(self) -> None:
+            raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cifar100, "_cifar100_class", lambda: Offline)
+    with pytest.raises(FileNotFoundError) as e:
+        load_task("cifar100", 0, data_root=tmp_path, download=True)
+    msg = str(e.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in msg and "no network" in msg
+    assert "-p download true" in msg and "-p dataset synthetic" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cifar100_task_split(fake_cifar100):
     for task in (0, 17, 49):
         t = load_task("cifar100", task, data_root=fake_cifar100)
