@@ -83,3 +83,18 @@ def test_other_widths_are_padded_and_other_sizes_refused():
                                  Representation(vectors=torch.randn(4, 4)), tasks, runs)
     with pytest.raises(ValueError, match="one network per"):
         cross_condition_protocol(a, Representation(factors=torch.randn(3, 6, 3)), tasks, runs)
+
+
+def test_factor_settings_put_the_baseline_first_and_merge_model_kwargs():
+    from ffl.experiment import factor_settings
+    from ffl.zoo import spec_from_profile
+
+    named = factor_settings("smoke")
+    assert list(named) == ["Baseline", "Depth", "Res5", "Adam", "Leaky"]
+    leaky = named["Leaky"]
+    assert leaky["arch"] == "cnn" and leaky["overrides"]["model_kwargs"] == {"widths": [4, 8, 8, 16],
+                                                                           "activation": "leaky_relu"}
+    adam = spec_from_profile("smoke", "factors", arch="cnn", dataset="synthetic", **named["Adam"]["overrides"])
+    assert adam.optimizer == "adam" and adam.lr == 0.001 and adam.epochs == 6
+    for profile in ("laptop", "paper"):  # every profile describes the five settings
+        assert list(factor_settings(profile)) == list(named)

@@ -111,3 +111,26 @@ def test_chapter_titles_are_distinct():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Old\n\nprose")])
     book._set_title(nb, "New")
     assert nb.cells[0].source == "# New\n\nprose"
+
+
+def test_laptop_profile_runs_every_chapter_with_several_unseen_tasks():
+    """The committed book's profile: every notebook, zoos of at least 10 tasks (NameData: its 9)
+    × 20 runs (factors: 10 × 10 per setting), so every retrieval split keeps several unseen tasks."""
+    from ffl.data import num_tasks
+    from ffl.profiles import load_profile
+
+    plan = book.chapter_plan("laptop")
+    assert {e["notebook"] for e in plan} == {s.stem for s in SOURCES}
+    assert {e["output"] for e in plan} == {e["output"] for e in book.chapter_plan("smoke")}
+    settings = load_profile("laptop")
+    for entry in plan:
+        section = {"cifar100": "cifar100", "tiny_imagenet": "tiny_imagenet", "namedata": "namedata",
+                   "factors": "factors"}.get(entry["notebook"])
+        if section is None:
+            continue
+        zoo = settings[section]["zoo"]
+        dataset = entry["parameters"].get("dataset", "namedata")
+        least_runs = 10 if section == "factors" else 20
+        assert zoo["runs"] >= least_runs and zoo["tasks"] >= min(10, num_tasks(dataset)), section
+        unseen = zoo["tasks"] - round(settings[section]["split"]["train_task_fraction"] * zoo["tasks"])
+        assert unseen >= 4, section
