@@ -10,12 +10,18 @@ Without a subcommand the options go to ``run`` (``python -m ffl.book --profile s
 
 The chapters a profile runs, and their papermill parameters, are listed in its ``chapters``
 section, so nothing is typed by hand. Each chapter is executed into a temporary file and moved
-into ``book/chapters/`` only when it succeeded: a failed run leaves the previous chapter intact.
+into ``<book>/chapters/`` only when it succeeded: a failed run leaves the previous chapter intact.
+
+Where the book goes: a profile's ``book_dir`` (relative to the repository), else ``book/``, the
+committed book (the ``laptop`` profile's run). The ``smoke`` profile, for CI and quick checks,
+writes to ``_build/smoke/book`` (HTML in ``_build/smoke/_build/html``) and never touches
+``book/``; ``--book-dir`` overrides both.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +39,30 @@ from ffl.provenance import REPO_ROOT, git_commit, run_info
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 BOOK_DIR = REPO_ROOT / "book"
+
+
+def default_book_dir(profile: str) -> Path:
+    """The profile's ``book_dir`` (relative to the repository root), else ``book/``."""
+    folder = load_profile(profile).get("book_dir")
+    return REPO_ROOT / folder if folder else BOOK_DIR
+
+
+def book_skeleton(book_dir: Path) -> Path:
+    """Make ``book_dir`` a buildable book outside ``book/``: ``_config.yml`` and ``_toc.yml`` beside
+    it (where ``jupyter-book build`` looks), ``intro.md``, the committed GPU part ``paper_scale/``
+    (which no CPU profile reruns) and a ``_toc.yml`` link in it."""
+    book_dir = Path(book_dir)
+    if book_dir.resolve() == BOOK_DIR.resolve():
+        return book_dir
+    (book_dir / "chapters").mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO_ROOT / name, book_dir.parent / name)
+    shutil.copy(BOOK_DIR / "intro.md", book_dir / "intro.md")
+    shutil.copytree(BOOK_DIR / "paper_scale", book_dir / "paper_scale", dirs_exist_ok=True)
+    link = book_dir / "_toc.yml"
+    if not link.is_symlink():
+        link.symlink_to("../_toc.yml")
+    return book_dir
 
 
 def chapter_plan(profile: str) -> list[dict[str, Any]]:
@@ -163,9 +193,10 @@ def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
 
 
 def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: bool = True,
-             book_dir: Path = BOOK_DIR) -> None:
-    """Run the chapters of ``profile`` (or only the outputs in ``only``), write the run summary,
-    then build the HTML unless ``html=False``.
+             book_dir: Path | None = None) -> Path:
+    """Run the chapters of ``profile`` (or only the outputs in ``only``) into ``book_dir`` (default:
+    :func:`default_book_dir`), write the run summary, then build the HTML unless ``html=False``.
+    Returns the book folder.
 
     The commit is read once, before the first chapter, and handed to every chapter through
     ``$FFL_COMMIT``: each chapter the run writes dirties the tree, which must not mark the
@@ -175,6 +206,8 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     unknown = sorted(set(only or ()) - set(outputs))
     if unknown:
         raise ValueError(f"no chapter {unknown} in profile {profile!r}; its chapters: {outputs}")
+    book_dir = book_skeleton(Path(book_dir) if book_dir is not None else default_book_dir(profile))
+    print(f"[ffl.book] profile {profile!r} → {book_dir}", flush=True)
     run = {"profile": profile, "ran": [], "failed": [], "not run": [], "error": None}
     clean_stale_temp(book_dir / "chapters")  # staging folders of a killed run
     previous = os.environ.get("FFL_COMMIT")
@@ -201,6 +234,7 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
         write_run_summary(book_dir, run)
     if html:
         print(f"[ffl.book] HTML in {build_html(book_dir)}/index.html")
+    return book_dir
 
 
 def _run_arguments(ap) -> None:
@@ -208,18 +242,22 @@ def _run_arguments(ap) -> None:
     ap.add_argument("--only", nargs="*", help="run only these chapter outputs")
     ap.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
     ap.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
-    ap.add_argument("--book-dir", type=Path, default=BOOK_DIR)
+    ap.add_argument("--book-dir", type=Path, default=None,
+                    help="where the chapters go (default: the profile's book_dir, else book/)")
 
 
 def _run(args) -> int:
     if args.html_only:
-        return _html(args)
+        book_dir = args.book_dir if args.book_dir is not None else default_book_dir(args.profile)
+        print(f"[ffl.book] HTML in {build_html(book_skeleton(book_dir))}/index.html")
+        return 0
     run_book(args.profile, only=args.only, html=not args.no_html, book_dir=args.book_dir)
     return 0
 
 
 def _html(args) -> int:
-    print(f"[ffl.book] HTML in {build_html(args.book_dir)}/index.html")
+    book_dir = args.book_dir if args.book_dir is not None else BOOK_DIR
+    print(f"[ffl.book] HTML in {build_html(book_dir)}/index.html")
     return 0
 
 

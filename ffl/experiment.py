@@ -28,8 +28,8 @@ from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, zoo_representations
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
-from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, retrieval_protocol,
-                           retrieval_split)
+from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, cross_condition_protocol,
+                           retrieval_protocol, retrieval_split)
 from ffl.files import clean_stale_temp, write_bytes_atomic, write_json_atomic
 from ffl.zoo import Zoo, ZooSpec, spec_from_profile, train_zoo
 
@@ -224,13 +224,15 @@ def run_experiment(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    zoo_overrides: dict[str, Any] | None = None,
 ) -> Experiment:
-    """Train or load the zoo of a paper section and evaluate it (cached)."""
+    """Train or load the zoo of a paper section and evaluate it (cached). ``zoo_overrides``
+    replace fields of the profile's zoo spec (a setting of §4.4)."""
     settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
     params = check_parameters(seed=seed, device=device, download=download, data_root=data_root)
     seed, device, download, data_root = params["seed"], params["device"], params["download"], params["data_root"]
     spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
-                             download=download, seed=seed)
+                             download=download, seed=seed, **(zoo_overrides or {}))
     projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
     features = features_for_arch(settings.get("features"), arch)
@@ -259,3 +261,117 @@ def run_experiment(
         write_results(result_file, results, made_by)
     return Experiment(zoo=zoo, results=results, settings=settings, split=split, features=features,
                       seconds=seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# §4.4: the factors (Figures 4 and 5)
+# --------------------------------------------------------------------------------------------
+
+BASELINE = "Baseline"
+
+
+@dataclasses.dataclass
+class FactorsExperiment:
+    """One :class:`Experiment` per setting of §4.4 (Figure 4: each setting's own protocols) and the
+    cross-condition table (Figure 5: Θ learned on the baseline zoo, read on each other setting's
+    zoo), with columns ``setting, index, feature, protocol, metric, value, dim``."""
+
+    experiments: dict[str, Experiment]
+    cross: pd.DataFrame
+    settings: dict[str, Any]
+    seconds: dict[str, float | str] = dataclasses.field(default_factory=dict)
+
+
+def factor_settings(profile: str) -> dict[str, dict[str, Any]]:
+    """The settings of a profile's ``factors`` section, baseline first: name -> ``{arch, overrides}``
+    where ``overrides`` replace fields of that architecture's zoo spec (``model_kwargs`` are merged
+    into the architecture's)."""
+    section = load_profile(profile).get("factors") or {}
+    named = section.get("settings") or {}
+    if BASELINE not in named:
+        raise ValueError(f"profile {profile!r}: the factors section needs a {BASELINE!r} setting")
+    out = {}
+    for name in [BASELINE, *(n for n in named if n != BASELINE)]:
+        overrides = dict(named[name])
+        arch = overrides.pop("arch")
+        if "model_kwargs" in overrides:
+            base = section["zoo"]["arch"].get(arch, {}).get("model_kwargs", {})
+            overrides["model_kwargs"] = {**base, **overrides["model_kwargs"]}
+        out[name] = {"arch": arch, "overrides": overrides}
+    return out
+
+
+def cross_condition_results(source: Experiment, target: Experiment, *, progress: bool = True) -> pd.DataFrame:
+    """Θ learned on ``source``'s zoo read on ``target``'s, for layer and chain features at every
+    index where the two zoos' features have the same size (§4.4, Figure 5)."""
+    rows = []
+    reps = {}
+    for name, exp in (("source", source), ("target", target)):
+        models = [exp.zoo.model(i) for i in range(len(exp.zoo))]
+        reps[name] = {kind: zoo_representations(models, kind, source.features) for kind in FEATURE_KINDS}
+    if not (torch.equal(source.zoo.tasks, target.zoo.tasks) and torch.equal(source.zoo.runs, target.zoo.runs)):
+        raise ValueError("the two zoos must hold the same tasks × runs in the same order")
+    jobs = [(kind, index) for kind in FEATURE_KINDS
+            for index in range(1, min(len(reps["source"][kind]), len(reps["target"][kind])) + 1)]
+    for kind, index in tqdm(jobs, desc="cross-condition", disable=not progress):
+        a, b = reps["source"][kind][index - 1], reps["target"][kind][index - 1]
+        rows_a, rows_b = ((a.vectors.shape[1], b.vectors.shape[1]) if kind == "layer"
+                          else (a.factors.shape[1], b.factors.shape[1]))
+        if rows_a != rows_b:
+            continue  # Θ cannot read a feature of another size (e.g. PlainNet-6's fifth layer)
+        out = cross_condition_protocol(a, b, source.zoo.tasks, source.zoo.runs, _projection(source), source.split)
+        for protocol, metrics in out.items():
+            for metric, value in metrics.items():
+                rows.append({"index": index, "feature": kind, "protocol": protocol, "metric": metric,
+                             "value": value, "dim": a.dim})
+    return pd.DataFrame(rows, columns=["index", "feature", "protocol", "metric", "value", "dim"])
+
+
+def _projection(exp: Experiment) -> ProjectionConfig:
+    return ProjectionConfig.from_dict({"seed": exp.split.seed, **exp.settings.get("projection", {})})
+
+
+def run_factors(
+    *,
+    profile: str,
+    dataset: str,
+    data_root: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> FactorsExperiment:
+    """§4.4: every setting's zoo and protocols (Figure 4), then Θ of the baseline read on every
+    other setting (Figure 5); each step cached."""
+    named = factor_settings(profile)
+    for spec in named.values():  # every choice checked before any training
+        check_choices(arch=spec["arch"], dataset=dataset, profile=profile, section="factors")
+    experiments = {
+        name: run_experiment("factors", arch=spec["arch"], profile=profile, dataset=dataset,
+                             data_root=data_root, download=download, seed=seed, device=device,
+                             cache_dir=cache_dir, progress=progress, zoo_overrides=spec["overrides"])
+        for name, spec in named.items()
+    }
+    base = experiments[BASELINE]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    frames, seconds = [], {}
+    for name, exp in experiments.items():
+        if name == BASELINE:
+            continue
+        made_by = {"source": base.zoo.spec.identity(), "target": exp.zoo.spec.identity(),
+                   "projection": dataclasses.asdict(_projection(base)), "split": dataclasses.asdict(base.split),
+                   "features": dataclasses.asdict(base.features), "code": code_hash()}
+        path = cache / "results" / f"factors-cross-{dataset}-{_key(made_by)}.csv"
+        frame = read_results(path, made_by)
+        if frame is not None:
+            seconds[f"cross-condition {name}"] = "cached"
+        else:
+            start = time.perf_counter()
+            frame = cross_condition_results(base, exp, progress=progress)
+            seconds[f"cross-condition {name}"] = round(time.perf_counter() - start, 1)
+            write_results(path, frame, made_by)
+        frames.append(frame.assign(setting=name))
+    cross = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return FactorsExperiment(experiments=experiments, cross=cross, settings=load_profile(profile)["factors"],
+                             seconds=seconds)

@@ -131,7 +131,9 @@ class FeatureConfig:
     * ``layer_normalize``: unit-norm rows (each input's outgoing weights) of every layer matrix in
       the unaligned baseline, as the official MLP baseline does;
     * ``gru_recurrent``: the GRU baseline takes [W_ih | W_hh] per layer (ours); ``False`` = W_ih only,
-      the official baseline (its layer 1 is the first layer's input weights).
+      the official baseline (its layer 1 is the first layer's input weights);
+    * ``max_index``: only indices 1 … ``max_index`` (None: all). §4.4's Figures 4–5 show 1–3, and
+      PlainNet-6's chain 5 would have 27·9⁴ rows.
     """
 
     chain_normalize: bool = False
@@ -140,6 +142,7 @@ class FeatureConfig:
     gru_lags: int = 1
     layer_normalize: bool = False
     gru_recurrent: bool = True
+    max_index: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FeatureConfig":
@@ -162,11 +165,11 @@ def zoo_representations(
     f = features or FeatureConfig()
     if kind == "chain":
         per_model = [chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn, skips=f.resnet_skips,
-                                   gru_lags=f.gru_lags) for m in models]
+                                   gru_lags=f.gru_lags, upto=f.max_index) for m in models]
         return [Representation(factors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
     if kind == "layer":
-        per_model = [layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize, gru_recurrent=f.gru_recurrent)
-                     for m in models]
+        per_model = [layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize,
+                                    gru_recurrent=f.gru_recurrent)[:f.max_index] for m in models]
         return [Representation(vectors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
     raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
 

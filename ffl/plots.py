@@ -83,3 +83,28 @@ def invariance_bars(rows: pd.DataFrame, *, tolerance: float = 1e-5, ax: plt.Axes
     ax.tick_params(axis="x", rotation=30)
     ax.figure.tight_layout()
     return ax
+
+
+def setting_bars(results: pd.DataFrame, metric: str, *, order: list[str] | None = None,
+                 title: str | None = None, ax: plt.Axes | None = None) -> plt.Axes:
+    """§4.4's Figures 4–5: ``metric`` per "layer l" / "chain l" (x), one bar per setting (hue).
+    ``results`` has columns ``setting, index, feature, metric, value`` (fractions)."""
+    data = results[results["metric"] == metric]
+    if data.empty:
+        raise ValueError(f"no results for metric {metric!r}")
+    data = data.assign(x=data["feature"] + " " + data["index"].astype(str), percent=100 * data["value"])
+    x_order = [f"{f} {i}" for f in ("layer", "chain") for i in sorted(data["index"].unique())]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.0))
+    sns.barplot(data=data, x="x", y="percent", hue="setting", order=x_order, hue_order=order,
+                errorbar=None, ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.0f", fontsize=6, padding=1)
+    ax.set_xlabel("layer W_l (unaligned) / chain G_l (aligned)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
+    if title:
+        ax.set_title(title)
+    sns.despine(ax=ax)
+    return ax

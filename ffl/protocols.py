@@ -6,6 +6,8 @@
   (30 of 50, drawn at random); each remaining task gives 20 % of its runs as queries (20 of 100)
   and the rest as gallery (80); similarity = dot product of L2-normalized projected vectors
   (Θ's outputs); CMC rank-k and mAP.
+* **Cross-condition** (§4.4, Figure 5): Θ learned on one zoo (the baseline setting) reads another
+  zoo of the same tasks trained under a changed condition (:func:`cross_condition_protocol`).
 
 As in the official code the splits are random; here they are drawn from ``ProtocolSplit.seed`` so
 a run is repeatable. Fractions rather than counts let split sizes scale with the profile.
@@ -135,4 +137,67 @@ def retrieval_protocol(
     sim = cosine_similarity(proj.project(rep, query), proj.project(rep, gallery))
     out = {f"rank{k}": v for k, v in cmc(sim, tasks[query], tasks[gallery], ranks).items()}
     out["mAP"] = mean_average_precision(sim, tasks[query], tasks[gallery])
+    return out
+
+
+def _join(source: Representation, target: Representation) -> Representation:
+    """One Representation holding ``source``'s networks then ``target``'s. Chain factors of other
+    widths are zero-padded (appending zero columns to C leaves G = C Cᵀ unchanged)."""
+    if (source.vectors is None) != (target.vectors is None):
+        raise ValueError("both zoos need the same kind of feature (layer vectors or chain factors)")
+    if source.vectors is not None:
+        if source.vectors.shape[1] != target.vectors.shape[1]:
+            raise ValueError(f"layer features of different length ({source.vectors.shape[1]} and "
+                             f"{target.vectors.shape[1]}): a Θ learned on one cannot read the other")
+        return Representation(vectors=torch.cat([source.vectors, target.vectors]))
+    a, b = source.factors, target.factors
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"chain Grams of different size ({a.shape[1]}² and {b.shape[1]}²): "
+                         "a Θ learned on one cannot read the other")
+    n = max(a.shape[2], b.shape[2])
+    pad = lambda c: torch.nn.functional.pad(c, (0, n - c.shape[2]))  # noqa: E731
+    return Representation(factors=torch.cat([pad(a), pad(b).to(a.dtype)]))
+
+
+def cross_condition_protocol(
+    rep_source: Representation,
+    rep_target: Representation,
+    tasks: torch.Tensor,
+    runs: torch.Tensor,
+    config: ProjectionConfig | None = None,
+    split: ProtocolSplit = ProtocolSplit(),
+    ranks: Sequence[int] = (1, 5, 10),
+) -> dict[str, dict[str, float]]:
+    """Θ learned on one zoo, applied unchanged to another (§4.4, Figure 5).
+
+    Network ``i`` of both zoos solved task ``tasks[i]`` in run ``runs[i]`` (two zoos of the same
+    tasks × runs, trained under different conditions). Θ is learned on the *source* zoo exactly as
+    in :func:`classification_protocol` / :func:`retrieval_protocol`, then reads the *target* zoo:
+
+    * classification: the target's runs held out by the classification split are assigned to
+      tasks (top-1); the tasks are those Θ learned, the networks are new;
+    * retrieval: the target's runs of the tasks Θ never saw give queries and gallery (CMC, mAP).
+
+    Only held-out runs of the target are scored, so no target network shares (task, run) — and
+    hence, in our zoos, its initialization seed — with a network Θ learned from. (The official
+    ``test_sup_cross.py`` scores all runs of the target zoo with the 50-class classification Θ,
+    and retrieves among the same tasks Θ was trained on.)
+    Returns ``{"classification": {"top1": …}, "retrieval": {"rank1": …, …, "mAP": …}}``.
+    """
+    if len(rep_source) != len(tasks) or len(rep_target) != len(tasks):
+        raise ValueError(f"both zoos need one network per (task, run): {len(tasks)} labels, "
+                         f"{len(rep_source)} source and {len(rep_target)} target networks")
+    joined, offset = _join(rep_source, rep_target), len(rep_source)
+    labels, num_classes = _task_labels(tasks)
+    train_index, test_index = classification_split(tasks, runs, split)
+    proj = fit_projection(joined, train_index, labels[train_index], num_classes, config)
+    out = {"classification": {"top1": top1(proj.project(joined, test_index + offset), labels[test_index])}}
+
+    seen, query, gallery = retrieval_split(tasks, runs, split)
+    seen_labels, num_seen = _task_labels(tasks[seen])
+    proj = fit_projection(joined, seen, seen_labels, num_seen, config)
+    sim = cosine_similarity(proj.project(joined, query + offset), proj.project(joined, gallery + offset))
+    retrieval = {f"rank{k}": v for k, v in cmc(sim, tasks[query], tasks[gallery], ranks).items()}
+    retrieval["mAP"] = mean_average_precision(sim, tasks[query], tasks[gallery])
+    out["retrieval"] = retrieval
     return out

@@ -222,6 +222,26 @@ def test_cifar100_missing_files_named(tmp_path):
     assert not (tmp_path / "cifar-100-python").exists()  # nothing written
 
 
+def test_cifar100_failed_download_names_the_ways_on(tmp_path, monkeypatch):
+    """Offline, download=True (the notebooks' default) stops with the expected files, the two ways
+    on and the reason, and leaves nothing behind."""
+    import urllib.error
+
+    from torchvision.datasets import CIFAR100
+
+    class Offline(CIFAR100):
+        def download(self) -> None:
+            raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cifar100, "_cifar100_class", lambda: Offline)
+    with pytest.raises(FileNotFoundError) as e:
+        load_task("cifar100", 0, data_root=tmp_path, download=True)
+    msg = str(e.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in msg and "no network" in msg
+    assert "-p download true" in msg and "-p dataset synthetic" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cifar100_task_split(fake_cifar100):
     for task in (0, 17, 49):
         t = load_task("cifar100", task, data_root=fake_cifar100)
@@ -454,13 +474,60 @@ def test_materialize_tiny_imagenet_from_npz(tmp_path):
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["tiny-imagenet-200"]
 
 
+def test_tiny_imagenet_tasks_follow_sorted_wnids(tmp_path):
+    """The official loader (ImageFolder) numbers classes by sorted folder name, not wnids.txt order."""
+    wnids = write_fake_tiny_imagenet(tmp_path, n_classes=8)
+    listed = wnids[4:] + wnids[:4]  # wnids.txt in another order than sorted
+    (tmp_path / "tiny-imagenet-200" / "wnids.txt").write_text("".join(w + "\n" for w in listed))
+    assert load_task("tiny_imagenet", 0, data_root=tmp_path).classes == wnids[:4]
+    assert load_task("tiny_imagenet", 1, data_root=tmp_path).classes == wnids[4:]
+
+
+def test_tiny_imagenet_reads_the_npz_copy_directly(tmp_path):
+    """<data_root>/tiny_imagenet/tiny_imagenet_200_jpeg.npz is read as it is; it gives the same task
+    as the official layout written from it; the official folder wins when both exist."""
+    npz = tmp_path / "npz_root" / data.TINY_IMAGENET_NPZ
+    npz.parent.mkdir(parents=True)
+    write_fake_tiny_npz(npz, n_classes=8, n_train=3, n_val=2)
+    with np.load(npz) as z:  # store the wnids out of sorted order, as the real copy does
+        arrays = dict(z)
+    order = np.array([5, 0, 7, 1, 6, 2, 4, 3])  # stored position -> original class
+    inverse = np.argsort(order)
+    arrays["wnids"] = arrays["wnids"][order]
+    for split in ("train", "val"):
+        arrays[f"{split}_labels"] = inverse[arrays[f"{split}_labels"]].astype(np.int16)
+    np.savez(npz, **arrays)
+    t = load_task("tiny_imagenet", 1, data_root=tmp_path / "npz_root")
+    assert t.classes == [f"n{c:08d}" for c in range(4, 8)]
+    assert t.y_train.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3 and t.y_test.bincount().tolist() == [2] * 4
+    rgb = _unnormalize(t.x_train, data.TINY_IMAGENET_MEAN, data.TINY_IMAGENET_STD).mean((2, 3))
+    assert torch.allclose(rgb[0], torch.tensor(_colour(4), dtype=torch.float), atol=4)
+    data.materialize_tiny_imagenet(npz, tmp_path / "folder_root")
+    f = load_task("tiny_imagenet", 1, data_root=tmp_path / "folder_root")
+    assert f.classes == t.classes and torch.equal(f.x_train, t.x_train) and torch.equal(f.x_test, t.x_test)
+    assert torch.equal(f.y_test, t.y_test)
+    with pytest.raises(ValueError, match="holds only 8 wnids"):
+        load_task("tiny_imagenet", 2, data_root=tmp_path / "npz_root")
+
+
+@pytest.mark.skipif(not (SHARED / "tiny_imagenet").is_dir(), reason="no shared real data (../shared/data)")
+def test_real_tiny_imagenet_task_0_holds_the_first_four_sorted_wnids():
+    wnids = sorted((SHARED / "tiny_imagenet" / "wnids.txt").read_text().split())
+    t = load_task("tiny_imagenet", 0, data_root=SHARED)  # the .npz copy, read directly
+    assert t.classes == wnids[:4] == ["n01443537", "n01629819", "n01641577", "n01644900"]
+    assert t.x_train.shape == (400, 3, 32, 32) and t.x_test.shape == (200, 3, 32, 32)
+    assert t.y_train.bincount().tolist() == [100] * 4 and t.y_test.bincount().tolist() == [50] * 4
+
+
 @pytest.mark.skipif(not (SHARED / "tiny_imagenet").is_dir(), reason="no shared real data")
 def test_real_tiny_imagenet_via_materialize(tmp_path):
     npz = SHARED / "tiny_imagenet" / "tiny_imagenet_200_jpeg.npz"
-    data.materialize_tiny_imagenet(npz, tmp_path, classes=range(4, 8))
+    wnids = sorted((SHARED / "tiny_imagenet" / "wnids.txt").read_text().split())
+    data.materialize_tiny_imagenet(npz, tmp_path, classes=wnids[4:8])
     t = load_task("tiny_imagenet", 1, data_root=tmp_path)
-    wnids = (SHARED / "tiny_imagenet" / "wnids.txt").read_text().split()
     assert t.classes == wnids[4:8]
+    direct = load_task("tiny_imagenet", 1, data_root=SHARED)
+    assert torch.equal(t.x_train, direct.x_train) and torch.equal(t.x_test, direct.x_test)
     assert t.x_train.shape == (400, 3, 32, 32) and t.x_test.shape == (200, 3, 32, 32)
     assert t.y_train.bincount().tolist() == [100] * 4 and t.y_test.bincount().tolist() == [50] * 4
     # normalized with Tiny ImageNet statistics: roughly zero mean, unit-ish spread

@@ -42,14 +42,36 @@ def test_unknown_arch_stops_at_once(tmp_path):
     assert len(executed) <= 3, "the error must come before the zoo is trained"
 
 
+@pytest.mark.slow
+def test_cifar100_without_data_stops_in_the_first_cell(tmp_path):
+    """The design card's command, offline and without CIFAR-100: the first cell names the files and
+    the two ways on, before any training."""
+    with pytest.raises(papermill.PapermillExecutionError) as e:
+        papermill.execute_notebook(str(ROOT / "notebooks" / "cifar100.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"arch": "cnn", "data_root": str(tmp_path), "download": False},
+                                   kernel_name="python3", progress_bar=False)
+    assert "cifar-100-python" in str(e.value) and "-p dataset synthetic" in str(e.value)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    executed = [c for c in out.cells if c.cell_type == "code" and c.get("execution_count")]
+    assert len(executed) <= 3, "the error must come before the zoo is trained"
+
+
 def _book_skeleton(tmp_path: Path) -> Path:
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / "book").mkdir()
-    shutil.copy(ROOT / "book" / "intro.md", tmp_path / "book" / "intro.md")
-    shutil.copytree(ROOT / "book" / "paper_scale", tmp_path / "book" / "paper_scale")  # GPU runs, committed
-    (tmp_path / "book" / "_toc.yml").symlink_to("../_toc.yml")
-    return tmp_path / "book"
+    return book.book_skeleton(tmp_path / "book")
+
+
+def test_smoke_book_never_writes_the_committed_book():
+    """`python -m ffl.book run --profile smoke` (and `make test`) writes under _build/, not book/."""
+    assert book.default_book_dir("smoke") == ROOT / "_build" / "smoke" / "book"
+    assert book.default_book_dir("laptop") == book.BOOK_DIR == ROOT / "book"
+
+
+def test_book_skeleton_outside_book(tmp_path):
+    out = book.book_skeleton(tmp_path / "b" / "book")
+    assert (tmp_path / "b" / "_config.yml").is_file() and (out / "intro.md").is_file()
+    assert (out / "_toc.yml").resolve() == (tmp_path / "b" / "_toc.yml").resolve()
+    assert book.book_skeleton(out) == out  # again: no error
+    assert book.book_skeleton(book.BOOK_DIR) == book.BOOK_DIR  # the committed book is left alone
 
 
 @pytest.mark.slow
@@ -72,7 +94,7 @@ def test_smoke_book_runs_every_chapter_and_builds(tmp_path, monkeypatch):
 def test_committed_chapters_render_without_running(tmp_path):
     """`jupyter-book build book/` on a fresh clone: renders the committed, executed chapters."""
     book_dir = _book_skeleton(tmp_path)
-    shutil.copytree(ROOT / "book" / "chapters", book_dir / "chapters")
+    shutil.copytree(ROOT / "book" / "chapters", book_dir / "chapters", dirs_exist_ok=True)
     shutil.copy(ROOT / "book" / "run_summary.md", book_dir / "run_summary.md")
     for nb_path in (book_dir / "chapters").glob("*.ipynb"):
         nb = nbformat.read(nb_path, as_version=4)
@@ -102,3 +124,26 @@ def test_chapter_metadata_records_a_device_parameter(tmp_path, monkeypatch):
     out = book.execute_chapter(entry, tmp_path)
     meta = nbformat.read(out, as_version=4).metadata["ffl"]
     assert meta["device"] == "cpu" and meta["profile"] == "paper" and meta["notebook"] == "namedata"
+
+
+def test_laptop_profile_runs_every_chapter_with_several_unseen_tasks():
+    """The committed book's profile: every notebook, zoos of at least 10 tasks (NameData: its 9)
+    × 20 runs (factors: 10 × 10 per setting), so every retrieval split keeps several unseen tasks."""
+    from ffl.data import num_tasks
+    from ffl.profiles import load_profile
+
+    plan = book.chapter_plan("laptop")
+    assert {e["notebook"] for e in plan} == {s.stem for s in SOURCES}
+    assert {e["output"] for e in plan} == {e["output"] for e in book.chapter_plan("smoke")}
+    settings = load_profile("laptop")
+    for entry in plan:
+        section = {"cifar100": "cifar100", "tiny_imagenet": "tiny_imagenet", "namedata": "namedata",
+                   "factors": "factors"}.get(entry["notebook"])
+        if section is None:
+            continue
+        zoo = settings[section]["zoo"]
+        dataset = entry["parameters"].get("dataset", "namedata")
+        least_runs = 10 if section == "factors" else 20
+        assert zoo["runs"] >= least_runs and zoo["tasks"] >= min(10, num_tasks(dataset)), section
+        unseen = zoo["tasks"] - round(settings[section]["split"]["train_task_fraction"] * zoo["tasks"])
+        assert unseen >= 4, section

@@ -8,7 +8,7 @@ dataset            tasks     task ``r``
 =================  ========  =====================================================================
 ``synthetic``      50 (cfg)  binary Gaussian mixture in 3×32×32, class means seeded by (seed, r)
 ``cifar100``       50        CIFAR-100 fine classes ``2r, 2r+1`` (the paper's split)
-``tiny_imagenet``  50        Tiny ImageNet classes ``4r … 4r+3`` in ``wnids.txt`` order, 32×32
+``tiny_imagenet``  50        Tiny ImageNet classes ``4r … 4r+3`` of the sorted wnids, 32×32  
 ``namedata``       9         NameData languages ``2r, 2r+1`` (sorted file names), one-hot chars (58)
 =================  ========  =====================================================================
 
@@ -27,7 +27,8 @@ language by ``seed``; synthetic tasks draw train and test from the task's mixtur
 
 On-disk layouts under ``data_root``: ``cifar-100-python/{train,test,meta}``;
 ``tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/val_annotations.txt,
-val/images/*.JPEG}`` (see :func:`materialize_tiny_imagenet` for the offline ``.npz`` copy);
+val/images/*.JPEG}`` or the offline copy ``tiny_imagenet/tiny_imagenet_200_jpeg.npz``, read directly
+(:func:`materialize_tiny_imagenet` writes the official layout from it);
 ``names/<Language>.txt``.
 
 ``data_root=None`` means ``$FFL_DATA_ROOT`` if set, else ``./data``.
@@ -46,14 +47,16 @@ from ffl.data.namedata import (ALL_LETTERS, N_LETTERS, NAMEDATA_LANGUAGES, NAMED
 from ffl.data.synthetic import synthetic_task
 from ffl.data.tasks import (DATASETS, TaskData, check_dataset, check_task, num_tasks, resolve_root,
                             task_classes)
-from ffl.data.tiny_imagenet import (TINY_IMAGENET_DIR, TINY_IMAGENET_MD5, TINY_IMAGENET_MEAN, TINY_IMAGENET_STD,
-                                    TINY_IMAGENET_URL, load_tiny_imagenet, materialize_tiny_imagenet)
+from ffl.data.tiny_imagenet import (TINY_IMAGENET_DIR, TINY_IMAGENET_MD5, TINY_IMAGENET_MEAN, TINY_IMAGENET_NPZ,
+                                    TINY_IMAGENET_STD, TINY_IMAGENET_URL, load_tiny_imagenet,
+                                    materialize_tiny_imagenet)
 
 __all__ = [
     "DATASETS", "TaskData", "load_task", "num_tasks", "task_classes", "synthetic_task",
     "materialize_tiny_imagenet", "ALL_LETTERS", "N_LETTERS", "NAMEDATA_LANGUAGES", "NAMEDATA_URL",
     "name_to_tensor", "read_names", "unicode_to_ascii", "CIFAR100_FILES", "CIFAR100_MEAN", "CIFAR100_STD",
-    "CIFAR100_URL", "TINY_IMAGENET_DIR", "TINY_IMAGENET_MD5", "TINY_IMAGENET_MEAN", "TINY_IMAGENET_STD",
+    "CIFAR100_URL", "TINY_IMAGENET_DIR", "TINY_IMAGENET_MD5", "TINY_IMAGENET_MEAN", "TINY_IMAGENET_NPZ",
+    "TINY_IMAGENET_STD",
     "TINY_IMAGENET_URL",
 ]
 

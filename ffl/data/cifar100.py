@@ -34,6 +34,33 @@ def _cifar100_missing(root: Path) -> list[Path]:
     return [base / f for f in CIFAR100_FILES if not (base / f).is_file()]
 
 
+def _missing_message(root: Path, missing: Sequence[Path]) -> str:
+    return ("CIFAR-100 not found: missing " + ", ".join(str(p) for p in missing)
+            + f". Expected {root}/cifar-100-python/{{train,test,meta}}. Two ways on: get it — "
+            "load_task('cifar100', ..., download=True) (notebooks: `-p download true`, their default) "
+            f"on a machine with a network, or download {CIFAR100_URL} and extract it into {root} — "
+            "or run on the offline stand-in instead (notebooks: `-p dataset synthetic`).")
+
+
+def ensure_cifar100(root: Path, *, download: bool) -> Path:
+    """``<root>/cifar-100-python`` with ``train``, ``test`` and ``meta``, downloaded first when missing
+    and ``download`` (torchvision checks the archive's md5; the folder is moved into place only when
+    complete). Missing files, or a failed download, raise ``FileNotFoundError`` naming the files
+    and the ways on."""
+    root = Path(root)
+    missing = _cifar100_missing(root)
+    if missing and download:
+        try:
+            with atomic_path(root / "cifar-100-python") as staged:
+                _cifar100_class()(root=str(staged.parent), train=True, download=True)  # md5-checked
+        except OSError as e:  # no network (URLError), refused connection, full disk
+            raise FileNotFoundError(_missing_message(root, missing) + f" (The download failed: {e}.)") from e
+        missing = _cifar100_missing(root)
+    if missing:
+        raise FileNotFoundError(_missing_message(root, missing))
+    return root / "cifar-100-python"
+
+
 def _cifar100_split(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Whole CIFAR-100 split as uint8 (N, 3, 32, 32), fine labels, class names; decoded once per
     process and cached."""
@@ -42,17 +69,7 @@ def _cifar100_split(root: Path, train: bool, download: bool) -> tuple[torch.Tens
     if key in _CACHE:
         return _CACHE[key]
     cls = _cifar100_class()
-    missing = _cifar100_missing(root)
-    if missing and download:
-        with atomic_path(root / "cifar-100-python") as staged:
-            cls(root=str(staged.parent), train=True, download=True)  # downloads, checks md5, extracts
-        missing = _cifar100_missing(root)
-    if missing:
-        raise FileNotFoundError(
-            "CIFAR-100 not found: missing " + ", ".join(str(p) for p in missing)
-            + f". Expected {root}/cifar-100-python/{{train,test,meta}}. Get them with "
-            "load_task('cifar100', ..., download=True) (notebooks: `-p download true`), or "
-            f"download {CIFAR100_URL} and extract it into {root}.")
+    ensure_cifar100(root, download=download)
     try:
         ds = cls(root=str(root), train=train, download=False)
     except RuntimeError as e:  # torchvision: md5 mismatch of train/test/meta

@@ -83,7 +83,7 @@ def task_classes(dataset: str, task: int, *, n_tasks: int | None = None) -> list
     """Global class indices of ``task`` (§4); label ``i`` within the task is entry ``i``.
 
     cifar100: ``[2r, 2r+1]`` (fine labels; the paper's split into 50 binary tasks);
-    tiny_imagenet: ``[4r, …, 4r+3]`` (rows of ``wnids.txt``); namedata: ``[2r, 2r+1]`` (indices
+    tiny_imagenet: ``[4r, …, 4r+3]`` (indices into the sorted wnids); namedata: ``[2r, 2r+1]`` (indices
     into :data:`NAMEDATA_LANGUAGES`); synthetic: ``[2r, 2r+1]`` (labels of the generator's classes).
     """
     task = check_task(dataset, task, n_tasks)

@@ -1,9 +1,20 @@
-"""Tiny ImageNet (§4): task ``r`` = classes ``4r … 4r+3`` in ``wnids.txt`` order, from the official
-``tiny-imagenet-200/`` layout, resized to 32×32; decoded classes are cached in memory and on disk.
-:func:`materialize_tiny_imagenet` writes that layout from the offline ``.npz`` copy."""
+"""Tiny ImageNet (§4): task ``r`` = classes ``4r … 4r+3`` of the **sorted** wnids (the class order of
+the official loader, torchvision's ``ImageFolder``; ``wnids.txt`` order would give other tasks),
+resized to 32×32 as the official code does (bilinear resize of the whole 64×64 image).
+
+Two sources under ``data_root``, tried in this order:
+
+* the official ``tiny-imagenet-200/`` layout (what ``download=True`` fetches and unpacks);
+* the offline JPEG copy ``tiny_imagenet/tiny_imagenet_200_jpeg.npz`` (JPEG bytes + offsets, see
+  its PROVENANCE.md; it holds 100 of the 500 training images per class and the full val set),
+  read directly.
+
+Decoded classes are cached in memory (and, for the folder layout, on disk).
+:func:`materialize_tiny_imagenet` writes the official layout from the ``.npz`` copy."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -26,6 +37,8 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 _NO_BOX = "0\t0\t63\t63"  # whole 64×64 image, when the npz comes without val boxes
 _CACHE_DIR = ".ffl_cache"  # decoded 32×32 arrays, inside tiny-imagenet-200/
+#: the offline JPEG copy, relative to data_root
+TINY_IMAGENET_NPZ = Path("tiny_imagenet") / "tiny_imagenet_200_jpeg.npz"
 
 # (base folder, split, wnid, hash of the files' sizes and mtimes) -> uint8 (n, 3, 32, 32)
 _CACHE: dict[tuple[str, str, str, str], torch.Tensor] = {}
@@ -33,12 +46,8 @@ _CACHE: dict[tuple[str, str, str, str], torch.Tensor] = {}
 
 def _tiny_missing_message(base: Path, missing: Sequence[Path]) -> str:
     root = base.parent
-    npz = root / "tiny_imagenet" / "tiny_imagenet_200_jpeg.npz"
-    hint = (f" An offline .npz copy exists at {npz}: write the official layout from it with "
-            f"ffl.data.materialize_tiny_imagenet({str(npz)!r}, {str(root)!r})."
-            if npz.is_file() else
-            " From an offline .npz copy (see /work/shared/data/tiny_imagenet), write it with "
-            "ffl.data.materialize_tiny_imagenet(npz_path, data_root).")
+    hint = (f" Or place the offline JPEG copy at {root / TINY_IMAGENET_NPZ} (read as it is), or write "
+            "the official layout from it with ffl.data.materialize_tiny_imagenet(npz_path, data_root).")
     return ("Tiny ImageNet not found: missing " + ", ".join(str(p) for p in missing)
             + f". Expected the official layout {base}/{{wnids.txt, train/<wnid>/images/*.JPEG, "
             "val/val_annotations.txt, val/images/*.JPEG}. Get it with "
@@ -48,8 +57,12 @@ def _tiny_missing_message(base: Path, missing: Sequence[Path]) -> str:
 
 
 def _tiny_base(root: Path, download: bool) -> Path:
+    """The official folder (downloaded when asked and absent), or the ``.npz`` copy when only it is
+    there."""
     base = root / TINY_IMAGENET_DIR
     needed = [base / "wnids.txt", base / "val" / "val_annotations.txt"]
+    if not all(p.is_file() for p in needed) and (root / TINY_IMAGENET_NPZ).is_file():
+        return root / TINY_IMAGENET_NPZ
     if download and not all(p.is_file() for p in needed):
         with atomic_path(base) as staged:  # the archive unpacks to tiny-imagenet-200/ = staged
             tv_utils.download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(staged.parent),
@@ -60,8 +73,15 @@ def _tiny_base(root: Path, download: bool) -> Path:
     return base
 
 
+def tiny_imagenet_source(root: Path) -> Path:
+    """Where tiny ImageNet is read from under ``root``: the official ``tiny-imagenet-200/`` folder
+    or the ``.npz`` copy (``FileNotFoundError`` naming both when neither is there)."""
+    return _tiny_base(root, download=False)
+
+
 def _read_wnids(base: Path) -> list[str]:
-    return [w.strip() for w in (base / "wnids.txt").read_text().split("\n") if w.strip()]
+    """The wnids in class-index order: sorted, as ImageFolder sorts the official train folders."""
+    return sorted(w.strip() for w in (base / "wnids.txt").read_text().split("\n") if w.strip())
 
 
 def _read_val_annotations(base: Path) -> dict[str, list[str]]:
@@ -81,9 +101,10 @@ def _natural_key(name: str) -> tuple[str, int]:
     return (head, int(num)) if num.isdigit() else (stem, -1)
 
 
-def _decode_resize(paths: Sequence[Path], size: int = 32) -> torch.Tensor:
-    """Decode JPEGs to RGB (Tiny ImageNet has grayscale ones) and resize to ``size``×``size``
-    with antialiased bilinear interpolation (bit-identical to PIL's ``resize(BILINEAR)``)."""
+def _decode_resize(paths: Sequence[Path | io.BytesIO], size: int = 32) -> torch.Tensor:
+    """Decode JPEGs (files or in-memory bytes) to RGB (Tiny ImageNet has grayscale ones) and resize
+    the whole image to ``size``×``size`` with antialiased bilinear interpolation (bit-identical to
+    PIL's ``resize(BILINEAR)``, which the official ``transforms.Resize((32, 32))`` calls)."""
     arrays = []
     for p in paths:
         try:
@@ -140,13 +161,48 @@ def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder:
     return images
 
 
+#: npz path, size and mtime -> (sorted wnids, {split: (jpeg bytes, offsets, labels as sorted-wnid indices)})
+_NPZ: dict[str, tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {}
+
+
+def _npz_stamp(path: Path) -> str:
+    st = path.stat()  # a rewritten copy is read again, never served from memory
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_npz(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    key = _npz_stamp(path)
+    if key not in _NPZ:
+        with np.load(path) as z:
+            official = [str(w) for w in z["wnids"]]
+            wnids = sorted(official)
+            to_sorted = np.array([wnids.index(w) for w in official])
+            _NPZ[key] = (wnids, {split: (z[f"{split}_jpeg"], z[f"{split}_offsets"],
+                                         to_sorted[z[f"{split}_labels"].astype(np.int64)])
+                                 for split in ("train", "val")})
+    return _NPZ[key]
+
+
+def _npz_class(path: Path, split: str, class_index: int, wnid: str) -> torch.Tensor:
+    """Decoded 32×32 images of one class and split of the ``.npz`` copy, in stored order."""
+    key = (str(path.resolve()), split, wnid, _npz_stamp(path))
+    if key not in _CACHE:
+        jpeg, offsets, labels = _read_npz(path)[1][split]
+        blobs = [io.BytesIO(jpeg[offsets[k]:offsets[k + 1]].tobytes())
+                 for k in np.flatnonzero(labels == class_index)]
+        _CACHE[key] = _decode_resize(blobs)
+    return _CACHE[key]
+
+
 def load_tiny_imagenet(task: int, root: Path, *, download: bool,
                        max_train_per_class: int | None = None,
                        max_test_per_class: int | None = None,
                        disk_cache: bool = True) -> TaskData:
-    """Task r = classes 4r … 4r+3 in ``wnids.txt`` order, trained on ``train`` and tested on the
-    labelled ``val`` set, resized to 32×32 (§4)."""
+    """Task r = classes 4r … 4r+3 of the sorted wnids, trained on ``train`` and tested on the
+    labelled ``val`` set, resized to 32×32 (§4); from the official folder or the ``.npz`` copy."""
     base = _tiny_base(root, download)
+    if base.suffix == ".npz":
+        return _load_from_npz(task, base, max_train_per_class, max_test_per_class)
     wnids = _read_wnids(base)
     classes = task_classes("tiny_imagenet", task)
     if classes[-1] >= len(wnids):
@@ -173,9 +229,33 @@ def load_tiny_imagenet(task: int, root: Path, *, download: bool,
             img = img[:limit] if limit is not None else img
             xs[split].append(img)
             ys[split].append(torch.full((len(img),), i, dtype=torch.int64))
+    return _task_data(xs, ys, [wnids[c] for c in classes])
+
+
+def _task_data(xs: dict[str, list[torch.Tensor]], ys: dict[str, list[torch.Tensor]],
+               names: list[str]) -> TaskData:
     norm = lambda x: normalize_images(torch.cat(x), TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)  # noqa: E731
     return TaskData(norm(xs["train"]), torch.cat(ys["train"]), norm(xs["val"]),
-                    torch.cat(ys["val"]), classes=[wnids[c] for c in classes])
+                    torch.cat(ys["val"]), classes=names)
+
+
+def _load_from_npz(task: int, path: Path, max_train_per_class: int | None,
+                   max_test_per_class: int | None) -> TaskData:
+    wnids, _ = _read_npz(path)
+    classes = task_classes("tiny_imagenet", task)
+    if classes[-1] >= len(wnids):
+        raise ValueError(f"task {task} needs classes {classes} but {path} holds only {len(wnids)} wnids")
+    xs = {"train": [], "val": []}
+    ys = {"train": [], "val": []}
+    for i, c in enumerate(classes):
+        for split, limit in (("train", max_train_per_class), ("val", max_test_per_class)):
+            img = _npz_class(path, split, c, wnids[c])
+            if not len(img):
+                raise FileNotFoundError(f"{path} holds no {split} images of class {wnids[c]}")
+            img = img[:limit] if limit is not None else img
+            xs[split].append(img)
+            ys[split].append(torch.full((len(img),), i, dtype=torch.int64))
+    return _task_data(xs, ys, [wnids[c] for c in classes])
 
 
 def materialize_tiny_imagenet(npz_path: str | os.PathLike, out_root: str | os.PathLike,
@@ -186,7 +266,7 @@ def materialize_tiny_imagenet(npz_path: str | os.PathLike, out_root: str | os.Pa
     ``/work/shared/data/tiny_imagenet/PROVENANCE.md``), so ``load_task('tiny_imagenet', …,
     data_root=out_root)`` works offline (§4).
 
-    ``classes``: indices or wnids to write (default all 200). ``wnids.txt`` always lists all
+    ``classes``: indices into the npz's ``wnids`` (official order) or wnids to write (default all 200). ``wnids.txt`` always lists all
     wnids of the npz in official order, so task numbers stay those of the full dataset; only the
     chosen classes get ``train/<wnid>/images/*.JPEG`` and ``val`` entries. JPEG bytes are written
     unchanged. Bounding boxes in ``val/val_annotations.txt`` come from a ``val_annotations.txt``
