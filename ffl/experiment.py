@@ -96,14 +96,20 @@ def evaluate_zoo(
         reps = ((kind, index, lambda kind=kind, index=index: streamed(kind, index))
                 for kind in FEATURE_KINDS for index in source.indices(kind))
     rows = []
-    jobs = list(reps)
-    for kind, index, make in tqdm(jobs, desc="protocols", disable=not progress):
-        rep = make()
-        for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
-            for metric, value in fn(rep, zoo.tasks, zoo.runs, projection, split).items():
-                rows.append({"index": index, "feature": kind, "protocol": protocol,
-                             "metric": metric, "value": value, "dim": rep.dim})
+    for kind, index, make in tqdm(list(reps), desc="protocols", disable=not progress):
+        rows.extend(protocol_rows(make(), kind, index, zoo, projection, split))
     return pd.DataFrame(rows)
+
+
+def protocol_rows(rep: Representation, kind: str, index: int, zoo: Zoo, projection: ProjectionConfig,
+                  split: ProtocolSplit) -> list[dict[str, Any]]:
+    """The rows of :func:`evaluate_zoo`'s table for one feature at one index: both protocols."""
+    rows = []
+    for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
+        for metric, value in fn(rep, zoo.tasks, zoo.runs, projection, split).items():
+            rows.append({"index": index, "feature": kind, "protocol": protocol,
+                         "metric": metric, "value": value, "dim": rep.dim})
+    return rows
 
 
 @dataclasses.dataclass
