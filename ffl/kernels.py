@@ -74,12 +74,13 @@ class KernelStats:
     seconds: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "kernel": 0.0})
     modes: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    #: the first GEMM of each kind, as (batch, m, k, n): the shapes a reference rate is timed at
+    #: the largest GEMM of each kind, as (batch, m, k, n): the shape a reference rate is timed at
     gemm_shapes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     def note(self, kind: str, batch: int, m: int, k: int, n: int) -> None:
         self.macs[kind] += batch * m * k * n
-        self.gemm_shapes.setdefault(kind, (batch, m, k, n))
+        if batch * m * k * n > math.prod(self.gemm_shapes.get(kind, (0,))):
+            self.gemm_shapes[kind] = (batch, m, k, n)
 
 
 # ----------------------------------------------------------------------------- features of a zoo
