@@ -53,9 +53,9 @@ def fixture_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoos")
     return {
         "mlp": random_weight_zoo("mlp", root / "mlp", tasks=10, runs=10, batch_networks=16,
-                                 model_kwargs={"in_features": 48, "hidden": [12, 10, 8]}, task_share=0.8),
+                                 model_kwargs={"in_features": 48, "hidden": [12, 10, 8]}, task_share=0.95),
         "cnn": random_weight_zoo("cnn", root / "cnn", tasks=10, runs=10, batch_networks=16,
-                                 model_kwargs={"widths": [3, 4, 5, 6]}, task_share=0.8),
+                                 model_kwargs={"widths": [3, 4, 5, 6]}, task_share=0.95),
     }
 
 
