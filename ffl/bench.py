@@ -21,7 +21,12 @@ are timed alternately (best of 3 rounds on CPU), so a burst of load on a shared 
 
 Other subcommands: ``zoo-time`` (a CIFAR-100-scale zoo at paper epochs, chunk by chunk),
 ``conv`` (PlainNet-5's convolutions for K networks: grouped vs im2col + ``bmm`` vs one ordinary
-convolution of the same FLOPs) and ``profile`` (``torch.profiler`` kernel table of engine steps).
+convolution of the same FLOPs), ``profile`` (``torch.profiler`` kernel table of engine steps) and
+``ffl`` (the feature-learning stage streamed over a zoo on disk, :mod:`ffl.kernels`: per index the
+time reading networks, the kernel time and the protocols' time, peak memory, the GEMM fraction, and
+the projection to N = 5,000 from the measured rates; the zoo has random, untrained weights in the
+real format, which the feature stage cannot tell apart; ``--budget-s`` skips indices that would
+overrun, the plan with its multiply-adds is printed before the long work).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from ffl.data import load_task
 from ffl.chain import measure
 from ffl.experiment import protocol_rows
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
-from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, streamed_inner
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, explicit_is_cheaper, streamed_inner
 from ffl.protocols import ProtocolSplit
 from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
                         train_batched, train_loop, tune_malloc)
@@ -628,19 +633,20 @@ def _log(msg: str) -> None:
 def _planned_macs(num: int, shape: tuple[int, ...], cfg: StreamConfig) -> tuple[str, float, int]:
     """(mode, multiply-adds, networks read) that :func:`ffl.kernels.streamed_inner` will do for
     ``num`` networks of feature ``shape``: for printing projections before the work."""
-    from ffl.kernels import _explicit_is_cheaper
     size = max(1, min(num, cfg.block_bytes // (4 * math.prod(shape))))
-    nb = math.ceil(num / size)
-    reads = num if nb == 1 else sum(size + (nb - 1 - a) * size for a in range(nb - 1))
-    pairs = num * num / 2
+    sizes = [min(size, num - a) for a in range(0, num, size)]
+    nb = len(sizes)
+    # row block 0 reads every block; row block a ≥ 1 is carried over and reads the blocks after it
+    reads = num + sum(sum(sizes[a + 1:]) for a in range(1, nb - 1))
+    products = (num * num + sum(b * b for b in sizes)) / 2  # diagonal blocks in full, the others once
     if len(shape) == 1:
-        return "vectors", num * num * shape[0], reads
+        return "vectors", products * shape[0], reads
     d, n = shape
     tri = d * (d + 1) / 2
-    if _explicit_is_cheaper([size] * min(2, nb), d, n):
-        forms = reads if nb > 1 else num
-        return "explicit", forms * tri * n + 2 * pairs * tri, reads
-    return "implicit", 2 * pairs * d * n * n, reads
+    if explicit_is_cheaper(sizes[:2], d, n):
+        forms = num if nb == 1 else (nb - 1) * num  # every pair of blocks forms both blocks' slabs
+        return "explicit", forms * tri * n + products * tri, reads
+    return "implicit", products * d * n * n, reads
 
 
 def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str = "fp32", tasks: int | None = None,

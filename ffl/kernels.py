@@ -235,7 +235,7 @@ def _implicit_block(xi: torch.Tensor, xj: torch.Tensor, cfg: StreamConfig, stats
     return out
 
 
-def _explicit_is_cheaper(sizes: Sequence[int], d: int, n: int) -> bool:
+def explicit_is_cheaper(sizes: Sequence[int], d: int, n: int) -> bool:
     """Multiply-adds of slab-formed Grams (each block's triangle once, products of every needed
     pair) against ‖C_iᵀ C_j‖² for every needed pair."""
     pairs = sum(a * b for a in sizes for b in sizes) / 2
@@ -271,7 +271,7 @@ def streamed_inner(
     factors = len(shape) == 2
     if factors:
         sizes = [len(b) for b in blocks[:2]]
-        explicit = _explicit_is_cheaper(sizes, shape[0], shape[1])
+        explicit = explicit_is_cheaper(sizes, shape[0], shape[1])
         stats.modes[name] = "explicit" if explicit else "implicit"
     else:
         stats.modes[name] = "vectors"
