@@ -21,7 +21,12 @@ are timed alternately (best of 3 rounds on CPU), so a burst of load on a shared 
 
 Other subcommands: ``zoo-time`` (a CIFAR-100-scale zoo at paper epochs, chunk by chunk),
 ``conv`` (PlainNet-5's convolutions for K networks: grouped vs im2col + ``bmm`` vs one ordinary
-convolution of the same FLOPs) and ``profile`` (``torch.profiler`` kernel table of engine steps).
+convolution of the same FLOPs), ``profile`` (``torch.profiler`` kernel table of engine steps) and
+``ffl`` (the feature-learning stage streamed over a zoo on disk, :mod:`ffl.kernels`: per index the
+time reading networks, the kernel time and the protocols' time, peak memory, the GEMM fraction, and
+the projection to N = 5,000 from the measured rates; the zoo has random, untrained weights in the
+real format, which the feature stage cannot tell apart; ``--budget-s`` skips indices that would
+overrun, the plan with its multiply-adds is printed before the long work).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,11 +47,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from ffl.cli import Command, run_command_line
 from ffl.data import load_task
+from ffl.chain import measure
+from ffl.experiment import protocol_rows
+from ffl.features import FeatureConfig, ProjectionConfig, Representation
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, explicit_is_cheaper, streamed_inner
+from ffl.protocols import ProtocolSplit
 from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
                         train_batched, train_loop, tune_malloc)
 from ffl.models import build_model
 from ffl.provenance import hardware
-from ffl.zoo import chunk_inputs, chunks, default_batch_networks, spec_from_profile
+from ffl.zoo import (Zoo, ZooSpec, chunk_inputs, chunks, default_batch_networks, finalize_zoo,
+                     prepare_zoo, run_seed, data_seed, spec_from_profile, write_piece)
 
 PAPER_TRAIN_PER_TASK = 1000  # CIFAR-100: 2 classes × 500 training images
 PAPER_EPOCHS = {"mlp": 100, "cnn": 50}
@@ -508,6 +520,270 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
     return out
 
 
+
+# --------------------------------------------------------------------------------------------
+# ffl: the feature-learning stage over a zoo on disk
+# --------------------------------------------------------------------------------------------
+
+PAPER_SHAPES = {"mlp": {"hidden": [500, 500, 500]}, "cnn": {}}
+QUICK_SHAPES = {"mlp": {"hidden": [16, 16, 16]}, "cnn": {"widths": [4, 8, 8, 8]}}  # tests only
+
+
+def random_weight_zoo(arch: str, root: str | os.PathLike, *, tasks: int, runs: int,
+                      model_kwargs: dict[str, Any] | None = None, seed: int = 0, task_share: float = 0.5,
+                      batch_networks: int = 100) -> Zoo:
+    """A zoo in the real on-disk format whose weights are random, not trained (seeded): network
+    (t, r) has weights s·(a·B_t + √(1-a²)·E_tr) with B_t shared by the task's runs, E_tr its own, a =
+    ``task_share`` and s = 1/√fan-in (BatchNorm: γ ≈ 1, running variance ≈ 1). The feature stage
+    does not care whether weights were trained; the task share gives the protocols something to
+    find. Loaded, not rebuilt, when ``root`` holds it already."""
+    spec = ZooSpec(arch=arch, dataset="synthetic", tasks=list(range(tasks)), runs=runs,
+                   model_kwargs=dict(model_kwargs or {}), seed=seed, epochs=1,  # never trained: data_kwargs say so
+                   data_kwargs={"weights": f"random, untrained (task share {task_share})"})
+    root = Path(root)
+    if (root / "manifest.json").is_file():
+        return Zoo.load(root)
+    k = prepare_zoo(spec, root, batch_networks=batch_networks)
+    kw = dict(spec.model_kwargs)
+    if arch == "mlp":
+        kw.setdefault("in_features", 3072)
+    template = build_model(arch, 2, **kw).state_dict()
+    own = math.sqrt(1 - task_share ** 2)
+    for chunk in chunks(spec, k):
+        for piece in chunk:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + piece.task)
+            base = {name: torch.randn(t.shape, generator=g) for name, t in template.items() if t.is_floating_point()}
+            g.manual_seed(seed * 1_000_003 + piece.task * 100_003 + piece.r0 + 1)
+            n = piece.r1 - piece.r0
+            state = {}
+            for name, t in template.items():
+                if not t.is_floating_point():
+                    state[name] = torch.zeros(n, *t.shape, dtype=t.dtype)
+                    continue
+                x = task_share * base[name] + own * torch.randn(n, *t.shape, generator=g)
+                if t.dim() >= 2:
+                    state[name] = x / math.sqrt(math.prod(t.shape[1:]))
+                elif name.endswith("running_var"):
+                    state[name] = 1 + 0.1 * x.abs()
+                elif name.endswith("weight"):  # BatchNorm γ
+                    state[name] = 1 + 0.1 * x
+                else:
+                    state[name] = 0.1 * x
+            # the seeds a trained zoo would record (every load checks them); these weights come from ``g``
+            nets = [{"task": piece.task, "run": r, "seed": run_seed(spec.seed, piece.task, r),
+                     "data_seed": data_seed(spec.seed, piece.task, r), "num_classes": 2, "classes": ["0", "1"],
+                     "shard": f"shards/{piece.name}.safetensors", "row": r - piece.r0, "train_acc": 0.0,
+                     "test_acc": 0.0} for r in range(piece.r0, piece.r1)]
+            write_piece(root, spec, piece, state, slice(0, n), nets, _jsonable_kw(kw))
+    zoo = finalize_zoo(root)
+    assert zoo is not None
+    return zoo
+
+
+def _jsonable_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(kw))
+
+
+def _gemm_rate(shape: tuple[int, int, int, int], precision: str, device: torch.device, seconds: float = 1.0) -> float:
+    """Multiply-adds per second of plain GEMMs of ``shape`` (batch, m, k, n) in ``precision``
+    (float32 outputs; bf16: bf16 operands), back to back for about ``seconds``."""
+    b, m, k, n = shape
+    x = torch.randn(b, m, k, device=device)
+    y = torch.randn(b, k, n, device=device)
+    if precision == "bf16" and device.type == "cuda":
+        x2, y2 = x.bfloat16().squeeze(0), y.bfloat16().squeeze(0)
+        fn = (lambda: torch.mm(x2, y2, out_dtype=torch.float32)) if b == 1 else (lambda: torch.bmm(x.bfloat16(), y.bfloat16()))
+    else:
+        fn = (lambda: x[0] @ y[0]) if b == 1 else (lambda: torch.bmm(x, y))
+    with _tf32(precision, device):
+        fn()
+        _sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            reps += 1
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if dt > seconds or reps >= 200:
+                break
+    return reps * b * m * k * n / dt
+
+
+class _tf32:
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.on = precision == "tf32" and device.type == "cuda"
+
+    def __enter__(self):
+        if self.on:
+            self.old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+def _host_peak() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _planned_macs(num: int, shape: tuple[int, ...], cfg: StreamConfig) -> tuple[str, float, int]:
+    """(mode, multiply-adds, networks read) that :func:`ffl.kernels.streamed_inner` will do for
+    ``num`` networks of feature ``shape``: for printing projections before the work."""
+    size = max(1, min(num, cfg.block_bytes // (4 * math.prod(shape))))
+    sizes = [min(size, num - a) for a in range(0, num, size)]
+    nb = len(sizes)
+    # row block 0 reads every block; row block a ≥ 1 is carried over and reads the blocks after it
+    reads = num + sum(sum(sizes[a + 1:]) for a in range(1, nb - 1))
+    products = (num * num + sum(b * b for b in sizes)) / 2  # diagonal blocks in full, the others once
+    if len(shape) == 1:
+        return "vectors", products * shape[0], reads
+    d, n = shape
+    tri = d * (d + 1) / 2
+    if explicit_is_cheaper(sizes[:2], d, n):
+        forms = num if nb == 1 else (nb - 1) * num  # every pair of blocks forms both blocks' slabs
+        return "explicit", forms * tri * n + products * tri, reads
+    return "implicit", products * d * n * n, reads
+
+
+def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str = "fp32", tasks: int | None = None,
+              zoo_root: str | os.PathLike | None = None, block_bytes: int = 2 << 30, slab_bytes: int = 256 << 20,
+              budget_s: float = 1e9, project_to: int = 5000, chains_only: bool = False,
+              quick: bool = False) -> dict[str, Any]:
+    """Time and peak memory of the feature-learning stage (streamed kernels at every index, both
+    protocols) for ``networks`` networks of paper shape (random weights, see :func:`random_weight_zoo`),
+    and its GEMM fraction: the time plain GEMMs of the stage's own shapes (timed in this run) would
+    take for the stage's multiply-adds ÷ the stage's wall time. Indices whose projected time would
+    overrun ``budget_s`` are skipped and reported as projected. Per index: seconds reading
+    networks, seconds of kernel work, seconds of protocols, multiply-adds; and the projection to
+    ``project_to`` networks from the measured rates. ``quick``: narrow networks (tests)."""
+    dev = torch.device(device)
+    tasks = tasks or max(2, networks // 100)
+    runs = networks // tasks
+    cfg = StreamConfig(device=device, precision=precision, block_bytes=block_bytes, slab_bytes=slab_bytes)
+    shapes = QUICK_SHAPES if quick else PAPER_SHAPES
+    root = Path(zoo_root or Path(os.environ.get("FFL_CACHE", "cache")) / "bench-zoos"
+                / f"{arch}-{tasks}x{runs}{'-quick' if quick else ''}")
+    t0 = time.perf_counter()
+    zoo = random_weight_zoo(arch, root, tasks=tasks, runs=runs, model_kwargs=shapes[arch])
+    out: dict[str, Any] = {"arch": arch, "networks": len(zoo), "tasks": tasks, "runs": runs, "device": device,
+                           "precision": precision, "weights": "random, untrained (seeded; real zoo format)",
+                           "block_bytes": block_bytes, "slab_bytes": slab_bytes, "zoo_build_s": time.perf_counter() - t0,
+                           "hardware": hardware(device), "threads": torch.get_num_threads()}
+    _log(f"{arch}: zoo of {len(zoo)} random-weight networks at {root} ({out['zoo_build_s']:.1f} s)")
+    source = ZooFeatures(zoo, FeatureConfig(), device=device)
+    kinds = ("chain",) if chains_only else ("chain", "layer")
+    jobs = [(kind, index) for kind in kinds for index in source.indices(kind)]
+    # projections before the long work: multiply-adds per index at N and at project_to
+    probe_shape = (1, 1024, 4096, 1024) if dev.type == "cuda" else (1, 512, 4096, 512)
+    rate0 = _gemm_rate(probe_shape, precision, dev, 0.5)
+    out["probe_gemm_macs_per_s"] = rate0
+    plan = {}
+    for kind, index in jobs:
+        shape = source.shapes[(kind, index)]
+        mode, macs, reads = _planned_macs(len(zoo), shape, cfg)
+        mode5, macs5, reads5 = _planned_macs(project_to, shape, cfg)
+        plan[f"{kind} {index}"] = {"shape": list(shape), "mode": mode, "macs": macs, "reads": reads,
+                                   "macs_at_projection": macs5, "reads_at_projection": reads5}
+        _log(f"plan {kind} {index}: shape {shape}, {mode}; {macs:.3g} MACs, {reads} reads at N={len(zoo)} "
+             f"(≥ {macs / rate0:.1f} s at the probe GEMM rate); N={project_to}: {macs5:.3g} MACs "
+             f"(≥ {macs5 / rate0:.1f} s)")
+    out["plan"] = plan
+    projection = ProjectionConfig()
+    split = ProtocolSplit()
+    stats = KernelStats()
+    per_index: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
+    skipped = []
+
+    def stage() -> None:
+        start = time.perf_counter()
+        for kind, index in jobs:
+            name = f"{kind} {index}"
+            done = [v for v in per_index.values()]
+            if done:  # the time this index would take, at the rates measured so far
+                rate = sum(v["macs"] for v in done) / max(1e-9, sum(v["kernel_s"] for v in done))
+                read_s = sum(v["load_s"] for v in done) / max(1, sum(v["reads"] for v in done))
+                guess = plan[name]["macs"] / rate + plan[name]["reads"] * read_s
+                if time.perf_counter() - start + guess > budget_s:
+                    skipped.append(name)
+                    _log(f"{name}: skipped, projected {guess:.0f} s would overrun the budget of {budget_s:.0f} s")
+                    continue
+            before = (dict(stats.seconds), sum(stats.macs.values()), stats.networks_read)
+            inner = streamed_inner(lambda nets: source.load(kind, index, nets), len(zoo), source.shapes[(kind, index)],
+                                   cfg, stats=stats, name=name)
+            shape = source.shapes[(kind, index)]
+            rep = Representation(inner_products=inner, inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
+            t_p = time.perf_counter()
+            rows.extend(protocol_rows(rep, kind, index, zoo, projection, split))
+            per_index[name] = {"load_s": stats.seconds["load"] - before[0]["load"],
+                               "kernel_s": stats.seconds["kernel"] - before[0]["kernel"],
+                               "protocols_s": time.perf_counter() - t_p,
+                               "macs": sum(stats.macs.values()) - before[1],
+                               "reads": stats.networks_read - before[2], "blocks": stats.blocks[name],
+                               "mode": stats.modes[name]}
+            v = per_index[name]
+            _log(f"{name}: {v['mode']}, {v['blocks']} block(s), read {v['load_s']:.1f} s, kernel {v['kernel_s']:.1f} s "
+                 f"({v['macs'] / max(v['kernel_s'], 1e-9) / 1e9:.1f} GMAC/s), protocols {v['protocols_s']:.1f} s")
+
+    m = measure(stage, device=device)
+    out["stage_s"] = m.seconds
+    out["peak_bytes"] = m.peak_bytes  # CPU: resident-set high-water mark above the start; CUDA: device
+    out["host_peak_rss_bytes"] = _host_peak()
+    out["per_index"] = per_index
+    out["skipped"] = skipped
+    out["seconds"] = {"load": stats.seconds["load"], "kernel": stats.seconds["kernel"],
+                      "protocols": sum(v["protocols_s"] for v in per_index.values())}
+    out["macs"] = dict(stats.macs)
+    # GEMM fraction: the stage's multiply-adds at the rate of plain GEMMs of its own shapes
+    rates = {kind: _gemm_rate(shape, precision, dev) for kind, shape in stats.gemm_shapes.items()}
+    out["gemm_shapes"] = {k: list(v) for k, v in stats.gemm_shapes.items()}
+    out["gemm_macs_per_s"] = rates
+    gemm_s = sum(stats.macs[k] / rates[k] for k in rates)
+    out["gemm_s"] = gemm_s
+    out["gemm_fraction"] = gemm_s / m.seconds if m.seconds > 0 else 0.0
+    # projection to project_to networks from the measured rates: kernel multiply-adds at the
+    # measured rate of each index, reads at the measured seconds per network read, protocols ∝ N²
+    n = len(zoo)
+    proj = {}
+    for name, v in per_index.items():
+        p = plan[name]
+        proj[name] = (p["macs_at_projection"] / max(v["macs"], 1) * v["kernel_s"]
+                      + p["reads_at_projection"] * v["load_s"] / max(v["reads"], 1)
+                      + v["protocols_s"] * (project_to / n) ** 2)
+    out["project_to"] = project_to
+    out["projected_s"] = proj
+    out["projected_total_s"] = sum(proj.values())
+    out["results"] = rows
+    return out
+
+
+def print_ffl(res: dict[str, Any], file=sys.stdout) -> None:
+    gib = 2 ** 30
+    print(f"ffl.bench ffl: {res['arch']}, {res['networks']} networks ({res['weights']}) on {res['hardware']} "
+          f"({res['device']}, {res['precision']}, {res['threads']} threads)", file=file)
+    print(f"  {'index':9s} {'mode':9s} {'blocks':>6s} {'read s':>8s} {'kernel s':>9s} {'GMAC/s':>8s} "
+          f"{'protocols s':>11s} {'proj. s':>8s}", file=file)
+    for name, v in res["per_index"].items():
+        print(f"  {name:9s} {v['mode']:9s} {v['blocks']:6d} {v['load_s']:8.1f} {v['kernel_s']:9.1f} "
+              f"{v['macs'] / max(v['kernel_s'], 1e-9) / 1e9:8.1f} {v['protocols_s']:11.1f} {res['projected_s'][name]:8.1f}",
+              file=file)
+    peak = res["peak_bytes"]
+    print(f"  stage {res['stage_s']:.1f} s (read {res['seconds']['load']:.1f}, kernel {res['seconds']['kernel']:.1f}, "
+          f"protocols {res['seconds']['protocols']:.1f}); peak memory "
+          f"{'n/a' if peak is None else f'{peak / gib:.2f} GiB'} above start, host RSS max "
+          f"{res['host_peak_rss_bytes'] / gib:.2f} GiB; GEMM fraction {res['gemm_fraction']:.2f} "
+          f"(plain GEMMs of the stage's shapes: {res['gemm_s']:.1f} s)", file=file)
+    if res["skipped"]:
+        print(f"  skipped (budget): {', '.join(res['skipped'])}", file=file)
+    print(f"  projected at N={res['project_to']}: {res['projected_total_s']:.0f} s on this device", file=file)
+
+
 def _hms(s: float) -> str:
     if s < 120:
         return f"{s:.0f} s"
@@ -603,11 +879,46 @@ def _profile(args) -> int:
     return 0
 
 
+def _ffl_arguments(ap) -> None:
+    _common(ap)
+    ap.add_argument("--arch", choices=tuple(PAPER_SHAPES), action="append",
+                    help="mlp (MLP-4) and/or cnn (PlainNet-5); repeatable (default: both)")
+    ap.add_argument("--networks", type=int, default=1000, help="zoo size N (tasks = N/100)")
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--memory-gib", type=float, default=2.0, help="features per block (two are held)")
+    ap.add_argument("--slab-mib", type=float, default=256.0, help="one Gram slab / implicit tile")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip indices projected to overrun this")
+    ap.add_argument("--zoo-root", default=None, help="where the random-weight zoo lives (default under $FFL_CACHE)")
+    ap.add_argument("--project-to", type=int, default=5000)
+    ap.add_argument("--chains-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="narrow networks (tests)")
+
+
+def _ffl(args) -> int:
+    _setup(args)
+    precision = args.precision if args.device != "cpu" or args.precision != "tf32" else "fp32"
+    summary = {}
+    for arch in args.arch or ["mlp", "cnn"]:
+        root = None if args.zoo_root is None else Path(args.zoo_root) / arch
+        res = bench_ffl(arch, args.networks, device=args.device, precision=precision, tasks=args.tasks, zoo_root=root,
+                        block_bytes=int(args.memory_gib * 2 ** 30), slab_bytes=int(args.slab_mib * 2 ** 20),
+                        budget_s=args.budget_s, project_to=args.project_to, chains_only=args.chains_only,
+                        quick=args.quick)
+        print_ffl(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "results"}, sort_keys=True, default=str), flush=True)
+        summary[arch] = {k: res[k] for k in ("networks", "stage_s", "peak_bytes", "host_peak_rss_bytes", "gemm_fraction",
+                                             "projected_total_s", "seconds", "skipped")}
+    print(json.dumps({"ffl": summary, "device": args.device, "precision": precision}, sort_keys=True, default=str))
+    return 0
+
+
 COMMANDS = (
     Command("zoo", "engine vs plain loop, GEMM fraction, networks per second (ratios)", _zoo_arguments, _zoo),
     Command("zoo-time", "time a CIFAR-100-scale zoo at the paper profile's epochs", _zoo_time_arguments, _zoo_time),
     Command("conv", "PlainNet-5 convolutions for K networks: grouped vs im2col+bmm vs dense", _conv_arguments, _conv),
     Command("profile", "torch.profiler kernel table of engine steps", _profile_arguments, _profile),
+    Command("ffl", "feature learning streamed over a zoo on disk: time, peak memory, GEMM fraction",
+            _ffl_arguments, _ffl),
 )
 
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 import ffl
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import DATASETS
-from ffl.features import FeatureConfig, ProjectionConfig, zoo_representations
+from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, streamed_inner
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, cross_condition_protocol,
@@ -184,19 +185,49 @@ def evaluate_zoo(
     *,
     features: FeatureConfig | None = None,
     progress: bool = True,
+    stream: StreamConfig | None = None,
+    in_memory: bool = False,
+    stats: KernelStats | None = None,
 ) -> pd.DataFrame:
     """Both protocols, for layer and chain features at every index: a long table with columns
-    ``index, feature, protocol, metric, value``."""
-    models = [zoo.model(i) for i in range(len(zoo))]
+    ``index, feature, protocol, metric, value``.
+
+    The zoo is streamed from disk (:mod:`ffl.kernels`): per index, the N × N kernel is computed
+    block by block in the memory ``stream`` allows (default :class:`ffl.kernels.StreamConfig`), and
+    both protocols run on it. ``in_memory=True`` instead loads every network and stacks every
+    index's features at once (:func:`ffl.features.zoo_representations`; small zoos, reference).
+    ``stats`` (a :class:`ffl.kernels.KernelStats`) collects what the streaming did."""
+    if in_memory:
+        models = [zoo.model(i) for i in range(len(zoo))]
+        reps = ((kind, index, lambda rep=rep: rep) for kind in FEATURE_KINDS
+                for index, rep in enumerate(zoo_representations(models, kind, features), 1))
+    else:
+        source = ZooFeatures(zoo, features, device=(stream or StreamConfig()).device)
+        stats = stats if stats is not None else KernelStats()
+
+        def streamed(kind: str, index: int) -> Representation:
+            shape = source.shapes[(kind, index)]
+            inner = streamed_inner(lambda nets: source.load(kind, index, nets), len(zoo), shape, stream,
+                                   stats=stats, name=f"{kind} {index}")
+            return Representation(inner_products=inner, inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
+
+        reps = ((kind, index, lambda kind=kind, index=index: streamed(kind, index))
+                for kind in FEATURE_KINDS for index in source.indices(kind))
     rows = []
-    jobs = [(kind, rep) for kind in FEATURE_KINDS
-            for rep in enumerate(zoo_representations(models, kind, features), 1)]
-    for kind, (index, rep) in tqdm(jobs, desc="protocols", disable=not progress):
-        for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
-            for metric, value in fn(rep, zoo.tasks, zoo.runs, projection, split).items():
-                rows.append({"index": index, "feature": kind, "protocol": protocol,
-                             "metric": metric, "value": value, "dim": rep.dim})
+    for kind, index, make in tqdm(list(reps), desc="protocols", disable=not progress):
+        rows.extend(protocol_rows(make(), kind, index, zoo, projection, split))
     return pd.DataFrame(rows)
+
+
+def protocol_rows(rep: Representation, kind: str, index: int, zoo: Zoo, projection: ProjectionConfig,
+                  split: ProtocolSplit) -> list[dict[str, Any]]:
+    """The rows of :func:`evaluate_zoo`'s table for one feature at one index: both protocols."""
+    rows = []
+    for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
+        for metric, value in fn(rep, zoo.tasks, zoo.runs, projection, split).items():
+            rows.append({"index": index, "feature": kind, "protocol": protocol,
+                         "metric": metric, "value": value, "dim": rep.dim})
+    return rows
 
 
 @dataclasses.dataclass

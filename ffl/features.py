@@ -33,24 +33,40 @@ _BLOCK_FLOATS = 2**26
 
 @dataclass
 class Representation:
-    """N networks at one index: explicit ``vectors`` (N, D), or chain ``factors`` (N, d, n) with
-    x_i = vec(C_i C_iᵀ). Exactly one of the two is set."""
+    """N networks at one index: explicit ``vectors`` (N, D), chain ``factors`` (N, d, n) with
+    x_i = vec(C_i C_iᵀ), or their precomputed float64 ``inner`` products (N, N) with the feature
+    dimension ``inner_dim`` (as :func:`ffl.kernels.streamed_inner` computes them from a zoo on
+    disk). Exactly one of the three is set."""
 
     vectors: torch.Tensor | None = None
     factors: torch.Tensor | None = None
+    inner_products: torch.Tensor | None = None
+    inner_dim: int | None = None
     _inner: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if (self.vectors is None) == (self.factors is None):
-            raise ValueError("give exactly one of vectors or factors")
+        given = [x is not None for x in (self.vectors, self.factors, self.inner_products)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of vectors, factors or inner_products")
+        if self.inner_products is not None:
+            k = self.inner_products
+            if k.dim() != 2 or k.shape[0] != k.shape[1]:
+                raise ValueError(f"inner_products must be a square matrix, got shape {tuple(k.shape)}")
+            if self.inner_dim is None:
+                raise ValueError("inner_products need inner_dim (the dimension of the features)")
+            self._inner = k.double()
 
     def __len__(self) -> int:
-        data = self.vectors if self.vectors is not None else self.factors
-        return data.shape[0]
+        for data in (self.vectors, self.factors, self.inner_products):
+            if data is not None:
+                return data.shape[0]
+        raise AssertionError("unreachable")
 
     @property
     def dim(self) -> int:
         """Dimension of x (d² for chain Grams, never formed)."""
+        if self.inner_products is not None:
+            return int(self.inner_dim)
         if self.vectors is not None:
             return self.vectors.shape[1]
         return self.factors.shape[1] ** 2

@@ -626,8 +626,11 @@ def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
     return True
 
 
-def _write_piece(root: Path, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
-                 nets: list[dict[str, Any]], build_kwargs: dict[str, Any], spec_hash: str) -> None:
+def write_piece(root: Path, spec: ZooSpec, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
+                nets: list[dict[str, Any]], build_kwargs: dict[str, Any]) -> None:
+    """One shard of ``root``: rows ``rows`` of the stacked ``state`` for ``piece``'s networks
+    (records ``nets``), with its sidecar bound to ``spec`` (atomic, the sidecar last)."""
+    spec_hash = spec_sha256(spec.identity())
     tensors = {name: t[rows].contiguous() for name, t in state.items()}
     data = save(tensors, metadata={"format": "pt"})
     fname = f"shards/{piece.name}.safetensors"
@@ -746,7 +749,7 @@ def train_zoo(
                 n = p.r1 - p.r0
                 metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
                          for j, m in enumerate(nets_meta[i:i + n])]
-                _write_piece(root, p, res.state, slice(i, i + n), metas, inp.build_kwargs, spec_sha256(spec.identity()))
+                write_piece(root, spec, p, res.state, slice(i, i + n), metas, inp.build_kwargs)
                 i += n
             _maybe_die_after_chunk()
             del stacked, res, inp

@@ -1,0 +1,117 @@
+"""Streamed feature learning (ffl.kernels): the kernel from a zoo on disk in bounded memory equals
+the in-memory one, and reduced-precision products keep the protocols' outcomes."""
+import json
+
+import pytest
+import torch
+
+from ffl.bench import main as bench_main
+from ffl.bench import random_weight_zoo
+from ffl.chain import chain_gram
+from ffl.experiment import evaluate_zoo
+from ffl.features import FeatureConfig, ProjectionConfig, Representation
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, streamed_inner
+from ffl.protocols import ProtocolSplit
+
+
+@pytest.mark.parametrize("shape", [(6, 2), (4, 30), (9,)])  # implicit, explicit (slabs), vectors
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_streamed_inner_equals_explicit_inner_products(shape, blocks):
+    torch.manual_seed(0)
+    x = torch.randn(11, *shape)
+    vec = torch.stack([chain_gram(c).flatten() for c in x.double()]) if len(shape) == 2 else x.double()
+    expected = vec @ vec.T
+    per_net = 4 * x[0].numel()
+    cfg = StreamConfig(block_bytes=per_net * (11 if blocks == 1 else 3), slab_bytes=64, chunk=7)
+    stats = KernelStats()
+    reads = []
+    k = streamed_inner(lambda nets: reads.append(list(nets)) or x[nets], 11, shape, cfg, stats=stats, name="i")
+    torch.testing.assert_close(k, expected, rtol=2e-6, atol=1e-6 * expected.abs().max().item())
+    assert stats.blocks["i"] == blocks
+    assert stats.modes["i"] == {(6, 2): "implicit", (4, 30): "explicit", (9,): "vectors"}[shape]
+    assert max(len(r) for r in reads) <= (11 if blocks == 1 else 3)  # never more than a block at once
+    # blocks of 3, 3, 3, 2: row block 0 reads all four, each later one reads what is left after it
+    assert stats.networks_read == (11 if blocks == 1 else 11 + 5 + 2)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="unknown precision"):
+        StreamConfig(precision="fp8")
+    with pytest.raises(ValueError, match="CUDA"):
+        StreamConfig(precision="tf32")
+    with pytest.raises(ValueError, match="inner_dim"):
+        Representation(inner_products=torch.eye(3))
+    with pytest.raises(ValueError, match="square"):
+        Representation(inner_products=torch.ones(2, 3), inner_dim=4)
+
+
+@pytest.fixture(scope="module")
+def fixture_zoo(tmp_path_factory):
+    """10 tasks × 10 runs of small MLP-4s and PlainNet-5s in the real zoo format (random weights
+    sharing a per-task part, so the protocols have something to find). Retrieval needs more than
+    two seen tasks: with two, Θ's two outputs are opposite and every cosine is ±1, a tie."""
+    root = tmp_path_factory.mktemp("zoos")
+    return {
+        "mlp": random_weight_zoo("mlp", root / "mlp", tasks=10, runs=10, batch_networks=16,
+                                 model_kwargs={"in_features": 48, "hidden": [12, 10, 8]}, task_share=0.95),
+        "cnn": random_weight_zoo("cnn", root / "cnn", tasks=10, runs=10, batch_networks=16,
+                                 model_kwargs={"widths": [3, 4, 5, 6]}, task_share=0.95),
+    }
+
+
+CFG = ProjectionConfig(lr=0.05, epochs=4, lr_step_epochs=(3,))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_streamed_evaluation_equals_in_memory(fixture_zoo, arch):
+    zoo = fixture_zoo[arch]
+    features = FeatureConfig(chain_normalize=True)
+    source = ZooFeatures(zoo, features)
+    per_net = {name: 4 * torch.Size(s).numel() for name, s in source.shapes.items()}
+    largest = max(per_net.values())
+    # the in-memory path holds every network's features at every index: far above two blocks
+    cap = StreamConfig(block_bytes=largest * 7, slab_bytes=4096, chunk=100)
+    assert 2 * cap.block_bytes < largest * len(zoo) < sum(per_net.values()) * len(zoo)
+    stats = KernelStats()
+    streamed = evaluate_zoo(zoo, CFG, ProtocolSplit(), features=features, progress=False, stream=cap, stats=stats)
+    reference = evaluate_zoo(zoo, CFG, ProtocolSplit(), features=features, progress=False, in_memory=True)
+    assert len(stats.blocks) == len(source.shapes)
+    assert max(stats.blocks.values()) == 15  # the largest index in blocks of 7 networks
+    assert sum(b > 1 for b in stats.blocks.values()) >= 3
+    assert streamed[["index", "feature", "protocol", "metric", "dim"]].equals(
+        reference[["index", "feature", "protocol", "metric", "dim"]])
+    assert (streamed["value"] - reference["value"]).abs().max() <= 1e-9
+    chains = streamed[streamed.metric == "top1"]
+    assert chains["value"].max() > 0.5  # the fixture has task structure (10 tasks: chance 0.1)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_bf16_kernel_blocks_keep_top1_and_rank1(fixture_zoo, arch):
+    zoo = fixture_zoo[arch]
+    tables = {p: evaluate_zoo(zoo, CFG, ProtocolSplit(), progress=False, stream=StreamConfig(precision=p, chunk=64))
+              for p in ("fp32", "bf16")}
+    keep = lambda t: t[t.metric.isin(["top1", "rank1"])].reset_index(drop=True)  # noqa: E731
+    assert keep(tables["fp32"]).equals(keep(tables["bf16"]))
+    # the bf16 kernel differs from the fp32 one (the products did run in reduced precision) ...
+    source = ZooFeatures(zoo)
+    shape = source.shapes[("chain", 2)]
+    k = {p: streamed_inner(lambda n: source.load("chain", 2, n), len(zoo), shape, StreamConfig(precision=p))
+         for p in ("fp32", "bf16")}
+    rel = ((k["bf16"] - k["fp32"]).abs().max() / k["fp32"].abs().max()).item()
+    assert 1e-6 < rel < 1e-2  # ... by about bf16's rounding, not more
+
+
+def test_bench_ffl_json(tmp_path, capsys):
+    assert bench_main(["ffl", "--quick", "--networks", "20", "--tasks", "4", "--zoo-root", str(tmp_path),
+                       "--memory-gib", "0.0001", "--project-to", "50"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])["ffl"]
+    assert set(summary) == {"mlp", "cnn"}
+    for arch, res in summary.items():
+        for key in ("stage_s", "peak_bytes", "host_peak_rss_bytes", "gemm_fraction", "projected_total_s"):
+            assert res[key] > 0, (arch, key)
+        assert res["networks"] == 20 and res["skipped"] == []
+        assert all(res["seconds"][k] > 0 for k in ("load", "kernel", "protocols"))
+    full = json.loads(next(l for l in lines if l.startswith('{"arch": "cnn"')))
+    assert set(full["per_index"]) == {f"chain {i}" for i in range(1, 6)} | {f"layer {i}" for i in range(1, 6)}
+    assert full["plan"]["chain 4"]["macs"] > 0 and full["per_index"]["chain 4"]["blocks"] > 1
