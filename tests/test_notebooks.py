@@ -1,4 +1,5 @@
 """Notebooks: pairs in sync, every chapter runs at the smoke profile, and the book builds."""
+import os
 import shutil
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import jupytext
 import nbformat
 import papermill
 import pytest
+import torch
 
 from ffl import book
 
@@ -75,8 +77,25 @@ def test_book_skeleton_outside_book(tmp_path):
 
 
 @pytest.mark.slow
+def _names_fixture(root: Path) -> Path:
+    """NameData in its real on-disk layout (names/<Language>.txt), 40 made-up names per language
+    with a letter pattern of their own, for a machine without the real files."""
+    from ffl.data import NAMEDATA_LANGUAGES
+
+    gen = torch.Generator().manual_seed(0)
+    for i, lang in enumerate(NAMEDATA_LANGUAGES):
+        stems = ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (3,), generator=gen)) for _ in range(40)]
+        names = [f"{chr(65 + i)}{stem}{'aeiou'[i % 5] * (1 + i % 3)}" for stem in stems]
+        (root / "names").mkdir(parents=True, exist_ok=True)
+        (root / "names" / f"{lang}.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    return root
+
+
 def test_smoke_book_runs_every_chapter_and_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("FFL_CACHE", str(tmp_path / "cache"))
+    if "FFL_DATA_ROOT" not in os.environ:  # `make test` exports ../shared/data when it is there
+        shared = ROOT.parent / "shared" / "data"
+        monkeypatch.setenv("FFL_DATA_ROOT", str(shared if (shared / "names").is_dir() else _names_fixture(tmp_path / "data")))
     book_dir = _book_skeleton(tmp_path)
     for entry in book.chapter_plan("smoke"):
         out = book.execute_chapter(entry, book_dir)
