@@ -46,3 +46,11 @@ def test_paper_beside_ours_places_an_unindexed_table():
     assert table.loc["aligned (chain 1)", ("classification top-1 (%)", "ours")] == 90.0
     assert table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "ours")] == 30.0
     assert table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "paper")] is None
+
+
+@pytest.mark.parametrize("profile", ["smoke", "laptop", "paper"])
+def test_every_namedata_zoo_draws_names_as_the_official_trainer(profile):
+    from ffl.zoo import spec_from_profile
+
+    spec = spec_from_profile(profile, "namedata", arch="gru", dataset="namedata")
+    assert spec.sampling == "balanced" and spec.batch_size == 1 and spec.momentum == 0
