@@ -46,7 +46,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
 from ffl.cli import Command, run_command_line
-from ffl.data import load_task
+from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
 from ffl.experiment import protocol_rows
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
@@ -265,7 +265,7 @@ def bench_zoo(device: str = "cpu", quick: bool = False, repeat: int | None = Non
                  f"loop {r['loop_s']:.3f} s / batched {r['batched_s']:.3f} s", f"{r['ratio']:.2f}x"))
     K_gru = 64 if cuda else (2 if quick else 32)
     s_gru = 3 if quick else 30
-    r_gru = loop_vs_batched("gru", K_gru, s_gru, dev, 1, batch=1, shape=(15, 57), **pr)
+    r_gru = loop_vs_batched("gru", K_gru, s_gru, dev, 1, batch=1, shape=(15, N_LETTERS), **pr)
     res.update(loop_ratio_gru=r_gru["ratio"], gru_batched_s=r_gru["batched_s"], gru_loop_s=r_gru["loop_s"])
     rows.append((f"GRU-2 (NameData: 15 chars, batch 1), K={K_gru}, {s_gru} steps",
                  f"loop {r_gru['loop_s']:.3f} s / batched {r_gru['batched_s']:.3f} s", f"{r_gru['ratio']:.2f}x"))
