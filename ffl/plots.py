@@ -56,14 +56,7 @@ def protocol_bars(
         series = FEATURE_LABELS[row["feature"]] + ", paper"
         ax.axhline(100 * row["value"], color=PALETTE[series], linestyle="--", linewidth=1.2,
                    label=f"{series} (no index stated): {100 * row['value']:.1f}")
-    ax.set_xlabel("index l (layer W_l / chain G_l)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
-    if title:
-        ax.set_title(title)
-    sns.despine(ax=ax)
-    return ax
+    return _percent_axes(ax, "index l (layer W_l / chain G_l)", metric, title, legend_columns=2)
 
 
 def invariance_bars(rows: pd.DataFrame, *, tolerance: float = 1e-5, ax: plt.Axes | None = None) -> plt.Axes:
@@ -100,10 +93,15 @@ def setting_bars(results: pd.DataFrame, metric: str, *, order: list[str] | None 
                 errorbar=None, ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.0f", fontsize=6, padding=1)
-    ax.set_xlabel("layer W_l (unaligned) / chain G_l (aligned)")
+    return _percent_axes(ax, "layer W_l (unaligned) / chain G_l (aligned)", metric, title, legend_columns=5)
+
+
+def _percent_axes(ax: plt.Axes, xlabel: str, metric: str, title: str | None, *, legend_columns: int) -> plt.Axes:
+    # The protocol figures' common frame: 0-105 %, legend below the bars.
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=legend_columns, frameon=False)
     if title:
         ax.set_title(title)
     sns.despine(ax=ax)
