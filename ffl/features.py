@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -231,6 +232,20 @@ class Projection:
         return (self.coef @ k).T + self.bias
 
 
+def sgd_schedule(n: int, cfg: ProjectionConfig) -> tuple[list[list[torch.Tensor]], list[float]]:
+    """Per epoch, the minibatches of training networks (a ``torch.Generator`` seeded with
+    ``cfg.seed`` shuffles each epoch) and the learning rate (``MultiStepLR``'s schedule)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches, lrs, lr = [], [], cfg.lr
+    for epoch in range(cfg.epochs):
+        if epoch in cfg.lr_step_epochs:
+            lr *= cfg.lr_gamma
+        order = torch.randperm(n, generator=gen)
+        batches.append([order[s : s + cfg.batch_size] for s in range(0, n, cfg.batch_size)])
+        lrs.append(lr)
+    return batches, lrs
+
+
 def fit_projection(
     rep: Representation,
     train_index: torch.Tensor,
@@ -244,24 +259,30 @@ def fit_projection(
 
     Reproduces ``torch.optim.SGD`` (momentum, weight decay, step schedule) on a zero-initialized
     ``nn.Linear`` exactly, minibatches drawn by a ``torch.Generator`` seeded with ``config.seed``.
+    Without weight decay the steps are taken in blocks (:func:`_sgd_blocked`, the same iterates
+    up to rounding); with it, one step at a time (:func:`_sgd_stepwise`).
     """
     cfg = config or ProjectionConfig()
     n = len(train_index)
     if labels.shape != (n,):
         raise ValueError(f"need one label per training network: {n} networks, labels {tuple(labels.shape)}")
     k = rep.kernel(train_index, train_index, normalize=cfg.normalize)  # (N, N)
+    onehot = nn.functional.one_hot(labels, num_classes).double()
+    batches, lrs = sgd_schedule(n, cfg)
+    fit = _sgd_stepwise if cfg.weight_decay else _sgd_blocked
+    coef, bias = fit(k, onehot, batches, lrs, cfg, progress)
+    return Projection(coef=coef, bias=bias, train_index=train_index, normalize=cfg.normalize)
+
+
+def _sgd_stepwise(k: torch.Tensor, onehot: torch.Tensor, batches: list[list[torch.Tensor]], lrs: list[float],
+                  cfg: ProjectionConfig, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel-form SGD one minibatch at a time: coefficients (T, N) and bias (T,)."""
+    num_classes, n = onehot.shape[1], k.shape[0]
     coef = torch.zeros(num_classes, n, dtype=torch.float64)
     bias = torch.zeros(num_classes, dtype=torch.float64)
     coef_buf, bias_buf = torch.zeros_like(coef), torch.zeros_like(bias)
-    onehot = nn.functional.one_hot(labels, num_classes).double()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    lr, first_step = cfg.lr, True
-    for epoch in range(cfg.epochs):
-        if epoch in cfg.lr_step_epochs:
-            lr *= cfg.lr_gamma
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, cfg.batch_size):
-            batch = order[start : start + cfg.batch_size]
+    for epoch, (epoch_batches, lr) in enumerate(zip(batches, lrs)):
+        for batch in epoch_batches:
             scores = (coef @ k[:, batch]).T + bias
             resid = (scores.softmax(dim=1) - onehot[batch]) / len(batch)  # d(mean CE)/d(scores)
             grad_coef = torch.zeros_like(coef)
@@ -270,19 +291,73 @@ def fit_projection(
             if cfg.weight_decay:
                 grad_coef += cfg.weight_decay * coef
                 grad_bias = grad_bias + cfg.weight_decay * bias
-            if cfg.momentum:
-                if first_step:
-                    coef_buf, bias_buf = grad_coef.clone(), grad_bias.clone()
-                else:
-                    coef_buf.mul_(cfg.momentum).add_(grad_coef)
-                    bias_buf.mul_(cfg.momentum).add_(grad_bias)
-                grad_coef, grad_bias = coef_buf, bias_buf
-            coef -= lr * grad_coef
-            bias -= lr * grad_bias
-            first_step = False
+            coef_buf.mul_(cfg.momentum).add_(grad_coef)  # a zero buffer makes the first step torch's
+            bias_buf.mul_(cfg.momentum).add_(grad_bias)
+            coef -= lr * coef_buf
+            bias -= lr * bias_buf
         if progress is not None:
             progress(epoch)
-    return Projection(coef=coef, bias=bias, train_index=train_index, normalize=cfg.normalize)
+    return coef, bias
+
+
+#: minibatch points per block of :func:`_sgd_blocked`
+SGD_BLOCK_POINTS = 256
+
+
+def _sgd_blocked(k: torch.Tensor, onehot: torch.Tensor, batches: list[list[torch.Tensor]], lrs: list[float],
+                 cfg: ProjectionConfig, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel-form SGD with momentum μ and no weight decay, m steps at a time.
+
+    A step's gradient touches only its batch's coefficient columns and the bias, so over steps
+    1 … m of one learning rate, from coefficients A₀, bias b₀ and momentum buffers V₀, v₀,
+        A_t = A₀ − lr (a_t V₀ + Σ_{s≤t} c_{t−s} g_s),   V_m = μ^m V₀ + Σ_s μ^{m−s} g_s,
+    with a_t = μ + … + μ^t and c_j = 1 + μ + … + μ^j (the bias alike, its gradient Σ r_s). Scores
+    of step t's points P therefore need A₀ K[:, P] and V₀ K[:, P] (two GEMMs per block) plus the
+    residuals r_s of the block's earlier steps weighted by c_{t−1−s} (K[s, P] + 1): the sequential
+    part is m small steps on T × m numbers instead of m passes over T × N coefficients.
+    """
+    mu = cfg.momentum
+    k_t = k.T.contiguous().numpy()  # row i = column i of K: a block's columns are rows here
+    y = onehot.numpy()
+    num_classes, n = y.shape[1], k_t.shape[0]
+    coef = np.zeros((n, num_classes))  # coefficients transposed: row i is training network i's
+    bias = np.zeros(num_classes)
+    coef_buf, bias_buf = np.zeros_like(coef), np.zeros_like(bias)
+    per_block = max(1, SGD_BLOCK_POINTS // cfg.batch_size)
+    for epoch, (epoch_batches, lr) in enumerate(zip(batches, lrs)):
+        for b0 in range(0, len(epoch_batches), per_block):
+            steps = epoch_batches[b0 : b0 + per_block]
+            m = len(steps)
+            sizes = [len(s) for s in steps]
+            bounds = np.cumsum([0, *sizes]).tolist()
+            pts = torch.cat(steps).numpy()
+            step_of = np.repeat(np.arange(m), sizes)  # 0-based step of each point
+            inv_size = 1.0 / np.repeat(np.asarray(sizes, dtype=np.float64), sizes)[:, None]
+            powers = mu ** np.arange(m + 1)
+            a = np.concatenate([[0.0], np.cumsum(powers[1:])])  # a_t = μ + … + μ^t
+            c = np.cumsum(powers)  # c_j = 1 + … + μ^j
+            k_cols = k_t[pts]  # K[:, P]ᵀ
+            start = k_cols @ np.concatenate([coef, coef_buf], axis=1)
+            start = start[:, :num_classes] + bias - lr * a[step_of][:, None] * (start[:, num_classes:] + bias_buf)
+            lag = step_of[:, None] - 1 - step_of[None, :]  # (later point, earlier point)
+            weight = np.where(lag >= 0, c[np.clip(lag, 0, None)], 0.0) * (k_cols[:, pts] + 1.0)
+            y_block = y[pts]
+            resid = np.zeros((len(pts), num_classes))
+            for t in range(m):
+                first, last = bounds[t], bounds[t + 1]
+                s = start[first:last] - lr * (weight[first:last, :first] @ resid[:first])
+                s = np.exp(s - s.max(axis=1, keepdims=True))
+                resid[first:last] = (s / s.sum(axis=1, keepdims=True) - y_block[first:last]) * inv_size[first:last]
+            after = m - 1 - step_of  # steps after each point's own, within the block
+            coef -= lr * a[m] * coef_buf
+            coef[pts] -= lr * c[after][:, None] * resid
+            bias -= lr * (a[m] * bias_buf + (c[after][:, None] * resid).sum(axis=0))
+            coef_buf *= powers[m]
+            coef_buf[pts] += powers[after][:, None] * resid
+            bias_buf = powers[m] * bias_buf + (powers[after][:, None] * resid).sum(axis=0)
+        if progress is not None:
+            progress(epoch)
+    return torch.from_numpy(coef.T.copy()), torch.from_numpy(bias)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from ffl import features
 from ffl.chain import chain_factors, chain_gram
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, fit_projection, zoo_representations
 from ffl.models import MLP
@@ -33,7 +34,7 @@ def primal_sgd_scores(x, labels, num_classes, cfg, x_eval):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("batch_size,weight_decay", [(1, 0.0), (3, 1e-2)])
+@pytest.mark.parametrize("batch_size,weight_decay", [(1, 0.0), (3, 0.0), (3, 1e-2)])
 def test_kernel_sgd_matches_primal_sgd(normalize, batch_size, weight_decay):
     torch.manual_seed(0)
     x = torch.randn(14, 9, dtype=torch.float64)
@@ -46,6 +47,26 @@ def test_kernel_sgd_matches_primal_sgd(normalize, batch_size, weight_decay):
     expected = primal_sgd_scores(x, labels, 3, cfg, rep.vectors[eval_index])
     torch.testing.assert_close(proj.project(rep, eval_index), expected, rtol=1e-9, atol=1e-9)
     assert expected.abs().max() > 1e-3  # it learned something
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_blocked_sgd_takes_the_stepwise_iterates(monkeypatch, batch_size, momentum):
+    """Blocks of a few steps (cut inside epochs, the last batch short) give the one-step-at-a-time
+    coefficients: the block algebra, not only its final scores."""
+    torch.manual_seed(2)
+    x = torch.randn(23, 7, dtype=torch.float64)
+    labels = torch.arange(23) % 4
+    cfg = ProjectionConfig(lr=0.3, momentum=momentum, epochs=4, lr_step_epochs=(2,), batch_size=batch_size, seed=5)
+    k = Representation(vectors=x).kernel(torch.arange(23), torch.arange(23))
+    onehot = nn.functional.one_hot(labels, 4).double()
+    batches, lrs = features.sgd_schedule(23, cfg)
+    stepwise = features._sgd_stepwise(k, onehot, batches, lrs, cfg, None)
+    monkeypatch.setattr(features, "SGD_BLOCK_POINTS", 5)
+    blocked = features._sgd_blocked(k, onehot, batches, lrs, cfg, None)
+    for got, want in zip(blocked, stepwise):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert stepwise[0].abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("d,n", [(6, 2), (4, 30)])  # implicit and explicit paths
