@@ -50,7 +50,7 @@ from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
 from ffl.experiment import protocol_rows
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
-from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, explicit_is_cheaper, streamed_inner
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, explicit_is_cheaper
 from ffl.protocols import ProtocolSplit
 from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
                         train_batched, train_loop, tune_malloc)
@@ -632,36 +632,44 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _planned_macs(num: int, shape: tuple[int, ...], cfg: StreamConfig) -> tuple[str, float, int]:
-    """(mode, multiply-adds, networks read) that :func:`ffl.kernels.streamed_inner` will do for
-    ``num`` networks of feature ``shape``: for printing projections before the work."""
-    size = max(1, min(num, cfg.block_bytes // (4 * math.prod(shape))))
+def _planned_pass(num: int, per_net: int, cfg: StreamConfig) -> dict[str, Any]:
+    """Block sizes, networks read and feature formations per job of one
+    :func:`ffl.kernels.streamed_inners` pass over ``num`` networks of ``per_net`` bytes."""
+    size = max(1, min(num, cfg.block_bytes // per_net))
     sizes = [min(size, num - a) for a in range(0, num, size)]
     nb = len(sizes)
     # row block 0 reads every block; row block a ≥ 1 is carried over and reads the blocks after it
     reads = num + sum(sum(sizes[a + 1:]) for a in range(1, nb - 1))
+    formed = num if nb == 1 else sum(sizes[a] + sizes[b] for a in range(nb) for b in range(a + 1, nb))
+    return {"sizes": sizes, "reads": reads, "formed": formed}
+
+
+def _planned_macs(sizes: list[int], shape: tuple[int, ...]) -> tuple[str, float]:
+    """(mode, multiply-adds) of one job's kernel over blocks of ``sizes`` networks."""
+    num, nb = sum(sizes), len(sizes)
     products = (num * num + sum(b * b for b in sizes)) / 2  # diagonal blocks in full, the others once
     if len(shape) == 1:
-        return "vectors", products * shape[0], reads
+        return "vectors", products * shape[0]
     d, n = shape
     tri = d * (d + 1) / 2
     if explicit_is_cheaper(sizes[:2], d, n):
         forms = num if nb == 1 else (nb - 1) * num  # every pair of blocks forms both blocks' slabs
-        return "explicit", forms * tri * n + products * tri, reads
-    return "implicit", products * d * n * n, reads
+        return "explicit", forms * tri * n + products * tri
+    return "implicit", products * d * n * n
 
 
 def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str = "fp32", tasks: int | None = None,
               zoo_root: str | os.PathLike | None = None, block_bytes: int = 2 << 30, slab_bytes: int = 256 << 20,
               budget_s: float = 1e9, project_to: int = 5000, chains_only: bool = False,
               quick: bool = False) -> dict[str, Any]:
-    """Time and peak memory of the feature-learning stage (streamed kernels at every index, both
-    protocols) for ``networks`` networks of paper shape (random weights, see :func:`random_weight_zoo`),
-    and its GEMM fraction: the time plain GEMMs of the stage's own shapes (timed in this run) would
-    take for the stage's multiply-adds ÷ the stage's wall time. Indices whose projected time would
-    overrun ``budget_s`` are skipped and reported as projected. Per index: seconds reading
-    networks, seconds of kernel work, seconds of protocols, multiply-adds; and the projection to
-    ``project_to`` networks from the measured rates. ``quick``: narrow networks (tests)."""
+    """Time and peak memory of the feature-learning stage (one streamed pass computing the kernel
+    of every index, then both protocols at each) for ``networks`` networks of paper shape (random
+    weights, see :func:`random_weight_zoo`), and its GEMM fraction: the time plain GEMMs of the
+    stage's own shapes (timed in this run) would take for the stage's multiply-adds ÷ the stage's
+    wall time. Indices whose planned kernel time (at a probe GEMM rate) would overrun ``budget_s``
+    are left out and reported. Per index: seconds forming features, seconds of kernel work,
+    seconds of protocols, multiply-adds; reading is shared. The projection to ``project_to``
+    networks scales each part by its planned work. ``quick``: narrow networks (tests)."""
     dev = torch.device(device)
     tasks = tasks or max(2, networks // 100)
     runs = networks // tasks
@@ -676,69 +684,67 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
                            "block_bytes": block_bytes, "slab_bytes": slab_bytes, "zoo_build_s": time.perf_counter() - t0,
                            "hardware": hardware(device), "threads": torch.get_num_threads()}
     _log(f"{arch}: zoo of {len(zoo)} random-weight networks at {root} ({out['zoo_build_s']:.1f} s)")
-    source = ZooFeatures(zoo, FeatureConfig(), device=device)
+    source = ZooFeatures(zoo, FeatureConfig(), device=device, chunk_bytes=slab_bytes)
     kinds = ("chain",) if chains_only else ("chain", "layer")
     jobs = [(kind, index) for kind in kinds for index in source.indices(kind)]
-    # projections before the long work: multiply-adds per index at N and at project_to
+    # the plan, before the long work: multiply-adds per index at N and at project_to
     probe_shape = (1, 1024, 4096, 1024) if dev.type == "cuda" else (1, 512, 4096, 512)
     rate0 = _gemm_rate(probe_shape, precision, dev, 0.5)
     out["probe_gemm_macs_per_s"] = rate0
-    plan = {}
+    plan, kept, planned_s = {}, [], 0.0
     for kind, index in jobs:
+        name, shape = f"{kind} {index}", source.shapes[(kind, index)]
+        per_net = source.read_bytes + max(source.feature_bytes(*j) for j in kept + [(kind, index)])
+        mode, macs = _planned_macs(_planned_pass(len(zoo), per_net, cfg)["sizes"], shape)
+        plan[name] = {"shape": list(shape), "mode": mode, "macs": macs}
+        if planned_s + macs / rate0 > budget_s:
+            _log(f"plan {name}: left out, {macs:.3g} MACs ≥ {macs / rate0:.0f} s would overrun the budget")
+            continue
+        kept.append((kind, index))
+        planned_s += macs / rate0
+    per_net = source.read_bytes + max(source.feature_bytes(*j) for j in kept)
+    here, there = _planned_pass(len(zoo), per_net, cfg), _planned_pass(project_to, per_net, cfg)
+    for kind, index in kept:
+        name = f"{kind} {index}"
         shape = source.shapes[(kind, index)]
-        mode, macs, reads = _planned_macs(len(zoo), shape, cfg)
-        mode5, macs5, reads5 = _planned_macs(project_to, shape, cfg)
-        plan[f"{kind} {index}"] = {"shape": list(shape), "mode": mode, "macs": macs, "reads": reads,
-                                   "macs_at_projection": macs5, "reads_at_projection": reads5}
-        _log(f"plan {kind} {index}: shape {shape}, {mode}; {macs:.3g} MACs, {reads} reads at N={len(zoo)} "
-             f"(≥ {macs / rate0:.1f} s at the probe GEMM rate); N={project_to}: {macs5:.3g} MACs "
-             f"(≥ {macs5 / rate0:.1f} s)")
+        plan[name].update(mode=_planned_macs(here["sizes"], shape)[0], macs=_planned_macs(here["sizes"], shape)[1],
+                          macs_at_projection=_planned_macs(there["sizes"], shape)[1])
+        _log(f"plan {name}: shape {shape}, {plan[name]['mode']}; {plan[name]['macs']:.3g} MACs at N={len(zoo)} "
+             f"(≥ {plan[name]['macs'] / rate0:.1f} s at the probe GEMM rate); N={project_to}: "
+             f"{plan[name]['macs_at_projection']:.3g} MACs (≥ {plan[name]['macs_at_projection'] / rate0:.1f} s)")
     out["plan"] = plan
-    projection = ProjectionConfig()
-    split = ProtocolSplit()
-    stats = KernelStats()
-    per_index: dict[str, dict[str, float]] = {}
+    out["pass"] = {"blocks": len(here["sizes"]), "reads": here["reads"], "blocks_at_projection": len(there["sizes"]),
+                   "reads_at_projection": there["reads"]}
+    _log(f"one pass: {len(here['sizes'])} block(s) of ≤ {here['sizes'][0]} networks, {here['reads']} reads "
+         f"(N={project_to}: {len(there['sizes'])} blocks, {there['reads']} reads)")
+    projection, split, stats = ProjectionConfig(), ProtocolSplit(), KernelStats()
+    protocols_s: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    skipped = []
 
     def stage() -> None:
-        start = time.perf_counter()
-        for kind, index in jobs:
-            name = f"{kind} {index}"
-            done = [v for v in per_index.values()]
-            if done:  # the time this index would take, at the rates measured so far
-                rate = sum(v["macs"] for v in done) / max(1e-9, sum(v["kernel_s"] for v in done))
-                read_s = sum(v["load_s"] for v in done) / max(1, sum(v["reads"] for v in done))
-                guess = plan[name]["macs"] / rate + plan[name]["reads"] * read_s
-                if time.perf_counter() - start + guess > budget_s:
-                    skipped.append(name)
-                    _log(f"{name}: skipped, projected {guess:.0f} s would overrun the budget of {budget_s:.0f} s")
-                    continue
-            before = (dict(stats.seconds), sum(stats.macs.values()), stats.networks_read)
-            inner = streamed_inner(lambda nets: source.load(kind, index, nets), len(zoo), source.shapes[(kind, index)],
-                                   cfg, stats=stats, name=name)
+        kernels = source.kernels(kept, cfg, stats=stats, progress=lambda msg: _log(f"kernels: {msg}"))
+        for (kind, index), inner in kernels.items():
             shape = source.shapes[(kind, index)]
             rep = Representation(inner_products=inner, inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
             t_p = time.perf_counter()
             rows.extend(protocol_rows(rep, kind, index, zoo, projection, split))
-            per_index[name] = {"load_s": stats.seconds["load"] - before[0]["load"],
-                               "kernel_s": stats.seconds["kernel"] - before[0]["kernel"],
-                               "protocols_s": time.perf_counter() - t_p,
-                               "macs": sum(stats.macs.values()) - before[1],
-                               "reads": stats.networks_read - before[2], "blocks": stats.blocks[name],
-                               "mode": stats.modes[name]}
-            v = per_index[name]
-            _log(f"{name}: {v['mode']}, {v['blocks']} block(s), read {v['load_s']:.1f} s, kernel {v['kernel_s']:.1f} s "
-                 f"({v['macs'] / max(v['kernel_s'], 1e-9) / 1e9:.1f} GMAC/s), protocols {v['protocols_s']:.1f} s")
+            protocols_s[f"{kind} {index}"] = time.perf_counter() - t_p
 
     m = measure(stage, device=device)
+    per_index = {name: {"features_s": v["features"], "kernel_s": v["kernel"], "protocols_s": protocols_s[name],
+                        "macs": v["macs"], "blocks": stats.blocks[name], "mode": stats.modes[name]}
+                 for name, v in stats.jobs.items()}
+    for name, v in per_index.items():
+        _log(f"{name}: {v['mode']}, features {v['features_s']:.1f} s, kernel {v['kernel_s']:.1f} s "
+             f"({v['macs'] / max(v['kernel_s'], 1e-9) / 1e9:.1f} GMAC/s), protocols {v['protocols_s']:.1f} s")
     out["stage_s"] = m.seconds
     out["peak_bytes"] = m.peak_bytes  # CPU: resident-set high-water mark above the start; CUDA: device
     out["host_peak_rss_bytes"] = _host_peak()
     out["per_index"] = per_index
-    out["skipped"] = skipped
-    out["seconds"] = {"load": stats.seconds["load"], "kernel": stats.seconds["kernel"],
-                      "protocols": sum(v["protocols_s"] for v in per_index.values())}
+    out["skipped"] = [name for name in plan if name not in per_index]
+    out["seconds"] = {"read": stats.seconds["read"], "features": stats.seconds["load"] - stats.seconds["read"],
+                      "kernel": stats.seconds["kernel"], "protocols": sum(protocols_s.values())}
+    out["seconds"]["other"] = max(0.0, m.seconds - sum(out["seconds"].values()))
     out["macs"] = dict(stats.macs)
     # GEMM fraction: the stage's multiply-adds at the rate of plain GEMMs of its own shapes
     rates = {kind: _gemm_rate(shape, precision, dev) for kind, shape in stats.gemm_shapes.items()}
@@ -747,14 +753,13 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     gemm_s = sum(stats.macs[k] / rates[k] for k in rates)
     out["gemm_s"] = gemm_s
     out["gemm_fraction"] = gemm_s / m.seconds if m.seconds > 0 else 0.0
-    # projection to project_to networks from the measured rates: kernel multiply-adds at the
-    # measured rate of each index, reads at the measured seconds per network read, protocols ∝ N²
+    # projection to project_to networks, part by part: kernel work by planned multiply-adds, reading
+    # by networks read, features by networks formed, protocols ∝ N² (their GEMMs) 
     n = len(zoo)
-    proj = {}
+    proj = {"read": out["seconds"]["read"] * there["reads"] / here["reads"]}
     for name, v in per_index.items():
-        p = plan[name]
-        proj[name] = (p["macs_at_projection"] / max(v["macs"], 1) * v["kernel_s"]
-                      + p["reads_at_projection"] * v["load_s"] / max(v["reads"], 1)
+        proj[name] = (plan[name]["macs_at_projection"] / max(v["macs"], 1) * v["kernel_s"]
+                      + v["features_s"] * there["formed"] / here["formed"]
                       + v["protocols_s"] * (project_to / n) ** 2)
     out["project_to"] = project_to
     out["projected_s"] = proj
@@ -766,22 +771,24 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
 def print_ffl(res: dict[str, Any], file=sys.stdout) -> None:
     gib = 2 ** 30
     print(f"ffl.bench ffl: {res['arch']}, {res['networks']} networks ({res['weights']}) on {res['hardware']} "
-          f"({res['device']}, {res['precision']}, {res['threads']} threads)", file=file)
-    print(f"  {'index':9s} {'mode':9s} {'blocks':>6s} {'read s':>8s} {'kernel s':>9s} {'GMAC/s':>8s} "
+          f"({res['device']}, {res['precision']}, {res['threads']} threads); one pass in {res['pass']['blocks']} "
+          f"block(s), {res['pass']['reads']} networks read", file=file)
+    print(f"  {'index':9s} {'mode':9s} {'features s':>10s} {'kernel s':>9s} {'GMAC/s':>8s} "
           f"{'protocols s':>11s} {'proj. s':>8s}", file=file)
     for name, v in res["per_index"].items():
-        print(f"  {name:9s} {v['mode']:9s} {v['blocks']:6d} {v['load_s']:8.1f} {v['kernel_s']:9.1f} "
+        print(f"  {name:9s} {v['mode']:9s} {v['features_s']:10.1f} {v['kernel_s']:9.1f} "
               f"{v['macs'] / max(v['kernel_s'], 1e-9) / 1e9:8.1f} {v['protocols_s']:11.1f} {res['projected_s'][name]:8.1f}",
               file=file)
-    peak = res["peak_bytes"]
-    print(f"  stage {res['stage_s']:.1f} s (read {res['seconds']['load']:.1f}, kernel {res['seconds']['kernel']:.1f}, "
-          f"protocols {res['seconds']['protocols']:.1f}); peak memory "
+    peak, s = res["peak_bytes"], res["seconds"]
+    print(f"  stage {res['stage_s']:.1f} s (read {s['read']:.1f}, features {s['features']:.1f}, kernel {s['kernel']:.1f}, "
+          f"protocols {s['protocols']:.1f}, other {s['other']:.1f}); peak memory "
           f"{'n/a' if peak is None else f'{peak / gib:.2f} GiB'} above start, host RSS max "
           f"{res['host_peak_rss_bytes'] / gib:.2f} GiB; GEMM fraction {res['gemm_fraction']:.2f} "
           f"(plain GEMMs of the stage's shapes: {res['gemm_s']:.1f} s)", file=file)
     if res["skipped"]:
-        print(f"  skipped (budget): {', '.join(res['skipped'])}", file=file)
-    print(f"  projected at N={res['project_to']}: {res['projected_total_s']:.0f} s on this device", file=file)
+        print(f"  left out (budget): {', '.join(res['skipped'])}", file=file)
+    print(f"  projected at N={res['project_to']}: {res['projected_total_s']:.0f} s on this device "
+          f"(reading {res['projected_s']['read']:.0f} s)", file=file)
 
 
 def _hms(s: float) -> str:
@@ -885,7 +892,7 @@ def _ffl_arguments(ap) -> None:
                     help="mlp (MLP-4) and/or cnn (PlainNet-5); repeatable (default: both)")
     ap.add_argument("--networks", type=int, default=1000, help="zoo size N (tasks = N/100)")
     ap.add_argument("--tasks", type=int, default=None)
-    ap.add_argument("--memory-gib", type=float, default=2.0, help="features per block (two are held)")
+    ap.add_argument("--memory-gib", type=float, default=2.0, help="weights + features per block (two are held)")
     ap.add_argument("--slab-mib", type=float, default=256.0, help="one Gram slab / implicit tile")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip indices projected to overrun this")
     ap.add_argument("--zoo-root", default=None, help="where the random-weight zoo lives (default under $FFL_CACHE)")

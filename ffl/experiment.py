@@ -26,7 +26,7 @@ import ffl
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
-from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, streamed_inner
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures
 from ffl.models import ARCHS
 from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, cross_condition_protocol,
@@ -202,17 +202,18 @@ def evaluate_zoo(
         reps = ((kind, index, lambda rep=rep: rep) for kind in FEATURE_KINDS
                 for index, rep in enumerate(zoo_representations(models, kind, features), 1))
     else:
+        zoo.verify()  # every shard's SHA-256 now, in parallel, rather than one by one as first read
         source = ZooFeatures(zoo, features, device=(stream or StreamConfig()).device)
-        stats = stats if stats is not None else KernelStats()
+        jobs = [(kind, index) for kind in FEATURE_KINDS for index in source.indices(kind)]
+        with tqdm(desc="kernels (block pairs)", disable=not progress) as bar:
+            kernels = source.kernels(jobs, stream, stats=stats, progress=lambda _: bar.update())
 
         def streamed(kind: str, index: int) -> Representation:
             shape = source.shapes[(kind, index)]
-            inner = streamed_inner(lambda nets: source.load(kind, index, nets), len(zoo), shape, stream,
-                                   stats=stats, name=f"{kind} {index}")
-            return Representation(inner_products=inner, inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
+            return Representation(inner_products=kernels.pop((kind, index)),
+                                  inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
 
-        reps = ((kind, index, lambda kind=kind, index=index: streamed(kind, index))
-                for kind in FEATURE_KINDS for index in source.indices(kind))
+        reps = ((kind, index, lambda kind=kind, index=index: streamed(kind, index)) for kind, index in jobs)
     rows = []
     for kind, index, make in tqdm(list(reps), desc="protocols", disable=not progress):
         rows.extend(protocol_rows(make(), kind, index, zoo, projection, split))

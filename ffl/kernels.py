@@ -26,11 +26,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ffl.chain import chain_factors, layer_features
 from ffl.features import FeatureConfig
@@ -65,20 +67,25 @@ class StreamConfig:
 class KernelStats:
     """What streaming did: ``networks_read`` (a network read twice counts twice), ``blocks`` per
     index, multiply-adds by kind (``form``: Gram slabs from factors; ``product``: explicit kernel
-    products; ``implicit``: ‖C_iᵀ C_j‖² products), seconds by stage (``load``: reading networks and
-    forming their features; ``kernel``: everything after)."""
+    products; ``implicit``: ‖C_iᵀ C_j‖² products; ``features``: forming features, chain products
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode`), seconds by stage (``load``: reading networks and
+    forming their features, of which ``read``: reading; ``kernel``: everything after)."""
 
     networks_read: int = 0
     blocks: dict[str, int] = field(default_factory=dict)
     macs: dict[str, float] = field(default_factory=lambda: {"form": 0.0, "product": 0.0, "implicit": 0.0})
-    seconds: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "kernel": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"load": 0.0, "read": 0.0, "kernel": 0.0})
+    #: per job: seconds forming its features (part of ``load``), seconds and multiply-adds of its kernel
+    jobs: dict[str, dict[str, float]] = field(default_factory=dict)
     modes: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: the largest GEMM of each kind, as (batch, m, k, n): the shape a reference rate is timed at
     gemm_shapes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
-    def note(self, kind: str, batch: int, m: int, k: int, n: int) -> None:
-        self.macs[kind] += batch * m * k * n
+    def note(self, kind: str, batch: int, m: int, k: int, n: int, *, macs: float | None = None) -> None:
+        """Count ``macs`` multiply-adds (default: those of the GEMM batch × (m, k) @ (k, n)) of
+        ``kind``, whose reference GEMM shape is the largest such shape noted."""
+        self.macs[kind] = self.macs.get(kind, 0.0) + (batch * m * k * n if macs is None else macs)
         if batch * m * k * n > math.prod(self.gemm_shapes.get(kind, (0,))):
             self.gemm_shapes[kind] = (batch, m, k, n)
 
@@ -86,54 +93,104 @@ class KernelStats:
 # ----------------------------------------------------------------------------- features of a zoo
 
 
+class _Apply(nn.Module):
+    """``fn(model)`` as a module's forward, so that :func:`torch.func.functional_call` can run it
+    on another network's weights."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self) -> torch.Tensor:
+        return self.fn(self.model)
+
+
 class ZooFeatures:
     """Features of a zoo's networks at any index, read from its shards on demand.
 
-    ``load(kind, index, nets)`` returns the float32 features of networks ``nets`` on ``device``:
+    ``read(nets)`` returns a block: the networks' state dicts stacked on ``device`` (read once per
+    block, shard by shard); ``featurize(block, kind, index)`` the float32 features of that block —
     chain factors C_index (B, d, n) for ``kind="chain"``, flattened layer weights (B, D) for
-    ``kind="layer"`` — the same tensors :func:`ffl.features.zoo_representations` stacks.
+    ``kind="layer"``, the tensors :func:`ffl.features.zoo_representations` stacks — computed for
+    all networks of the block at once (:func:`torch.func.vmap` of :func:`ffl.chain.chain_factors`
+    / :func:`ffl.chain.layer_features` over the stacked weights), ``chunk_bytes`` of features at a
+    time. ``load(kind, index, nets)`` is both in one call.
     """
 
-    def __init__(self, zoo, features: FeatureConfig | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, zoo, features: FeatureConfig | None = None, device: str | torch.device = "cpu",
+                 chunk_bytes: int = 256 << 20) -> None:
         self.zoo = zoo
         self.features = features or FeatureConfig()
         self.device = torch.device(device)
-        self._templates: dict[int, nn.Module] = {}
-        first = self._compute(0, "chain", None)
-        layers = self._compute(0, "layer", None)
-        self.shapes = {("chain", l): tuple(c.shape) for l, c in enumerate(first, 1)}
-        self.shapes.update({("layer", l): tuple(v.shape) for l, v in enumerate(layers, 1)})
+        self.chunk_bytes = chunk_bytes
+        classes = {int(n["num_classes"]) for n in zoo.manifest["networks"]}
+        if len(classes) != 1:
+            raise ValueError(f"streamed features need networks of one shape; this zoo's have {sorted(classes)} classes")
+        with torch.device("meta"):  # parameters on the meta device: no initialization cost
+            self._template = build_model(zoo.spec.arch, classes.pop(), **zoo.manifest["build_kwargs"])
+        first = self.read([0])
+        self.read_bytes = sum(v.numel() * v.element_size() for v in first.values())  # per network
+        last = self.features.max_index
+        self.shapes = {(kind, l): tuple(x.shape[1:]) for kind in ("chain", "layer")
+                       for l, x in enumerate(self._all(first, kind), 1) if last is None or l <= last}
 
     def indices(self, kind: str) -> list[int]:
         return sorted(l for k, l in self.shapes if k == kind)
 
-    def _model(self, i: int) -> nn.Module:
-        net = self.zoo.manifest["networks"][i]
-        ncls = int(net["num_classes"])
-        if ncls not in self._templates:  # parameters on the meta device: no initialization cost
-            with torch.device("meta"):
-                self._templates[ncls] = build_model(self.zoo.spec.arch, ncls, **self.zoo.manifest["build_kwargs"])
-        model = self._templates[ncls]
-        state = {k: v.to(self.device, non_blocking=True) for k, v in self.zoo.state_dict(i).items()}
-        model.load_state_dict(state, assign=True)
-        return model.eval()
+    def feature_bytes(self, kind: str, index: int) -> int:
+        """float32 bytes of one network's features at this index."""
+        return 4 * math.prod(self.shapes[(kind, index)])
 
-    def _compute(self, i: int, kind: str, index: int | None) -> list[torch.Tensor]:
-        f, model = self.features, self._model(i)
-        with torch.no_grad():
-            if kind == "chain":
-                return chain_factors(model, normalize=f.chain_normalize, fold_bn=f.fold_bn,
-                                     gru_lags=f.gru_lags, upto=index)
-            if kind == "layer":
-                return layer_features(model, fold_bn=f.fold_bn, normalize=f.layer_normalize,
-                                      gru_recurrent=f.gru_recurrent)
+    def read(self, nets: Sequence[int]) -> dict[str, torch.Tensor]:
+        """State dicts of networks ``nets`` stacked on ``device``."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in self.zoo.stacked(nets).items()}
+
+    def _function(self, kind: str, index: int | None) -> Callable[[nn.Module], list[torch.Tensor]]:
+        f = self.features
+        if kind == "chain":
+            return lambda m: chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn,
+                                           skips=f.resnet_skips, gru_lags=f.gru_lags, upto=index)
+        if kind == "layer":
+            return lambda m: layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize,
+                                            gru_recurrent=f.gru_recurrent)
         raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
 
-    def load(self, kind: str, index: int, nets: Sequence[int]) -> torch.Tensor:
-        out = torch.empty(len(nets), *self.shapes[(kind, index)], dtype=torch.float32, device=self.device)
-        for row, i in enumerate(nets):
-            out[row] = self._compute(int(i), kind, index)[index - 1]
+    def _batched(self, block: dict[str, torch.Tensor], fn: Callable[[nn.Module], object]):
+        apply = _Apply(self._template, fn)
+        state = {f"model.{k}": v for k, v in block.items()}
+        with torch.no_grad():
+            return torch.func.vmap(lambda s: torch.func.functional_call(apply, s, ()))(state)
+
+    def _all(self, block: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
+        return self._batched(block, self._function(kind, None))
+
+    def featurize(self, block: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tensor:
+        """float32 features of every network of ``block`` at ``index`` (B, *shape)."""
+        shape = self.shapes[(kind, index)]
+        num = next(iter(block.values())).shape[0]
+        out = torch.empty(num, *shape, dtype=torch.float32, device=self.device)
+        # a chain's earlier factors live while it is formed: chunks bound them
+        step = max(1, self.chunk_bytes // (self.feature_bytes(kind, index) * (index if kind == "chain" else 1)))
+        fn = self._function(kind, index)
+        for a in range(0, num, step):
+            part = {k: v[a : a + step] for k, v in block.items()}
+            out[a : a + step] = self._batched(part, lambda m: fn(m)[index - 1])
         return out
+
+    def load(self, kind: str, index: int, nets: Sequence[int]) -> torch.Tensor:
+        return self.featurize(self.read(nets), kind, index)
+
+    def kernels(self, jobs: Sequence[tuple[str, int]], config: StreamConfig | None = None, *,
+                stats: KernelStats | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[tuple[str, int], torch.Tensor]:
+        """The N × N float64 kernels ⟨x_i, x_j⟩ of every (kind, index) in ``jobs``, in one pass over
+        the zoo (:func:`streamed_inners`: each block of networks is read once for all jobs)."""
+        names = {f"{kind} {index}": (kind, index) for kind, index in jobs}
+        out = streamed_inners(self.read, lambda block, name: self.featurize(block, *names[name]), len(self.zoo),
+                              {name: self.shapes[job] for name, job in names.items()}, config,
+                              read_bytes=self.read_bytes, stats=stats, progress=progress)
+        return {names[name]: k for name, k in out.items()}
 
 
 # ----------------------------------------------------------------------------- products
@@ -258,76 +315,122 @@ def streamed_inner(
 ) -> torch.Tensor:
     """The N × N float64 matrix of ⟨x_i, x_j⟩ for networks 0 … num-1 whose features ``load(nets)``
     returns as a float32 block: vectors (B, D), or chain factors (B, d, n) with x = vec(C Cᵀ).
+    One job of :func:`streamed_inners`."""
+    return streamed_inners(load, lambda block, _: block, num, {name: shape}, config, stats=stats,
+                           progress=progress)[name]
 
-    Blocks hold ``config.block_bytes`` of features; two are held at once (see module doc)."""
+
+def streamed_inners(
+    read: Callable[[Sequence[int]], Any],
+    features: Callable[[Any, str], torch.Tensor],
+    num: int,
+    shapes: dict[str, tuple[int, ...]],
+    config: StreamConfig | None = None,
+    *,
+    read_bytes: int = 0,
+    stats: KernelStats | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """For every job ``name`` of ``shapes``, the N × N float64 matrix of ⟨x_i, x_j⟩ over networks
+    0 … num-1, in one pass: ``read(nets)`` returns a block (``read_bytes`` per network), and
+    ``features(block, name)`` the block's float32 features for that job — vectors (B, D) or chain
+    factors (B, d, n), x = vec(C Cᵀ).
+
+    A block holds as many networks as ``config.block_bytes`` allows for their read data plus their
+    largest job's features; two blocks are held at once (see module doc), and each block pair
+    serves every job before the next is read."""
     cfg = config or StreamConfig()
     stats = stats if stats is not None else KernelStats()
     device = torch.device(cfg.device)
-    per_net = 4 * math.prod(shape)
+    per_net = read_bytes + max(4 * math.prod(s) for s in shapes.values())
     size = max(1, min(num, cfg.block_bytes // per_net))
     blocks = [list(range(a, min(num, a + size))) for a in range(0, num, size)]
-    stats.blocks[name] = len(blocks)
-    stats.shapes[name] = tuple(shape)
-    factors = len(shape) == 2
-    if factors:
-        sizes = [len(b) for b in blocks[:2]]
-        explicit = explicit_is_cheaper(sizes, shape[0], shape[1])
-        stats.modes[name] = "explicit" if explicit else "implicit"
-    else:
-        stats.modes[name] = "vectors"
-    kernel = torch.zeros(num, num, dtype=torch.float64)
+    sizes = [len(b) for b in blocks[:2]]
+    kernels = {}
+    for name, shape in shapes.items():
+        stats.blocks[name] = len(blocks)
+        stats.shapes[name] = tuple(shape)
+        stats.modes[name] = ("vectors" if len(shape) == 1 else
+                             "explicit" if explicit_is_cheaper(sizes, shape[0], shape[1]) else "implicit")
+        stats.jobs.setdefault(name, {"features": 0.0, "kernel": 0.0, "macs": 0.0})
+        kernels[name] = torch.zeros(num, num, dtype=torch.float64)
 
-    def read(nets: list[int]) -> torch.Tensor:
+    def timed(fn, *args):
         t0 = time.perf_counter()
-        x = load(nets)
+        out = fn(*args)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        stats.seconds["load"] += time.perf_counter() - t0
+        return out, time.perf_counter() - t0
+
+    def read_block(nets: list[int]):
+        block, dt = timed(read, nets)
+        stats.seconds["load"] += dt
+        stats.seconds["read"] += dt
         stats.networks_read += len(nets)
+        return block
+
+    def job_features(block, name: str) -> torch.Tensor:
+        with FlopCounterMode(display=False) as flops:  # chain products are GEMMs too
+            x, dt = timed(features, block, name)
+        stats.seconds["load"] += dt
+        stats.jobs[name]["features"] += dt
+        macs = flops.get_total_flops() / 2
+        if macs:  # timed for the GEMM fraction as C_{l-1} W_l products of the factor's shape
+            d, n = shapes[name] if len(shapes[name]) == 2 else (shapes[name][0], 1)
+            stats.note("features", len(x), d, n, n, macs=macs)
         return x
 
-    def put(ia: list[int], ib: list[int], block: torch.Tensor) -> None:
+    def put(name: str, ia: list[int], ib: list[int], block: torch.Tensor) -> None:
         block = block.cpu()
-        kernel[ia[0] : ia[-1] + 1, ib[0] : ib[-1] + 1] = block
-        kernel[ib[0] : ib[-1] + 1, ia[0] : ia[-1] + 1] = block.T
+        kernels[name][ia[0] : ia[-1] + 1, ib[0] : ib[-1] + 1] = block
+        kernels[name][ib[0] : ib[-1] + 1, ia[0] : ia[-1] + 1] = block.T
 
-    def pair(xi: torch.Tensor, xj: torch.Tensor | None, need: tuple[bool, bool, bool]) -> list:
-        t0 = time.perf_counter()
-        if not factors:
-            out = [_chunked_inner(xi, None, cfg, stats) if need[0] else None,
-                   None if xj is None else _chunked_inner(xi, xj, cfg, stats),
-                   None if xj is None or not need[2] else _chunked_inner(xj, None, cfg, stats)]
-        elif explicit:
-            out = _explicit_pair(xi, xj, cfg, stats, need)
+    def pair(name: str, xi: torch.Tensor, xj: torch.Tensor | None, need: tuple[bool, bool, bool]) -> list:
+        mode = stats.modes[name]
+        if mode == "vectors":
+            fn = lambda: [_chunked_inner(xi, None, cfg, stats) if need[0] else None,  # noqa: E731
+                          None if xj is None else _chunked_inner(xi, xj, cfg, stats),
+                          None if xj is None or not need[2] else _chunked_inner(xj, None, cfg, stats)]
+        elif mode == "explicit":
+            fn = lambda: _explicit_pair(xi, xj, cfg, stats, need)  # noqa: E731
         else:
-            out = [_implicit_block(xi, xi, cfg, stats) if need[0] else None,
-                   None if xj is None else _implicit_block(xi, xj, cfg, stats),
-                   None if xj is None or not need[2] else _implicit_block(xj, xj, cfg, stats)]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stats.seconds["kernel"] += time.perf_counter() - t0
+            fn = lambda: [_implicit_block(xi, xi, cfg, stats) if need[0] else None,  # noqa: E731
+                          None if xj is None else _implicit_block(xi, xj, cfg, stats),
+                          None if xj is None or not need[2] else _implicit_block(xj, xj, cfg, stats)]
+        macs = sum(stats.macs.values())
+        out, dt = timed(fn)
+        stats.seconds["kernel"] += dt
+        stats.jobs[name]["kernel"] += dt
+        stats.jobs[name]["macs"] += sum(stats.macs.values()) - macs
         return out
+
+    def alone(rows: list[int], block) -> None:  # a block's kernel with itself, every job
+        for name in shapes:
+            put(name, rows, rows, pair(name, job_features(block, name), None, (True, False, False))[0])
 
     done: set[int] = set()
     with _precision(cfg.precision, device):
-        carried: torch.Tensor | None = None
+        carried = None
         for a, rows in enumerate(blocks):
-            xi = carried if carried is not None else read(rows)
+            wa = carried if carried is not None else read_block(rows)
             carried = None
             if len(blocks) == 1:
-                put(rows, rows, pair(xi, None, (True, False, False))[0])
+                alone(rows, wa)
                 break
             for b in reversed(range(a + 1, len(blocks))):  # the last one read is the next row block
-                xj = read(blocks[b])
-                kii, kij, kjj = pair(xi, xj, (a not in done, True, b not in done))
-                for blk, ia, ib in ((kii, rows, rows), (kij, rows, blocks[b]), (kjj, blocks[b], blocks[b])):
-                    if blk is not None:
-                        put(ia, ib, blk)
+                wb = read_block(blocks[b])
+                for name in shapes:
+                    xi, xj = job_features(wa, name), job_features(wb, name)
+                    kii, kij, kjj = pair(name, xi, xj, (a not in done, True, b not in done))
+                    del xi, xj
+                    for blk, ia, ib in ((kii, rows, rows), (kij, rows, blocks[b]), (kjj, blocks[b], blocks[b])):
+                        if blk is not None:
+                            put(name, ia, ib, blk)
                 done.update((a, b))
                 if progress is not None:
-                    progress(f"{name}: blocks ({a + 1}, {b + 1}) of {len(blocks)}")
-                carried = xj if b == a + 1 else None
-                del xj
+                    progress(f"blocks ({a + 1}, {b + 1}) of {len(blocks)}")
+                carried = wb if b == a + 1 else None
+                del wb
             if a == len(blocks) - 1 and a not in done:  # only reached with one block left unpaired
-                put(rows, rows, pair(xi, None, (True, False, False))[0])
-    return kernel
+                alone(rows, wa)
+    return kernels

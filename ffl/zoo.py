@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,10 +394,12 @@ class Zoo:
         s = self.spec
         return f"Zoo({s.arch} on {s.dataset}: {len(s.tasks)} tasks × {s.runs} runs, root={str(self.root)!r})"
 
-    def verify(self) -> None:
-        """Check every shard's SHA-256 against the manifest."""
-        for f in self._shards:
-            self._check(f)
+    def verify(self, workers: int | None = None) -> None:
+        """Check every shard's SHA-256 against the manifest, ``workers`` files at a time (default:
+        one per CPU; hashing releases the GIL)."""
+        todo = [f for f in self._shards if f not in self._verified]
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            list(pool.map(self._check, todo))
 
     def _check(self, f: str) -> None:
         if f in self._verified:
@@ -443,10 +447,20 @@ class Zoo:
             yield self.model(int(i))
 
     def stacked(self, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """State dicts of several networks stacked along a new first dimension."""
-        idx = range(len(self)) if indices is None else [int(i) for i in indices]
-        sds = [self.state_dict(i) for i in idx]
-        return {k: torch.stack([s[k] for s in sds]) for k in sds[0]}
+        """State dicts of several networks stacked along a new first dimension (rows gathered a
+        shard at a time)."""
+        idx = list(range(len(self))) if indices is None else [int(i) for i in indices]
+        nets = [self.manifest["networks"][i] for i in idx]
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for f, group in itertools.groupby(nets, key=lambda n: n["shard"]):
+            rows = torch.tensor([n["row"] for n in group])
+            for k, v in self._shard(f).items():
+                if k not in out:
+                    out[k] = torch.empty(len(idx), *v.shape[1:], dtype=v.dtype)
+                out[k][start : start + len(rows)] = v[rows]
+            start += len(rows)
+        return out
 
 
 # --------------------------------------------------------------------------------------------

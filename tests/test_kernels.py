@@ -9,7 +9,7 @@ from ffl.bench import main as bench_main
 from ffl.bench import random_weight_zoo
 from ffl.chain import chain_gram
 from ffl.experiment import evaluate_zoo
-from ffl.features import FeatureConfig, ProjectionConfig, Representation
+from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, streamed_inner
 from ffl.protocols import ProtocolSplit
 
@@ -56,33 +56,70 @@ def fixture_zoo(tmp_path_factory):
                                  model_kwargs={"in_features": 48, "hidden": [12, 10, 8]}, task_share=0.95),
         "cnn": random_weight_zoo("cnn", root / "cnn", tasks=10, runs=10, batch_networks=16,
                                  model_kwargs={"widths": [3, 4, 5, 6]}, task_share=0.95),
+        "resnet5": random_weight_zoo("resnet5", root / "resnet5", tasks=10, runs=10, batch_networks=16,
+                                     model_kwargs={"widths": [3, 4, 5, 6]}, task_share=0.95),
+        "gru": random_weight_zoo("gru", root / "gru", tasks=10, runs=10, batch_networks=16,
+                                 model_kwargs={"hidden": 6}, task_share=0.95),
     }
 
 
 CFG = ProjectionConfig(lr=0.05, epochs=4, lr_step_epochs=(3,))
 
 
+STREAMED_FEATURES = {  # each arch with the feature options its profile sections choose
+    "mlp": FeatureConfig(chain_normalize=True, layer_normalize=True),
+    "cnn": FeatureConfig(fold_bn=False),
+    "resnet5": FeatureConfig(fold_bn=False, resnet_skips=False, max_index=3),
+    "gru": FeatureConfig(gru_lags=0, gru_recurrent=False),
+}
+
+
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_streamed_evaluation_equals_in_memory(fixture_zoo, arch):
     zoo = fixture_zoo[arch]
-    features = FeatureConfig(chain_normalize=True)
+    features = STREAMED_FEATURES[arch]
     source = ZooFeatures(zoo, features)
     per_net = {name: 4 * torch.Size(s).numel() for name, s in source.shapes.items()}
     largest = max(per_net.values())
-    # the in-memory path holds every network's features at every index: far above two blocks
-    cap = StreamConfig(block_bytes=largest * 7, slab_bytes=4096, chunk=100)
+    # blocks of 12 networks (weights + largest features); the in-memory path holds every network's
+    # features at every index, far above two blocks
+    cap = StreamConfig(block_bytes=(source.read_bytes + largest) * 12, slab_bytes=4096, chunk=100)
     assert 2 * cap.block_bytes < largest * len(zoo) < sum(per_net.values()) * len(zoo)
     stats = KernelStats()
     streamed = evaluate_zoo(zoo, CFG, ProtocolSplit(), features=features, progress=False, stream=cap, stats=stats)
     reference = evaluate_zoo(zoo, CFG, ProtocolSplit(), features=features, progress=False, in_memory=True)
     assert len(stats.blocks) == len(source.shapes)
-    assert max(stats.blocks.values()) == 15  # the largest index in blocks of 7 networks
-    assert sum(b > 1 for b in stats.blocks.values()) >= 3
+    assert set(stats.blocks.values()) == {9}
+    # one pass for every index: row block 0 reads all blocks, row block a ≥ 1 is carried over and
+    # reads the blocks after a + 1 (100 = 8 × 12 + 4 networks)
+    sizes = [12] * 8 + [4]
+    assert stats.networks_read == len(zoo) + sum(sum(sizes[a + 1:]) for a in range(1, 8))
     assert streamed[["index", "feature", "protocol", "metric", "dim"]].equals(
         reference[["index", "feature", "protocol", "metric", "dim"]])
     assert (streamed["value"] - reference["value"]).abs().max() <= 1e-9
     chains = streamed[streamed.metric == "top1"]
     assert chains["value"].max() > 0.5  # the fixture has task structure (10 tasks: chance 0.1)
+
+
+@pytest.mark.parametrize("arch", ["resnet5", "gru"])
+def test_streamed_features_follow_the_feature_options(fixture_zoo, arch):
+    """Every option of FeatureConfig reaches the streamed features (ResNet-5 without its
+    projections and only indices 1-3; the official GRU feature and baseline), as the in-memory
+    ones take them, network by network."""
+    zoo, features = fixture_zoo[arch], STREAMED_FEATURES[arch]
+    source = ZooFeatures(zoo, features, chunk_bytes=1)  # vmapped one network at a time too
+    models = [zoo.model(i) for i in range(len(zoo))]
+    nets = [0, 13, 57, 99]
+    for kind in ("chain", "layer"):
+        reference = zoo_representations([models[i] for i in nets], kind, features)
+        assert source.indices(kind) == list(range(1, len(reference) + 1))
+        for index, rep in enumerate(reference, 1):
+            expected = rep.factors if kind == "chain" else rep.vectors
+            torch.testing.assert_close(source.load(kind, index, nets), expected, rtol=1e-5, atol=1e-6)
+    if arch == "resnet5":
+        assert len(source.indices("chain")) == 3
+        with_skips = ZooFeatures(zoo, FeatureConfig(fold_bn=False, max_index=3))
+        assert not torch.allclose(with_skips.load("chain", 2, nets), source.load("chain", 2, nets))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -111,7 +148,7 @@ def test_bench_ffl_json(tmp_path, capsys):
         for key in ("stage_s", "peak_bytes", "host_peak_rss_bytes", "gemm_fraction", "projected_total_s"):
             assert res[key] > 0, (arch, key)
         assert res["networks"] == 20 and res["skipped"] == []
-        assert all(res["seconds"][k] > 0 for k in ("load", "kernel", "protocols"))
+        assert all(res["seconds"][k] > 0 for k in ("read", "features", "kernel", "protocols"))
     full = json.loads(next(l for l in lines if l.startswith('{"arch": "cnn"')))
     assert set(full["per_index"]) == {f"chain {i}" for i in range(1, 6)} | {f"layer {i}" for i in range(1, 6)}
     assert full["plan"]["chain 4"]["macs"] > 0 and full["per_index"]["chain 4"]["blocks"] > 1
