@@ -203,7 +203,8 @@ def evaluate_zoo(
                 for index, rep in enumerate(zoo_representations(models, kind, features), 1))
     else:
         zoo.verify()  # every shard's SHA-256 now, in parallel, rather than one by one as first read
-        source = ZooFeatures(zoo, features, device=(stream or StreamConfig()).device)
+        stream = stream or StreamConfig()
+        source = ZooFeatures(zoo, features, device=stream.device, chunk_bytes=stream.slab_bytes)
         jobs = [(kind, index) for kind in FEATURE_KINDS for index in source.indices(kind)]
         with tqdm(desc="kernels (block pairs)", disable=not progress) as bar:
             kernels = source.kernels(jobs, stream, stats=stats, progress=lambda _: bar.update())
@@ -288,7 +289,8 @@ def run_experiment(
         seconds["features and protocols"] = "cached"
     else:
         start = time.perf_counter()
-        results = evaluate_zoo(zoo, projection, split, features=features, progress=progress)
+        results = evaluate_zoo(zoo, projection, split, features=features, progress=progress,
+                               stream=StreamConfig.for_device(device))
         seconds["features and protocols"] = round(time.perf_counter() - start, 1)
         write_results(result_file, results, made_by)
     return Experiment(zoo=zoo, results=results, settings=settings, split=split, features=features,
