@@ -661,7 +661,7 @@ def _planned_macs(sizes: list[int], shape: tuple[int, ...]) -> tuple[str, float]
 def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str = "fp32", tasks: int | None = None,
               zoo_root: str | os.PathLike | None = None, block_bytes: int = 2 << 30, slab_bytes: int = 256 << 20,
               budget_s: float = 1e9, project_to: int = 5000, chains_only: bool = False,
-              quick: bool = False) -> dict[str, Any]:
+              quick: bool = False, passes: str = "one") -> dict[str, Any]:
     """Time and peak memory of the feature-learning stage (one streamed pass computing the kernel
     of every index, then both protocols at each) for ``networks`` networks of paper shape (random
     weights, see :func:`random_weight_zoo`), and its GEMM fraction: the time plain GEMMs of the
@@ -673,7 +673,8 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     dev = torch.device(device)
     tasks = tasks or max(2, networks // 100)
     runs = networks // tasks
-    cfg = StreamConfig(device=device, precision=precision, block_bytes=block_bytes, slab_bytes=slab_bytes)
+    cfg = StreamConfig(device=device, precision=precision, block_bytes=block_bytes, slab_bytes=slab_bytes,
+                       passes=passes)
     shapes = QUICK_SHAPES if quick else PAPER_SHAPES
     root = Path(zoo_root or Path(os.environ.get("FFL_CACHE", "cache")) / "bench-zoos"
                 / f"{arch}-{tasks}x{runs}{'-quick' if quick else ''}")
@@ -691,32 +692,43 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     probe_shape = (1, 1024, 4096, 1024) if dev.type == "cuda" else (1, 512, 4096, 512)
     rate0 = _gemm_rate(probe_shape, precision, dev, 0.5)
     out["probe_gemm_macs_per_s"] = rate0
+    one = passes == "one"
+
+    def per_net(job: tuple[str, int], held: list[tuple[str, int]]) -> int:
+        """Bytes per network of a block: weights + the largest features (one pass), or the job's
+        features alone (a pass per index)."""
+        return source.read_bytes + max(source.feature_bytes(*j) for j in held) if one else source.feature_bytes(*job)
+
     plan, kept, planned_s = {}, [], 0.0
     for kind, index in jobs:
         name, shape = f"{kind} {index}", source.shapes[(kind, index)]
-        per_net = source.read_bytes + max(source.feature_bytes(*j) for j in kept + [(kind, index)])
-        mode, macs = _planned_macs(_planned_pass(len(zoo), per_net, cfg)["sizes"], shape)
+        mode, macs = _planned_macs(_planned_pass(len(zoo), per_net((kind, index), kept + [(kind, index)]), cfg)["sizes"],
+                                   shape)
         plan[name] = {"shape": list(shape), "mode": mode, "macs": macs}
         if planned_s + macs / rate0 > budget_s:
             _log(f"plan {name}: left out, {macs:.3g} MACs ≥ {macs / rate0:.0f} s would overrun the budget")
             continue
         kept.append((kind, index))
         planned_s += macs / rate0
-    per_net = source.read_bytes + max(source.feature_bytes(*j) for j in kept)
-    here, there = _planned_pass(len(zoo), per_net, cfg), _planned_pass(project_to, per_net, cfg)
+    here = {f"{k} {i}": _planned_pass(len(zoo), per_net((k, i), kept), cfg) for k, i in kept}
+    there = {f"{k} {i}": _planned_pass(project_to, per_net((k, i), kept), cfg) for k, i in kept}
     for kind, index in kept:
         name = f"{kind} {index}"
         shape = source.shapes[(kind, index)]
-        plan[name].update(mode=_planned_macs(here["sizes"], shape)[0], macs=_planned_macs(here["sizes"], shape)[1],
-                          macs_at_projection=_planned_macs(there["sizes"], shape)[1])
-        _log(f"plan {name}: shape {shape}, {plan[name]['mode']}; {plan[name]['macs']:.3g} MACs at N={len(zoo)} "
-             f"(≥ {plan[name]['macs'] / rate0:.1f} s at the probe GEMM rate); N={project_to}: "
-             f"{plan[name]['macs_at_projection']:.3g} MACs (≥ {plan[name]['macs_at_projection'] / rate0:.1f} s)")
+        plan[name].update(mode=_planned_macs(here[name]["sizes"], shape)[0],
+                          macs=_planned_macs(here[name]["sizes"], shape)[1],
+                          macs_at_projection=_planned_macs(there[name]["sizes"], shape)[1])
+        _log(f"plan {name}: shape {shape}, {plan[name]['mode']}, {len(here[name]['sizes'])} block(s); "
+             f"{plan[name]['macs']:.3g} MACs at N={len(zoo)} (≥ {plan[name]['macs'] / rate0:.1f} s at the probe GEMM "
+             f"rate); N={project_to}: {plan[name]['macs_at_projection']:.3g} MACs "
+             f"(≥ {plan[name]['macs_at_projection'] / rate0:.1f} s)")
+    reads = {where: (next(iter(p.values()))["reads"] if one else sum(v["reads"] for v in p.values()))
+             for where, p in (("here", here), ("there", there))}
+    blocks = max(len(v["sizes"]) for v in here.values())
     out["plan"] = plan
-    out["pass"] = {"blocks": len(here["sizes"]), "reads": here["reads"], "blocks_at_projection": len(there["sizes"]),
-                   "reads_at_projection": there["reads"]}
-    _log(f"one pass: {len(here['sizes'])} block(s) of ≤ {here['sizes'][0]} networks, {here['reads']} reads "
-         f"(N={project_to}: {len(there['sizes'])} blocks, {there['reads']} reads)")
+    out["pass"] = {"passes": passes, "blocks": blocks, "reads": reads["here"], "reads_at_projection": reads["there"]}
+    _log(f"{'one pass' if one else 'a pass per index'}: ≤ {blocks} block(s), {reads['here']} networks read "
+         f"(N={project_to}: {reads['there']})" + ("" if one else "; features are formed as they are read"))
     projection, split, stats = ProjectionConfig(), ProtocolSplit(), KernelStats()
     protocols_s: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
@@ -756,10 +768,10 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     # projection to project_to networks, part by part: kernel work by planned multiply-adds, reading
     # by networks read, features by networks formed, protocols ∝ N² (their GEMMs) 
     n = len(zoo)
-    proj = {"read": out["seconds"]["read"] * there["reads"] / here["reads"]}
+    proj = {"read": out["seconds"]["read"] * reads["there"] / reads["here"]}
     for name, v in per_index.items():
         proj[name] = (plan[name]["macs_at_projection"] / max(v["macs"], 1) * v["kernel_s"]
-                      + v["features_s"] * there["formed"] / here["formed"]
+                      + v["features_s"] * there[name]["formed"] / here[name]["formed"]
                       + v["protocols_s"] * (project_to / n) ** 2)
     out["project_to"] = project_to
     out["projected_s"] = proj
@@ -771,8 +783,8 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
 def print_ffl(res: dict[str, Any], file=sys.stdout) -> None:
     gib = 2 ** 30
     print(f"ffl.bench ffl: {res['arch']}, {res['networks']} networks ({res['weights']}) on {res['hardware']} "
-          f"({res['device']}, {res['precision']}, {res['threads']} threads); one pass in {res['pass']['blocks']} "
-          f"block(s), {res['pass']['reads']} networks read", file=file)
+          f"({res['device']}, {res['precision']}, {res['threads']} threads); passes: {res['pass']['passes']}, "
+          f"≤ {res['pass']['blocks']} block(s), {res['pass']['reads']} networks read", file=file)
     print(f"  {'index':9s} {'mode':9s} {'features s':>10s} {'kernel s':>9s} {'GMAC/s':>8s} "
           f"{'protocols s':>11s} {'proj. s':>8s}", file=file)
     for name, v in res["per_index"].items():
@@ -898,6 +910,8 @@ def _ffl_arguments(ap) -> None:
     ap.add_argument("--zoo-root", default=None, help="where the random-weight zoo lives (default under $FFL_CACHE)")
     ap.add_argument("--project-to", type=int, default=5000)
     ap.add_argument("--chains-only", action="store_true")
+    ap.add_argument("--passes", choices=("one", "per_index"), default=None,
+                    help="over the zoo: one for every index, or one per index (default: per_index on a CPU, one on a GPU)")
     ap.add_argument("--quick", action="store_true", help="narrow networks (tests)")
 
 
@@ -910,7 +924,7 @@ def _ffl(args) -> int:
         res = bench_ffl(arch, args.networks, device=args.device, precision=precision, tasks=args.tasks, zoo_root=root,
                         block_bytes=int(args.memory_gib * 2 ** 30), slab_bytes=int(args.slab_mib * 2 ** 20),
                         budget_s=args.budget_s, project_to=args.project_to, chains_only=args.chains_only,
-                        quick=args.quick)
+                        quick=args.quick, passes=args.passes or StreamConfig.for_device(args.device).passes)
         print_ffl(res)
         print(json.dumps({k: v for k, v in res.items() if k != "results"}, sort_keys=True, default=str), flush=True)
         summary[arch] = {k: res[k] for k in ("networks", "stage_s", "peak_bytes", "host_peak_rss_bytes", "gemm_fraction",

@@ -45,14 +45,20 @@ PRODUCT_PRECISIONS = ("fp32", "tf32", "bf16")
 class StreamConfig:
     """How a kernel is streamed: where (``device``), in what arithmetic (``precision`` of the
     products, one of :data:`PRODUCT_PRECISIONS`; sums are float64), and in how much memory
-    (``block_bytes`` of float32 features per block, two blocks held; ``slab_bytes`` for one slab
-    of Gram rows or one implicit product tile; ``chunk`` terms per reduced-precision product)."""
+    (``block_bytes`` per block for its networks' weights and features, two blocks held;
+    ``slab_bytes`` for one slab of Gram rows or one implicit product tile; ``chunk`` terms per
+    reduced-precision product), and in how many ``passes`` over the zoo: ``"one"`` reads each
+    block once for every index (blocks hold weights, features are formed per index), or
+    ``"per_index"`` reads the zoo again for each index (blocks hold one index's features only, so
+    they are larger and explicit Gram slabs are formed fewer times: cheaper where forming, not
+    reading, is what costs — a CPU)."""
 
     device: str = "cpu"
     precision: str = "fp32"
     block_bytes: int = 2 << 30
     slab_bytes: int = 256 << 20
     chunk: int = 1 << 16
+    passes: str = "one"
 
     @classmethod
     def for_device(cls, device: str | torch.device) -> "StreamConfig":
@@ -60,7 +66,7 @@ class StreamConfig:
         and 2 GiB slabs, float32 products as on the CPU."""
         device = torch.device(device)
         if device.type != "cuda":
-            return cls(device=str(device))
+            return cls(device=str(device), passes="per_index")
         free, _ = torch.cuda.mem_get_info(device)
         return cls(device=str(device), block_bytes=int(0.3 * free), slab_bytes=2 << 30)
 
@@ -69,6 +75,8 @@ class StreamConfig:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRODUCT_PRECISIONS}")
         if self.precision == "tf32" and torch.device(self.device).type != "cuda":
             raise ValueError("tf32 products need a CUDA device")
+        if self.passes not in ("one", "per_index"):
+            raise ValueError(f"unknown passes {self.passes!r}; choose 'one' or 'per_index'")
         if min(self.block_bytes, self.slab_bytes, self.chunk) < 1:
             raise ValueError("block_bytes, slab_bytes and chunk must be positive")
 
@@ -194,13 +202,19 @@ class ZooFeatures:
     def kernels(self, jobs: Sequence[tuple[str, int]], config: StreamConfig | None = None, *,
                 stats: KernelStats | None = None,
                 progress: Callable[[str], None] | None = None) -> dict[tuple[str, int], torch.Tensor]:
-        """The N × N float64 kernels ⟨x_i, x_j⟩ of every (kind, index) in ``jobs``, in one pass over
-        the zoo (:func:`streamed_inners`: each block of networks is read once for all jobs)."""
+        """The N × N float64 kernels ⟨x_i, x_j⟩ of every (kind, index) in ``jobs``: in one pass over
+        the zoo (:func:`streamed_inners`: each block of networks read once for all jobs) or one pass
+        per job, as ``config.passes`` says."""
         names = {f"{kind} {index}": (kind, index) for kind, index in jobs}
-        out = streamed_inners(self.read, lambda block, name: self.featurize(block, *names[name]), len(self.zoo),
-                              {name: self.shapes[job] for name, job in names.items()}, config,
-                              read_bytes=self.read_bytes, stats=stats, progress=progress)
-        return {names[name]: k for name, k in out.items()}
+        if (config or StreamConfig()).passes == "one":
+            out = streamed_inners(self.read, lambda block, name: self.featurize(block, *names[name]), len(self.zoo),
+                                  {name: self.shapes[job] for name, job in names.items()}, config,
+                                  read_bytes=self.read_bytes, stats=stats, progress=progress)
+            return {names[name]: k for name, k in out.items()}
+        return {job: streamed_inner(lambda nets, job=job: self.load(*job, nets), len(self.zoo), self.shapes[job],
+                                    config, stats=stats, name=name,
+                                    progress=None if progress is None else lambda msg, n=name: progress(f"{n}: {msg}"))
+                for name, job in names.items()}
 
 
 # ----------------------------------------------------------------------------- products
@@ -372,22 +386,26 @@ def streamed_inners(
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    def read_block(nets: list[int]):
-        block, dt = timed(read, nets)
+    def counted(name: str, batch: int, fn, *args):
+        with FlopCounterMode(display=False) as flops:  # chain products are GEMMs too
+            out, dt = timed(fn, *args)
+        macs = flops.get_total_flops() / 2
+        if macs:  # timed for the GEMM fraction as C_{l-1} W_l products of the factor's shape
+            d, n = shapes[name] if len(shapes[name]) == 2 else (shapes[name][0], 1)
+            stats.note("features", batch, d, n, n, macs=macs)
+        return out, dt
+
+    def read_block(nets: list[int]):  # a read may form features too (one job per pass)
+        block, dt = counted(next(iter(shapes)), len(nets), read, nets)
         stats.seconds["load"] += dt
         stats.seconds["read"] += dt
         stats.networks_read += len(nets)
         return block
 
     def job_features(block, name: str) -> torch.Tensor:
-        with FlopCounterMode(display=False) as flops:  # chain products are GEMMs too
-            x, dt = timed(features, block, name)
+        x, dt = counted(name, len(blocks[0]), features, block, name)
         stats.seconds["load"] += dt
         stats.jobs[name]["features"] += dt
-        macs = flops.get_total_flops() / 2
-        if macs:  # timed for the GEMM fraction as C_{l-1} W_l products of the factor's shape
-            d, n = shapes[name] if len(shapes[name]) == 2 else (shapes[name][0], 1)
-            stats.note("features", len(x), d, n, n, macs=macs)
         return x
 
     def put(name: str, ia: list[int], ib: list[int], block: torch.Tensor) -> None:

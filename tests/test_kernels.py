@@ -101,6 +101,26 @@ def test_streamed_evaluation_equals_in_memory(fixture_zoo, arch):
     assert chains["value"].max() > 0.5  # the fixture has task structure (10 tasks: chance 0.1)
 
 
+def test_one_pass_per_index_equals_one_pass_for_all(fixture_zoo):
+    """Reading the zoo again for each index (blocks of features only, so larger) gives the same
+    kernels as one pass for all indices; it reads more networks, and forms slabs fewer times."""
+    zoo = fixture_zoo["mlp"]
+    source = ZooFeatures(zoo, STREAMED_FEATURES["mlp"])
+    jobs = [(kind, index) for kind in ("chain", "layer") for index in source.indices(kind)]
+    block = (source.read_bytes + max(source.feature_bytes(*j) for j in jobs)) * 12
+    stats = {p: KernelStats() for p in ("one", "per_index")}
+    kernels = {p: source.kernels(jobs, StreamConfig(block_bytes=block, slab_bytes=4096, passes=p), stats=stats[p])
+               for p in stats}
+    for job in jobs:
+        scale = kernels["one"][job].abs().max().item()  # float32 products summed in other orders
+        torch.testing.assert_close(kernels["per_index"][job], kernels["one"][job], rtol=1e-5, atol=1e-6 * scale)
+    assert stats["one"].networks_read < stats["per_index"].networks_read
+    assert stats["per_index"].macs["form"] < stats["one"].macs["form"]
+    assert StreamConfig.for_device("cpu").passes == "per_index"
+    with pytest.raises(ValueError, match="unknown passes"):
+        StreamConfig(passes="two")
+
+
 @pytest.mark.parametrize("arch", ["resnet5", "gru"])
 def test_streamed_features_follow_the_feature_options(fixture_zoo, arch):
     """Every option of FeatureConfig reaches the streamed features (ResNet-5 without its
