@@ -8,8 +8,11 @@
 # book/run_summary.md, nvidia_smi.txt and log.txt. Inputs the GPU machine lacks travel with the
 # tree in ignored folders:
 #   .gpu/data/   what the chapters read ($FFL_DATA_ROOT), e.g. names/<Language>.txt for NameData
-#   .whl/        wheels of papermill, myst-nb, ipykernel, jupytext and their dependencies that the
-#                machine's Python lacks (pip download ... --python-version 3.12, see README)
+#   .gpu/site.tar.xz  papermill, ipykernel and what `from myst_nb import glue` needs, for the
+#                machine's Python 3.12 (built from .whl by scripts/gpu_site.sh), unpacked to /tmp/site
+#   .whl/        else: the wheels themselves (pip download ... --python-version 3.12, see README),
+#                installed to /tmp/site; too big to travel with the tiny ImageNet copy
+# Check the size before a run: python3 scripts/gpu_payload_size.py .gpu  (64 MiB at most).
 # The commit the run reports comes from $FFL_COMMIT when the copy carries no git history.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +21,11 @@ if [ "${1:-}" = "--profile" ]; then PROFILE=$2; shift 2; fi
 [ $# -ge 1 ] || { echo "usage: $0 [--profile NAME] CHAPTER [CHAPTER ...]" >&2; exit 2; }
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -f .gpu/site.tar.xz ]; then
+  rm -rf /tmp/site && python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+    .gpu/site.tar.xz /tmp/site || { echo "unpacking .gpu/site.tar.xz failed" >&2; exit 1; }
+  export PYTHONPATH="/tmp/site"
+elif compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed" >&2; exit 1; }
   export PYTHONPATH="/tmp/site"
@@ -28,7 +35,14 @@ export FFL_DATA_ROOT="${FFL_DATA_ROOT:-$PWD/.gpu/data}" FFL_CACHE="${FFL_CACHE:-
 PY="$(command -v python3 || command -v python)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt" 2>&1 || true
 start=$(date +%s)
-"$PY" -m ffl.book run --profile "$PROFILE" --only "$@" --no-html --book-dir "$OUT/book" 2>&1 | tee "$OUT/log.txt"
+# The book is built outside $OUT: its skeleton (config, intro, paper_scale/) would pass the device
+# runner's limit of 8 files brought back; only the chapters of this run and the summary go to $OUT.
+BOOK=/tmp/gpu_chapter/book
+rm -rf "$(dirname "$BOOK")"
+"$PY" -m ffl.book run --profile "$PROFILE" --only "$@" --no-html --book-dir "$BOOK" 2>&1 | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}
+mkdir -p "$OUT/book/chapters"
+cp "$BOOK"/chapters/*.ipynb "$OUT/book/chapters/" 2>/dev/null
+cp "$BOOK/run_summary.md" "$OUT/book/" 2>/dev/null
 echo "[gpu_chapter] exit $status after $(( $(date +%s) - start )) s" | tee -a "$OUT/log.txt"
 exit "$status"
