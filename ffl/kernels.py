@@ -197,7 +197,13 @@ class ZooFeatures:
         return out
 
     def load(self, kind: str, index: int, nets: Sequence[int]) -> torch.Tensor:
-        return self.featurize(self.read(nets), kind, index)
+        """Features of networks ``nets`` at one index, read and formed ``chunk_bytes`` of weights at
+        a time (only the features of all of them are held)."""
+        out = torch.empty(len(nets), *self.shapes[(kind, index)], dtype=torch.float32, device=self.device)
+        step = max(1, self.chunk_bytes // self.read_bytes)
+        for a in range(0, len(nets), step):
+            out[a : a + step] = self.featurize(self.read(nets[a : a + step]), kind, index)
+        return out
 
     def kernels(self, jobs: Sequence[tuple[str, int]], config: StreamConfig | None = None, *,
                 stats: KernelStats | None = None,

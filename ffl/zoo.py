@@ -454,11 +454,16 @@ class Zoo:
         out: dict[str, torch.Tensor] = {}
         start = 0
         for f, group in itertools.groupby(nets, key=lambda n: n["shard"]):
-            rows = torch.tensor([n["row"] for n in group])
+            rows = [n["row"] for n in group]
+            run = rows == list(range(rows[0], rows[0] + len(rows)))  # consecutive rows: one slice
             for k, v in self._shard(f).items():
                 if k not in out:
                     out[k] = torch.empty(len(idx), *v.shape[1:], dtype=v.dtype)
-                out[k][start : start + len(rows)] = v[rows]
+                dst = out[k][start : start + len(rows)]
+                if run:  # straight from the file's pages into place: one copy
+                    dst.copy_(v[rows[0] : rows[0] + len(rows)])
+                else:
+                    torch.index_select(v, 0, torch.tensor(rows), out=dst)
             start += len(rows)
         return out
 

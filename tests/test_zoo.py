@@ -59,6 +59,16 @@ def test_api(zoo_dir):
     assert all(s["sha256"] and s["bytes"] > 0 for s in man["shards"])
 
 
+@pytest.mark.parametrize("nets", [[0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 2, 5, 3], [4]])  # across shards, scattered
+def test_stacked_equals_each_state_dict(zoo_dir, nets):
+    zoo = Zoo.load(zoo_dir)
+    stacked = zoo.stacked(nets)
+    for row, i in enumerate(nets):
+        for k, v in zoo.state_dict(i).items():
+            assert torch.equal(stacked[k][row], v), (i, k)
+    assert len(zoo.manifest["shards"]) > 1
+
+
 def test_init_matches_build_model_seed():
     """Network i starts from build_model under torch.manual_seed(run_seed): checked on the initial
     weights train_zoo hands to the engine (a zoo of 0 epochs is refused, so not through one)."""
