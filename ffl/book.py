@@ -129,8 +129,10 @@ def _mark_cells(nb: nbformat.NotebookNode) -> None:
             cell.metadata["tags"] = [*tags, "hide-cell"]
 
 
-def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
-    """Run one chapter with papermill and write it to ``book_dir/chapters/<output>.ipynb``."""
+def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR, *, echo: bool = False) -> Path:
+    """Run one chapter with papermill and write it to ``book_dir/chapters/<output>.ipynb``;
+    ``echo``: the notebook's own printed output (progress bars included) goes to this process's
+    stdout/stderr as it runs, so a log shows where a long run is."""
     target = book_dir / "chapters" / f"{entry['output']}.ipynb"
     params = entry["parameters"]
     with atomic_path(target) as scratch:
@@ -138,6 +140,7 @@ def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR) -> Path:
         papermill.execute_notebook(
             str(NOTEBOOK_DIR / f"{entry['notebook']}.ipynb"), str(scratch),
             parameters=params, kernel_name="python3", cwd=str(REPO_ROOT), progress_bar=False,
+            stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None,
         )
         nb = nbformat.read(scratch, as_version=4)
         nb.metadata["ffl"] = {
@@ -193,7 +196,7 @@ def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
 
 
 def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: bool = True,
-             book_dir: Path | None = None) -> Path:
+             book_dir: Path | None = None, echo: bool = False) -> Path:
     """Run the chapters of ``profile`` (or only the outputs in ``only``) into ``book_dir`` (default:
     :func:`default_book_dir`), write the run summary, then build the HTML unless ``html=False``.
     Returns the book folder.
@@ -219,7 +222,7 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
             print(f"[ffl.book] running {entry['notebook']} → chapters/{entry['output']}.ipynb "
                   f"with {json.dumps(entry['parameters'])}", flush=True)
             try:
-                execute_chapter(entry, book_dir)
+                execute_chapter(entry, book_dir, echo=echo)
             except Exception as e:
                 run["failed"].append(entry["output"])
                 run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -242,6 +245,8 @@ def _run_arguments(ap) -> None:
     ap.add_argument("--only", nargs="*", help="run only these chapter outputs")
     ap.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
     ap.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
+    ap.add_argument("--echo", action="store_true",
+                    help="show each notebook's printed output (progress bars) as it runs")
     ap.add_argument("--book-dir", type=Path, default=None,
                     help="where the chapters go (default: the profile's book_dir, else book/)")
 
@@ -251,7 +256,7 @@ def _run(args) -> int:
         book_dir = args.book_dir if args.book_dir is not None else default_book_dir(args.profile)
         print(f"[ffl.book] HTML in {build_html(book_skeleton(book_dir))}/index.html")
         return 0
-    run_book(args.profile, only=args.only, html=not args.no_html, book_dir=args.book_dir)
+    run_book(args.profile, only=args.only, html=not args.no_html, book_dir=args.book_dir, echo=args.echo)
     return 0
 
 

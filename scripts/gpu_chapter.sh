@@ -39,7 +39,7 @@ start=$(date +%s)
 # runner's limit of 8 files brought back; only the chapters of this run and the summary go to $OUT.
 BOOK=/tmp/gpu_chapter/book
 rm -rf "$(dirname "$BOOK")"
-"$PY" -m ffl.book run --profile "$PROFILE" --only "$@" --no-html --book-dir "$BOOK" 2>&1 | tee "$OUT/log.txt"
+"$PY" -m ffl.book run --profile "$PROFILE" --only "$@" --no-html --echo --book-dir "$BOOK" 2>&1 | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}
 mkdir -p "$OUT/book/chapters"
 cp "$BOOK"/chapters/*.ipynb "$OUT/book/chapters/" 2>/dev/null
