@@ -9,7 +9,7 @@ def test_run_book_records_the_commit_read_before_the_first_chapter(monkeypatch, 
     monkeypatch.setattr(book, "git_commit", lambda: next(commits))
     monkeypatch.delenv("FFL_COMMIT", raising=False)
     seen = []
-    monkeypatch.setattr(book, "execute_chapter", lambda entry, book_dir: seen.append(os.environ["FFL_COMMIT"]))
+    monkeypatch.setattr(book, "execute_chapter", lambda entry, book_dir, echo=False: seen.append(os.environ["FFL_COMMIT"]))
     monkeypatch.setattr(book, "write_run_summary", lambda book_dir, run=None: None)
     book.run_book("smoke", html=False, book_dir=tmp_path)
     assert seen == ["abc123"] * len(book.chapter_plan("smoke"))
