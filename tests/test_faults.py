@@ -497,7 +497,7 @@ def test_failed_chapter_is_stated_in_the_run_summary(tmp_path, monkeypatch):
     (tmp_path / "run_summary.md").write_text("the previous run: everything fine\n")
     ran = []
 
-    def execute(entry, book_dir):
+    def execute(entry, book_dir, echo=False):
         if entry["output"] == "cifar100_mlp":
             raise RuntimeError("zoo diverged\nmore lines")
         ran.append(entry["output"])
