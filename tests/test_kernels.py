@@ -165,8 +165,11 @@ def test_bench_ffl_json(tmp_path, capsys):
     summary = json.loads(lines[-1])["ffl"]
     assert set(summary) == {"mlp", "cnn"}
     for arch, res in summary.items():
-        for key in ("stage_s", "peak_bytes", "host_peak_rss_bytes", "gemm_fraction", "projected_total_s"):
+        for key in ("stage_s", "host_peak_rss_bytes", "gemm_fraction", "projected_total_s"):
             assert res[key] > 0, (arch, key)
+        # the resident set's high-water above the stage's start: a stage of 20 tiny networks may
+        # fit in memory the process already holds (0), but it is measured, never missing
+        assert isinstance(res["peak_bytes"], int) and res["peak_bytes"] >= 0, arch
         assert res["networks"] == 20 and res["skipped"] == []
         assert all(res["seconds"][k] > 0 for k in ("read", "features", "kernel", "protocols"))
     full = json.loads(next(l for l in lines if l.startswith('{"arch": "cnn"')))
