@@ -50,7 +50,7 @@ from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
 from ffl.experiment import protocol_rows
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
-from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, explicit_is_cheaper
+from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, block_sizes, explicit_is_cheaper
 from ffl.protocols import ProtocolSplit
 from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
                         train_batched, train_loop, tune_malloc)
@@ -635,8 +635,7 @@ def _log(msg: str) -> None:
 def _planned_pass(num: int, per_net: int, cfg: StreamConfig) -> dict[str, Any]:
     """Block sizes, networks read and feature formations per job of one
     :func:`ffl.kernels.streamed_inners` pass over ``num`` networks of ``per_net`` bytes."""
-    size = max(1, min(num, cfg.block_bytes // per_net))
-    sizes = [min(size, num - a) for a in range(0, num, size)]
+    sizes = block_sizes(num, per_net, cfg)
     nb = len(sizes)
     # row block 0 reads every block; row block a ≥ 1 is carried over and reads the blocks after it
     reads = num + sum(sum(sizes[a + 1:]) for a in range(1, nb - 1))
@@ -736,8 +735,7 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     def stage() -> None:
         kernels = source.kernels(kept, cfg, stats=stats, progress=lambda msg: _log(f"kernels: {msg}"))
         for (kind, index), inner in kernels.items():
-            shape = source.shapes[(kind, index)]
-            rep = Representation(inner_products=inner, inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
+            rep = Representation.of_kernel(inner, source.shapes[(kind, index)])
             t_p = time.perf_counter()
             rows.extend(protocol_rows(rep, kind, index, zoo, projection, split))
             protocols_s[f"{kind} {index}"] = time.perf_counter() - t_p

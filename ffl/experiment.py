@@ -209,12 +209,7 @@ def evaluate_zoo(
         with tqdm(desc="kernels (block pairs)", disable=not progress) as bar:
             kernels = source.kernels(jobs, stream, stats=stats, progress=lambda _: bar.update())
 
-        def streamed(kind: str, index: int) -> Representation:
-            shape = source.shapes[(kind, index)]
-            return Representation(inner_products=kernels.pop((kind, index)),
-                                  inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
-
-        reps = ((kind, index, lambda kind=kind, index=index: streamed(kind, index)) for kind, index in jobs)
+        reps = ((*job, lambda job=job: Representation.of_kernel(kernels.pop(job), source.shapes[job])) for job in jobs)
     rows = []
     for kind, index, make in tqdm(list(reps), desc="protocols", disable=not progress):
         rows.extend(protocol_rows(make(), kind, index, zoo, projection, split))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ffl.chain import chain_factors, gram_inner, layer_features
+from ffl.chain import chain_factors, layer_features
 
 # Largest block of explicit vectors formed at once (in floats), to bound memory.
 _BLOCK_FLOATS = 2**26
@@ -56,6 +56,12 @@ class Representation:
             if self.inner_dim is None:
                 raise ValueError("inner_products need inner_dim (the dimension of the features)")
             self._inner = k.double()
+
+    @classmethod
+    def of_kernel(cls, inner: torch.Tensor, shape: tuple[int, ...]) -> "Representation":
+        """The kernel of features of ``shape`` per network: chain factors (d, n), x = vec(C Cᵀ) of
+        dimension d², or vectors (D,)."""
+        return cls(inner_products=inner, inner_dim=shape[0] ** 2 if len(shape) == 2 else shape[0])
 
     def __len__(self) -> int:
         for data in (self.vectors, self.factors, self.inner_products):
@@ -170,6 +176,19 @@ class FeatureConfig:
                              f"choose from {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
+    def of(self, model: nn.Module, kind: str, upto: int | None = None) -> list[torch.Tensor]:
+        """``model``'s features at indices 1 … ``upto`` (default ``max_index``; None: all), with
+        these options: chain factors C_l (``kind="chain"``) or flattened layer weights
+        (``kind="layer"``)."""
+        upto = self.max_index if upto is None else upto
+        if kind == "chain":
+            return chain_factors(model, normalize=self.chain_normalize, fold_bn=self.fold_bn, skips=self.resnet_skips,
+                                 gru_lags=self.gru_lags, upto=upto)
+        if kind == "layer":
+            return layer_features(model, fold_bn=self.fold_bn, normalize=self.layer_normalize,
+                                  gru_recurrent=self.gru_recurrent)[:upto]
+        raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
+
 
 def zoo_representations(
     models: Sequence[nn.Module], kind: str, features: FeatureConfig | None = None
@@ -179,16 +198,9 @@ def zoo_representations(
     ``kind="chain"``: aligned chain Grams G_1 … G_L (kept as factors C_l);
     ``kind="layer"``: the unaligned per-layer weights W_1 … W_L. ``features`` chooses the options.
     """
-    f = features or FeatureConfig()
-    if kind == "chain":
-        per_model = [chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn, skips=f.resnet_skips,
-                                   gru_lags=f.gru_lags, upto=f.max_index) for m in models]
-        return [Representation(factors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
-    if kind == "layer":
-        per_model = [layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize,
-                                    gru_recurrent=f.gru_recurrent)[:f.max_index] for m in models]
-        return [Representation(vectors=torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
-    raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
+    per_model = [(features or FeatureConfig()).of(m, kind) for m in models]
+    make = (lambda x: Representation(factors=x)) if kind == "chain" else (lambda x: Representation(vectors=x))
+    return [make(torch.stack([p[l] for p in per_model])) for l in range(len(per_model[0]))]
 
 
 @dataclass

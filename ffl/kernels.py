@@ -23,6 +23,7 @@ read, blocks, multiply-adds by kind) for ``python -m ffl.bench ffl``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ffl.chain import chain_factors, layer_features
 from ffl.features import FeatureConfig
 from ffl.models import build_model
 
@@ -149,9 +149,8 @@ class ZooFeatures:
             self._template = build_model(zoo.spec.arch, classes.pop(), **zoo.manifest["build_kwargs"])
         first = self.read([0])
         self.read_bytes = sum(v.numel() * v.element_size() for v in first.values())  # per network
-        last = self.features.max_index
         self.shapes = {(kind, l): tuple(x.shape[1:]) for kind in ("chain", "layer")
-                       for l, x in enumerate(self._all(first, kind), 1) if last is None or l <= last}
+                       for l, x in enumerate(self._all(first, kind), 1)}
 
     def indices(self, kind: str) -> list[int]:
         return sorted(l for k, l in self.shapes if k == kind)
@@ -164,16 +163,6 @@ class ZooFeatures:
         """State dicts of networks ``nets`` stacked on ``device``."""
         return {k: v.to(self.device, non_blocking=True) for k, v in self.zoo.stacked(nets).items()}
 
-    def _function(self, kind: str, index: int | None) -> Callable[[nn.Module], list[torch.Tensor]]:
-        f = self.features
-        if kind == "chain":
-            return lambda m: chain_factors(m, normalize=f.chain_normalize, fold_bn=f.fold_bn,
-                                           skips=f.resnet_skips, gru_lags=f.gru_lags, upto=index)
-        if kind == "layer":
-            return lambda m: layer_features(m, fold_bn=f.fold_bn, normalize=f.layer_normalize,
-                                            gru_recurrent=f.gru_recurrent)
-        raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
-
     def _batched(self, block: dict[str, torch.Tensor], fn: Callable[[nn.Module], object]):
         apply = _Apply(self._template, fn)
         state = {f"model.{k}": v for k, v in block.items()}
@@ -181,7 +170,7 @@ class ZooFeatures:
             return torch.func.vmap(lambda s: torch.func.functional_call(apply, s, ()))(state)
 
     def _all(self, block: dict[str, torch.Tensor], kind: str) -> list[torch.Tensor]:
-        return self._batched(block, self._function(kind, None))
+        return self._batched(block, lambda m: self.features.of(m, kind))
 
     def featurize(self, block: dict[str, torch.Tensor], kind: str, index: int) -> torch.Tensor:
         """float32 features of every network of ``block`` at ``index`` (B, *shape)."""
@@ -190,10 +179,9 @@ class ZooFeatures:
         out = torch.empty(num, *shape, dtype=torch.float32, device=self.device)
         # a chain's earlier factors live while it is formed: chunks bound them
         step = max(1, self.chunk_bytes // (self.feature_bytes(kind, index) * (index if kind == "chain" else 1)))
-        fn = self._function(kind, index)
         for a in range(0, num, step):
             part = {k: v[a : a + step] for k, v in block.items()}
-            out[a : a + step] = self._batched(part, lambda m: fn(m)[index - 1])
+            out[a : a + step] = self._batched(part, lambda m: self.features.of(m, kind, upto=index)[index - 1])
         return out
 
     def load(self, kind: str, index: int, nets: Sequence[int]) -> torch.Tensor:
@@ -350,6 +338,13 @@ def streamed_inner(
                            progress=progress)[name]
 
 
+def block_sizes(num: int, per_net: int, config: StreamConfig) -> list[int]:
+    """Networks per block for ``num`` networks of ``per_net`` bytes each (the last block may be
+    short)."""
+    size = max(1, min(num, config.block_bytes // per_net))
+    return [min(size, num - a) for a in range(0, num, size)]
+
+
 def streamed_inners(
     read: Callable[[Sequence[int]], Any],
     features: Callable[[Any, str], torch.Tensor],
@@ -372,9 +367,8 @@ def streamed_inners(
     cfg = config or StreamConfig()
     stats = stats if stats is not None else KernelStats()
     device = torch.device(cfg.device)
-    per_net = read_bytes + max(4 * math.prod(s) for s in shapes.values())
-    size = max(1, min(num, cfg.block_bytes // per_net))
-    blocks = [list(range(a, min(num, a + size))) for a in range(0, num, size)]
+    sizes = block_sizes(num, read_bytes + max(4 * math.prod(s) for s in shapes.values()), cfg)
+    blocks = [list(range(a, a + s)) for a, s in zip(itertools.accumulate([0, *sizes]), sizes)]
     sizes = [len(b) for b in blocks[:2]]
     kernels = {}
     for name, shape in shapes.items():
