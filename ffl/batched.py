@@ -28,6 +28,7 @@ grouped (cuDNN, autotuned). ``torch.func.vmap`` measured slower than either and 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 from collections.abc import Callable, Sequence
@@ -36,12 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ffl import implicit_conv
 from ffl.models import MLP, GRUNet
 
 __all__ = [
     "UnsupportedModel",
     "BatchedLinear",
     "BatchedConv2d",
+    "conv_backend",
     "BatchedBatchNorm",
     "BatchedGRU",
     "BATCHED_FORWARDS",
@@ -89,9 +92,15 @@ class BatchedLinear(nn.Module):
 
 class BatchedConv2d(nn.Module):
     """K conv layers as one grouped convolution on (B, K*C, H, W) (on CPU: one convolution per
-    network, which measures faster there; set ``per_network_on_cpu = False`` to compare)."""
+    network, which measures faster there; set ``per_network_on_cpu = False`` to compare).
+
+    ``backend`` (class-wide, or per layer): ``torch`` runs the convolution above; ``triton`` runs
+    :mod:`ffl.implicit_conv`'s batched implicit-GEMM kernels on CUDA (stride-1 layers; others keep
+    the grouped convolution); ``interpret`` runs those kernels in Triton's interpreter on CPU (tests).
+    """
 
     per_network_on_cpu: bool = True
+    backend: str = "torch"
 
     def __init__(self, mods: Sequence[nn.Conv2d]) -> None:
         super().__init__()
@@ -101,11 +110,14 @@ class BatchedConv2d(nn.Module):
         self.K = len(mods)
         self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
         self.out_channels = m.out_channels
+        self._implicit_ok = implicit_conv.supported(m.stride, m.dilation, m.groups) and not isinstance(m.padding, str)
         self.weight = nn.Parameter(_stack([c.weight for c in mods]))
         b = _stack([c.bias for c in mods])
         self.bias = nn.Parameter(b) if b is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "torch" and self._implicit_ok and (x.is_cuda or self.backend == "interpret"):
+            return implicit_conv.batched_conv2d(x, self.weight, self.bias, padding=self.padding, backend=self.backend)
         if x.device.type == "cpu" and self.K > 1 and self.per_network_on_cpu:
             # oneDNN's grouped convolution measured slower on CPU than one convolution per
             # network (python -m ffl.bench zoo): same math, one call per network
@@ -121,6 +133,19 @@ class BatchedConv2d(nn.Module):
         w = self.weight.reshape(self.K * self.out_channels, *self.weight.shape[2:])
         b = self.bias.reshape(-1) if self.bias is not None else None
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups * self.K)
+
+
+@contextlib.contextmanager
+def conv_backend(backend: str):
+    """Run every :class:`BatchedConv2d` with ``backend`` inside the block (see its docstring)."""
+    if backend not in implicit_conv.BACKENDS:
+        raise ValueError(f"unknown convolution backend {backend!r}; choose one of {', '.join(implicit_conv.BACKENDS)}")
+    before = BatchedConv2d.backend
+    BatchedConv2d.backend = backend
+    try:
+        yield
+    finally:
+        BatchedConv2d.backend = before
 
 
 class BatchedBatchNorm(nn.Module):

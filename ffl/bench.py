@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
+from ffl import implicit_conv
+from ffl.batched import conv_backend
 from ffl.cli import Command, run_command_line
 from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
@@ -324,12 +326,16 @@ def im2col_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision: str = "bf16",
-                repeat: int = 3, convs=PLAINNET5_CONVS) -> list[dict[str, Any]]:
+                repeat: int = 3, convs=PLAINNET5_CONVS, implicit_on_cpu: bool = False) -> list[dict[str, Any]]:
     """Forward + backward TFLOP/s of PlainNet-5's convolutions for K networks, three ways:
     ``grouped`` (what the engine runs: one cuDNN convolution with groups=K), ``im2col_bmm``
     (:func:`im2col_conv3x3`) and ``dense`` — one ordinary convolution over all K·B images with a
-    single weight: the same FLOPs, the device's convolution ceiling for these shapes."""
+    single weight: the same FLOPs, the device's convolution ceiling for these shapes — and
+    ``implicit`` (:mod:`ffl.implicit_conv`'s batched implicit GEMM) where Triton runs (CUDA; on CPU
+    its interpreter, with ``implicit_on_cpu``: tests only)."""
     dev = torch.device(device)
+    implicit = ("triton" if dev.type == "cuda" else "interpret" if implicit_on_cpu else None)
+    implicit = implicit if implicit is not None and implicit_conv.available(implicit) else None
     dt = torch.bfloat16 if precision == "bf16" else torch.float32
     cl = torch.channels_last if precision == "bf16" else torch.contiguous_format
     if dev.type == "cuda":
@@ -347,12 +353,16 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
             cases = {
                 "grouped": (lambda a: F.conv2d(a[0], a[1], padding=1, groups=K),
                             lambda: (make((batch, K * cin, hw, hw), cl), make((K * cout, cin, 3, 3), cl))),
+                "implicit": (lambda a: implicit_conv.batched_conv2d(a[0], a[1], padding=1, backend=implicit),
+                             lambda: (make((batch, K * cin, hw, hw), torch.channels_last), make((K, cout, cin, 3, 3)))),
                 "im2col_bmm": (lambda a: im2col_conv3x3(a[0], a[1]),
                                lambda: (make((K, batch, hw, hw, cin)), make((K, cout, cin, 3, 3)))),
                 "dense": (lambda a: F.conv2d(a[0], a[1], padding=1),
                           lambda: (make((K * batch, cin, hw, hw), cl), make((cout, cin, 3, 3), cl))),
             }
             row: dict[str, Any] = {"layer": li + 1, "in": cin, "out": cout, "hw": hw, "K": K, "batch": batch}
+            if implicit is None:
+                del cases["implicit"]
             for name, (fn, setup) in cases.items():
                 args = setup()
                 args[0].requires_grad_(dgrad)
@@ -375,8 +385,31 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
                 del args
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+            if implicit is not None:
+                row.update(implicit_agreement(cin, cout, hw, implicit, dt, dev))
             rows.append(row)
     return rows
+
+
+def implicit_agreement(cin: int, cout: int, hw: int, backend: str, dtype: torch.dtype, device: torch.device,
+                       K: int = 4, batch: int = 16) -> dict[str, float]:
+    """Largest differences between :mod:`ffl.implicit_conv` and the grouped convolution on one
+    3×3 layer of K networks (output, input gradient, weight gradient), each relative to the
+    largest entry of the grouped result."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, K * cin, hw, hw, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, cout, cin, 3, 3, generator=gen).to(device, dtype) / (3 * cin ** 0.5)
+    g = torch.randn(batch, K * cout, hw, hw, generator=gen).to(device, dtype)
+    out = {}
+    results = []
+    for b in ("torch", backend):
+        xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = implicit_conv.batched_conv2d(xb, wb, padding=1, backend=b)
+        y.backward(g)
+        results.append((y.detach(), xb.grad, wb.grad))
+    for name, ref, got in zip(("y", "dx", "dw"), results[0], results[1]):
+        out[f"implicit_rel_err_{name}"] = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+    return out
 
 
 def profile_step(arch: str = "cnn", device: str = "cuda", K: int = 126, precision: str = "bf16",
@@ -859,13 +892,21 @@ def _zoo_time_arguments(ap) -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--compile", action="store_true", help="train through torch.compile")
     ap.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks")
+    _conv_backend_argument(ap)
+
+
+def _conv_backend_argument(ap) -> None:
+    ap.add_argument("--conv-backend", choices=implicit_conv.BACKENDS, default="torch",
+                    help="convolutions: torch (grouped, cuDNN) or triton (ffl.implicit_conv)")
 
 
 def _zoo_time(args) -> int:
     _setup(args)
-    res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
-                   batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
-                   precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
+    with conv_backend(args.conv_backend):
+        res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
+                       batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
+                       precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
+    res["conv_backend"] = args.conv_backend
     print(json.dumps(res, sort_keys=True))
     return 0
 
@@ -887,12 +928,14 @@ def _profile_arguments(ap) -> None:
     ap.add_argument("--arch", default="mlp")
     ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
     ap.add_argument("--compile", action="store_true", help="train through torch.compile")
+    _conv_backend_argument(ap)
 
 
 def _profile(args) -> int:
     _setup(args)
-    print(profile_step(args.arch, args.device, K=args.batch_networks, precision=args.precision,
-                       compile=args.compile, augment=args.arch != "mlp"))
+    with conv_backend(args.conv_backend):
+        print(profile_step(args.arch, args.device, K=args.batch_networks, precision=args.precision,
+                           compile=args.compile, augment=args.arch != "mlp"))
     return 0
 
 

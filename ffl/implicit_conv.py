@@ -1,0 +1,318 @@
+"""Batched implicit-GEMM convolution: the convolutions of K networks in one kernel launch (§4's
+CNN zoos, trained by :mod:`ffl.engine`).
+
+A zoo chunk's activations sit in the folded layout of :mod:`ffl.batched`, ``(B, K*C, H, W)``.
+cuDNN runs the grouped convolution over that layout (K networks as groups) as one small kernel
+per group; this module runs it as one implicit GEMM per network, all networks in one launch. For
+network ``k`` and a ``kh×kw`` kernel with stride 1 the output is the GEMM
+
+    Y_k[(b, p), o] = Σ_{tap, c} X_k[(b, p + tap − pad), c] · W_k[o, c, tap]
+
+over rows ``(b, p)`` (batch × output pixels) and a reduction over taps × input channels. The
+input's rows are gathered on the fly from the shifted pixels ("implicit": no im2col copy), so
+the convolution reads the activation once per tap from cache rather than materializing nine
+copies. The backward uses the same two ideas: the input gradient is the forward kernel applied
+to the output gradient with the kernel flipped and transposed; the weight gradient is a GEMM per
+tap reducing over rows, split across programs and summed in a fixed order (deterministic).
+
+The kernels are written in Triton. On CUDA they are compiled; on CPU Triton's interpreter runs the
+same kernel source on NumPy, which is how the tests check them against ``F.conv2d`` without a GPU.
+:func:`batched_conv2d` with ``backend="torch"`` is the reference: PyTorch's grouped convolution.
+Only stride 1, dilation 1 and zero padding are covered, which are the paper's CNNs' convolutions
+(3×3, padding 1; ResNet-5's 1×1 projections); :func:`supported` says whether a layer qualifies.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with PyTorch's CUDA wheels; a CPU-only install may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+__all__ = ["BACKENDS", "available", "supported", "batched_conv2d", "flops"]
+
+BACKENDS = ("torch", "triton", "interpret")
+
+
+def available(backend: str) -> bool:
+    """Whether ``backend`` can run here: ``torch`` always, ``interpret`` with Triton installed,
+    ``triton`` with Triton and a CUDA GPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return True
+    return triton is not None and (backend == "interpret" or torch.cuda.is_available())
+
+
+def supported(stride, dilation, groups, padding_mode: str = "zeros") -> bool:
+    """Whether a convolution with these settings (per network) is one this module computes."""
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return pair(stride) == (1, 1) and pair(dilation) == (1, 1) and groups == 1 and padding_mode == "zeros"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels (Triton source; compiled for CUDA or interpreted on CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_forward_kernel(
+    X, WT, BIAS, Y,
+    NB, H, W, HO, WO, C, O,
+    sxb, sxh, sxw, sxc,
+    syb, syh, syw, syc,
+    PH, PW,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+):
+    """One (BM rows × BN output channels) tile of network ``program_id(1)``'s output. ``WT`` is the
+    weight as (K, KH, KW, C, O), contiguous; X and Y are addressed through their strides."""
+    k = tl.program_id(1)
+    num_n = (O + BN - 1) // BN
+    pm = tl.program_id(0) // num_n
+    pn = tl.program_id(0) % num_n
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    m_ok = rm < NB * HO * WO
+    n_ok = rn < O
+    ow = rm % WO
+    oh = (rm // WO) % HO
+    b = (rm // (WO * HO)).to(tl.int64)
+    x_net = X + k.to(tl.int64) * C * sxc
+    w_net = WT + k.to(tl.int64) * KH * KW * C * O
+    acc = tl.full((BM, BN), 0.0, tl.float32)
+    for dy in tl.static_range(KH):
+        for dx in tl.static_range(KW):
+            ih = oh + dy - PH
+            iw = ow + dx - PW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            rows = b * sxb + ih * sxh + iw * sxw
+            w_tap = w_net + (dy * KW + dx) * C * O
+            for c0 in range(0, C, BC):
+                rc = c0 + tl.arange(0, BC)
+                c_ok = rc < C
+                a = tl.load(x_net + rows[:, None] + rc[None, :] * sxc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                w = tl.load(w_tap + rc[:, None] * O + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + k * O + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = Y + k.to(tl.int64) * O * syc + (b * syb + oh * syh + ow * syw)[:, None] + rn[None, :] * syc
+    tl.store(out, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _conv_weight_grad_kernel(
+    X, G, DW,
+    NB, H, W, HO, WO, C, O,
+    sxb, sxh, sxw, sxc,
+    sgb, sgh, sgw, sgc,
+    PH, PW, ROWS_PER_SPLIT,
+    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+):
+    """One (BC input channels × BN output channels) tile of one tap of network ``program_id(1)``'s
+    weight gradient, summed over the rows of split ``program_id(2)``; written to
+    DW[split, k, tap, c, o] (the splits are summed afterwards)."""
+    k = tl.program_id(1)
+    split = tl.program_id(2)
+    num_c = (C + BC - 1) // BC
+    num_n = (O + BN - 1) // BN
+    tap = tl.program_id(0) // (num_c * num_n)
+    pc = (tl.program_id(0) // num_n) % num_c
+    pn = tl.program_id(0) % num_n
+    dy = tap // KW
+    dx = tap % KW
+    rc = pc * BC + tl.arange(0, BC)
+    rn = pn * BN + tl.arange(0, BN)
+    c_ok = rc < C
+    n_ok = rn < O
+    M = NB * HO * WO
+    row_end = tl.minimum(M, (split + 1) * ROWS_PER_SPLIT)
+    x_net = X + k.to(tl.int64) * C * sxc
+    g_net = G + k.to(tl.int64) * O * sgc
+    acc = tl.full((BC, BN), 0.0, tl.float32)
+    for m0 in range(0, ROWS_PER_SPLIT, BM):
+        rm = split * ROWS_PER_SPLIT + m0 + tl.arange(0, BM)
+        m_ok = rm < row_end
+        ow = rm % WO
+        oh = (rm // WO) % HO
+        b = (rm // (WO * HO)).to(tl.int64)
+        ih = oh + dy - PH
+        iw = ow + dx - PW
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_net + (b * sxb + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        g = tl.load(g_net + (b * sgb + oh * sgh + ow * sgw)[:, None] + rn[None, :] * sgc,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+    K = tl.num_programs(1)
+    out = DW + ((split * K + k).to(tl.int64) * KH * KW + tap) * C * O + rc[:, None] * O + rn[None, :]
+    tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """The two kernels, compiled (CUDA) or interpreted (CPU). The interpreter is chosen here and
+    not through ``TRITON_INTERPRET``, so one process can run both."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(_conv_forward_kernel), InterpretedFunction(_conv_weight_grad_kernel)
+    return triton.jit(_conv_forward_kernel), triton.jit(_conv_weight_grad_kernel)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """Triton's ``input_precision`` for FP32 operands: TF32 exactly when PyTorch's matmul would use
+    it (the engine's ``tf32`` precision), IEEE FP32 otherwise; ignored for bf16/fp16 operands."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, row, column, channel) strides of a (B, channels, H, W) tensor."""
+    sb, sc, sh, sw = t.stride()
+    return sb, sh, sw, sc
+
+
+def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: int, padding: tuple[int, int],
+             interpret: bool) -> torch.Tensor:
+    """Y = conv(x, w) per network; ``wt``: the weight as (K, kh, kw, C, O), contiguous."""
+    B, KC, H, W = x.shape
+    _, kh, kw, C, O = wt.shape
+    ph, pw = padding
+    HO, WO = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
+    y = torch.empty((B, K * O, HO, WO), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 128), _pow2(C, 16, 64))
+    grid = (triton.cdiv(B * HO * WO, BM) * triton.cdiv(O, BN), K)
+    forward, _ = _kernels(interpret)
+    forward[grid](
+        x, wt, bias if bias is not None else wt, y,
+        B, H, W, HO, WO, C, O, *_strides(x), *_strides(y), ph, pw,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BM=BM, BN=BN, BC=BC,
+        **({} if interpret else {"num_warps": 4, "num_stages": 3}),
+    )
+    return y
+
+
+def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, padding: tuple[int, int],
+                 interpret: bool, programs: int | None = None) -> torch.Tensor:
+    """dW (K, O, C, kh, kw) in FP32 from the input x and the output gradient g. The rows are split
+    so that about ``programs`` programs run (default: 4 per multiprocessor on CUDA, 1 interpreted)."""
+    B, KC, H, W = x.shape
+    C, O = KC // K, g.shape[1] // K
+    HO, WO = g.shape[2], g.shape[3]
+    rows = B * HO * WO
+    BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 64), _pow2(C, 16, 64))
+    tiles = kh * kw * triton.cdiv(C, BC) * triton.cdiv(O, BN)
+    # enough programs to fill the GPU, each reducing a long run of rows; the splits are summed below
+    if programs is None:
+        programs = 1 if interpret else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    splits, per_split = _row_splits(rows, tiles * K, BM, programs)
+    dw = torch.empty((splits, K, kh, kw, C, O), dtype=torch.float32, device=x.device)
+    _, weight_grad = _kernels(interpret)
+    weight_grad[(tiles, K, splits)](
+        x, g, dw, B, H, W, HO, WO, C, O, *_strides(x), *_strides(g), padding[0], padding[1], per_split,
+        KH=kh, KW=kw, PRECISION=_precision(x.dtype), BM=BM, BN=BN, BC=BC,
+        **({} if interpret else {"num_warps": 4, "num_stages": 3}),
+    )
+    return dw.sum(0).permute(0, 4, 3, 1, 2)
+
+
+def _row_splits(rows: int, tiles: int, BM: int, programs: int) -> tuple[int, int]:
+    """(splits, rows per split) for the weight gradient: about ``programs`` programs in all, each
+    reducing at least 8 blocks of BM rows, a split a whole number of blocks."""
+    splits = max(1, min(triton.cdiv(rows, 8 * BM), triton.cdiv(programs, tiles)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), BM) * BM
+    return triton.cdiv(rows, per_split), per_split
+
+
+class _ImplicitConv(torch.autograd.Function):
+    """Autograd for the Triton path: x (B, K*C, H, W), weight (K, O, C, kh, kw), bias (K, O)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, K, padding, interpret):
+        ctx.save_for_backward(x, weight)
+        ctx.K, ctx.padding, ctx.interpret, ctx.has_bias = K, padding, interpret, bias is not None
+        wt = weight.permute(0, 3, 4, 2, 1).contiguous()
+        return _forward(x, wt, bias.contiguous() if bias is not None else None, K, padding, interpret)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        K, (ph, pw), interpret = ctx.K, ctx.padding, ctx.interpret
+        kh, kw = weight.shape[3], weight.shape[4]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # dX = conv(g, W flipped in space, input and output channels swapped), padding k−1−p
+            wt_flipped = weight.flip(3, 4).permute(0, 3, 4, 1, 2).contiguous()
+            gx = _forward(g, wt_flipped, None, K, (kh - 1 - ph, kw - 1 - pw), interpret)
+            gx = gx.contiguous(memory_format=_memory_format(x))
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(x, g, K, kh, kw, (ph, pw), interpret).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3), dtype=torch.float32).view(K, -1)
+        return gx, gw, gb, None, None, None
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
+        else torch.contiguous_format
+
+
+def batched_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   padding: int | tuple[int, int] = 0, backend: str = "torch") -> torch.Tensor:
+    """The convolutions of K networks on the folded layout (stride 1, dilation 1, zero padding).
+
+    ``x``: (B, K*C, H, W), network k's channels at ``k*C:(k+1)*C``; ``weight``: (K, O, C, kh, kw);
+    ``bias``: (K, O) or None. Returns (B, K*O, H', W'), the same as the grouped convolution
+    ``F.conv2d(x, weight.reshape(K*O, C, kh, kw), bias.reshape(-1), padding=padding, groups=K)``.
+    ``backend``: ``torch`` (that grouped convolution), ``triton`` (the kernels of this module on
+    CUDA; output in channels-last memory format) or ``interpret`` (the same kernels run by Triton's
+    interpreter on CPU: slow, for tests). Under autocast the Triton path computes in the autocast
+    dtype with FP32 accumulation, as cuDNN does.
+    """
+    if not available(backend):
+        raise RuntimeError(f"convolution backend {backend!r} is not available here "
+                           f"(Triton {'installed' if triton is not None else 'missing'}, "
+                           f"CUDA {'available' if torch.cuda.is_available() else 'unavailable'})")
+    if x.dim() != 4 or weight.dim() != 5:
+        raise ValueError(f"expected x (B, K*C, H, W) and weight (K, O, C, kh, kw); got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+    K, O, C, kh, kw = weight.shape
+    if x.shape[1] != K * C:
+        raise ValueError(f"x has {x.shape[1]} channels; weight {tuple(weight.shape)} needs K*C = {K * C}")
+    padding = tuple(padding) if isinstance(padding, (tuple, list)) else (int(padding), int(padding))
+    if backend == "torch":
+        b = bias.reshape(-1) if bias is not None else None
+        return F.conv2d(x, weight.reshape(K * O, C, kh, kw), b, padding=padding, groups=K)
+    interpret = backend == "interpret"
+    if not interpret and x.device.type != "cuda":
+        raise ValueError(f"backend 'triton' needs CUDA tensors; x is on {x.device}")
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if interpret and (x.dtype, weight.dtype) != (torch.float32, torch.float32):
+        raise TypeError("Triton's interpreter multiplies float32 only (its bf16 dot is wrong); got "
+                        f"{x.dtype} and {weight.dtype}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"the Triton path takes float32, bfloat16 or float16 x and weight of one dtype; got "
+                        f"{x.dtype} and {weight.dtype}")
+    with torch.autocast(x.device.type, enabled=False):
+        return _ImplicitConv.apply(x, weight, bias, K, padding, interpret)
+
+
+def flops(x_shape, weight_shape, padding) -> int:
+    """Multiply-adds ×2 of one forward pass (for throughput figures)."""
+    B, _, H, W = x_shape
+    K, O, C, kh, kw = weight_shape
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    return 2 * B * K * O * C * kh * kw * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
+

@@ -1,0 +1,137 @@
+"""ffl.implicit_conv: the batched implicit-GEMM convolution against PyTorch's grouped convolution.
+
+On CPU the Triton kernels run in Triton's interpreter (backend ``interpret``, FP32); the compiled
+CUDA kernels are checked by ``python -m ffl.bench conv --device cuda`` (its ``implicit_rel_err``
+columns) in scripts/gpu_check_conv.sh.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from ffl import implicit_conv  # noqa: E402
+from ffl.batched import BatchedConv2d, conv_backend, stack_models  # noqa: E402
+from ffl.bench import conv_layers  # noqa: E402
+from ffl.models import build_model  # noqa: E402
+
+
+def _pair(B, K, C, O, H, W, k, pad, channels_last=False, bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K * C, H, W, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, O, C, k, k, generator=gen)
+    b = torch.randn(K, O, generator=gen) if bias else None
+    return x, w, b
+
+
+def _conv_and_grads(x, w, b, pad, backend, g=None):
+    leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if b is not None else ())]
+    y = implicit_conv.batched_conv2d(leaves[0], leaves[1], leaves[2] if b is not None else None,
+                                     padding=pad, backend=backend)
+    g = torch.randn_like(y) if g is None else g
+    grads = torch.autograd.grad(y, leaves, g)
+    return y.detach(), grads, g
+
+
+def _close(a, b, rtol=1e-5):
+    scale = b.abs().max().clamp_min(1e-12)
+    return float((a - b).abs().max() / scale) <= rtol
+
+
+@pytest.mark.parametrize("B,K,C,O,H,W,k,pad,channels_last,bias", [
+    (2, 3, 3, 5, 6, 5, 3, 1, False, False),   # PlainNet's first unit: 3 input channels, odd sizes
+    (2, 2, 40, 40, 3, 3, 3, 1, True, False),  # several channel blocks and output tiles per network
+    (3, 2, 4, 6, 5, 5, 1, 0, False, True),    # 1×1 (ResNet-5's projections), with a bias
+    (2, 2, 5, 7, 6, 4, 3, 0, True, True),     # no padding: the output shrinks
+])
+def test_matches_grouped_convolution(B, K, C, O, H, W, k, pad, channels_last, bias):
+    x, w, b = _pair(B, K, C, O, H, W, k, pad, channels_last, bias)
+    y, grads, g = _conv_and_grads(x, w, b, pad, "interpret")
+    y_ref, grads_ref, _ = _conv_and_grads(x, w, b, pad, "torch", g)
+    # the grouped convolution is itself checked against independent per-network convolutions
+    per_net = torch.cat([F.conv2d(x[:, i * C:(i + 1) * C], w[i], b[i] if b is not None else None, padding=pad)
+                         for i in range(K)], 1)
+    assert _close(y_ref, per_net, 1e-6)
+    assert y.shape == y_ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert _close(y, y_ref)
+    for got, ref in zip(grads, grads_ref):
+        assert got.shape == ref.shape and _close(got, ref)
+    assert grads[0].stride() == x.stride()  # the input gradient keeps the input's memory format
+
+
+def test_weight_gradient_split_over_rows():
+    """Many programs → the rows are split and the partial sums added; same gradient."""
+    x, w, _ = _pair(2, 2, 3, 4, 16, 16, 3, 1)
+    g = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    ref = torch.autograd.grad(implicit_conv.batched_conv2d(x, w.requires_grad_(True), padding=1), w, g)[0]
+    one = implicit_conv._weight_grad(x, g, 2, 3, 3, (1, 1), interpret=True, programs=1)
+    split = implicit_conv._weight_grad(x, g, 2, 3, 3, (1, 1), interpret=True, programs=10_000)
+    assert _close(one, ref) and _close(split, ref)
+    # 2·16·16 rows, 9 taps × 2 networks of one tile each, blocks of 16 rows (interpreted)
+    assert implicit_conv._row_splits(512, 18, 16, 1) == (1, 512)
+    assert implicit_conv._row_splits(512, 18, 16, 10_000) == (4, 128)
+
+
+def test_stacked_convnet_trains_alike_with_either_backend():
+    """A stacked PlainNet (tiny widths) through the engine's BatchedConv2d: outputs and every
+    parameter gradient of one step agree between the interpreted kernels and the grouped conv."""
+    torch.manual_seed(0)
+    models = [build_model("cnn", num_classes=3, widths=[4, 6]) for _ in range(3)]
+    x = torch.randn(5, 3, 8, 8)
+    y = torch.randint(0, 3, (5,))
+    results = {}
+    for backend in ("torch", "interpret"):
+        net = stack_models(models)
+        assert isinstance(net.convs[0], BatchedConv2d)
+        with conv_backend(backend):
+            out = net(x.repeat(1, 3, 1, 1))
+            loss = F.cross_entropy(out.view(5, 3, 3).transpose(1, 2), y[:, None].expand(5, 3))
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+        results[backend] = (out.detach(), grads)
+    assert BatchedConv2d.backend == "torch"  # the context restores the class-wide default
+    assert _close(results["interpret"][0], results["torch"][0])
+    for got, ref in zip(results["interpret"][1], results["torch"][1]):
+        assert _close(got, ref, 1e-4)
+    # and both agree with the networks one by one
+    per_net = torch.cat([m(x) for m in models], 1)
+    assert _close(results["torch"][0], per_net.detach(), 1e-5)
+
+
+def test_unsupported_layers_keep_the_grouped_convolution():
+    convs = [torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False) for _ in range(2)]
+    layer = BatchedConv2d(convs)
+    assert not layer._implicit_ok
+    assert not implicit_conv.supported(2, 1, 1) and not implicit_conv.supported(1, 2, 1)
+    assert not implicit_conv.supported(1, 1, 2) and implicit_conv.supported((1, 1), (1, 1), 1)
+    x = torch.randn(2, 4, 6, 6)
+    with conv_backend("interpret"):
+        got = layer(x)
+    ref = torch.cat([c(x[:, 2 * i:2 * i + 2]) for i, c in enumerate(convs)], 1)
+    assert _close(got.detach(), ref.detach())
+
+
+def test_bad_inputs_say_what_is_wrong():
+    x, w, _ = _pair(1, 2, 3, 4, 4, 4, 3, 1)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        implicit_conv.batched_conv2d(x, w, padding=1, backend="cudnn")
+    with pytest.raises(ValueError, match="unknown convolution backend"):
+        with conv_backend("cudnn"):
+            pass
+    with pytest.raises(ValueError, match="K\\*C = 6"):
+        implicit_conv.batched_conv2d(x[:, :5], w, padding=1, backend="interpret")
+    with pytest.raises(TypeError, match="float32 only"):
+        implicit_conv.batched_conv2d(x.bfloat16(), w.bfloat16(), padding=1, backend="interpret")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'triton' is not available here"):
+            implicit_conv.batched_conv2d(x, w, padding=1, backend="triton")
+
+
+def test_bench_conv_reports_the_kernels_agreement():
+    rows = conv_layers("cpu", K=2, batch=2, precision="fp32", repeat=1, convs=((3, 4, 4),), implicit_on_cpu=True)
+    row = rows[0]
+    assert row["implicit_tflops"] > 0 and row["grouped_tflops"] > 0
+    for name in ("y", "dx", "dw"):
+        assert 0 <= row[f"implicit_rel_err_{name}"] < 1e-5
