@@ -85,19 +85,19 @@ def _conv_forward_kernel(
     x_net = X + k.to(tl.int64) * C * sxc
     w_net = WT + k.to(tl.int64) * KH * KW * C * O
     acc = tl.full((BM, BN), 0.0, tl.float32)
-    for dy in tl.static_range(KH):
-        for dx in tl.static_range(KW):
-            ih = oh + dy - PH
-            iw = ow + dx - PW
-            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            rows = b * sxb + ih * sxh + iw * sxw
-            w_tap = w_net + (dy * KW + dx) * C * O
-            for c0 in range(0, C, BC):
-                rc = c0 + tl.arange(0, BC)
-                c_ok = rc < C
-                a = tl.load(x_net + rows[:, None] + rc[None, :] * sxc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                w = tl.load(w_tap + rc[:, None] * O + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    num_c = (C + BC - 1) // BC
+    # one flat loop over (tap, channel block), so that Triton pipelines loads across taps
+    for r in range(0, KH * KW * num_c):
+        tap = r // num_c
+        rc = (r % num_c) * BC + tl.arange(0, BC)
+        c_ok = rc < C
+        ih = oh + tap // KW - PH
+        iw = ow + tap % KW - PW
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_net + (b * sxb + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(w_net + tap * C * O + rc[:, None] * O + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + k * O + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = Y + k.to(tl.int64) * O * syc + (b * syb + oh * syh + ow * syw)[:, None] + rn[None, :] * syc
@@ -238,6 +238,9 @@ class _ImplicitConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, K, padding, interpret):
+        ctx.x_format = _memory_format(x)
+        # channels innermost: each row of a tile is then one contiguous, vectorizable load
+        x = x.contiguous(memory_format=torch.channels_last)
         ctx.save_for_backward(x, weight)
         ctx.K, ctx.padding, ctx.interpret, ctx.has_bias = K, padding, interpret, bias is not None
         wt = weight.permute(0, 3, 4, 2, 1).contiguous()
@@ -248,12 +251,13 @@ class _ImplicitConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         K, (ph, pw), interpret = ctx.K, ctx.padding, ctx.interpret
         kh, kw = weight.shape[3], weight.shape[4]
+        g = g.contiguous(memory_format=torch.channels_last)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # dX = conv(g, W flipped in space, input and output channels swapped), padding k−1−p
             wt_flipped = weight.flip(3, 4).permute(0, 3, 4, 1, 2).contiguous()
             gx = _forward(g, wt_flipped, None, K, (kh - 1 - ph, kw - 1 - pw), interpret)
-            gx = gx.contiguous(memory_format=_memory_format(x))
+            gx = gx.contiguous(memory_format=ctx.x_format)
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(x, g, K, kh, kw, (ph, pw), interpret).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -135,3 +135,36 @@ def test_bench_conv_reports_the_kernels_agreement():
     assert row["implicit_tflops"] > 0 and row["grouped_tflops"] > 0
     for name in ("y", "dx", "dw"):
         assert 0 <= row[f"implicit_rel_err_{name}"] < 1e-5
+
+
+def _compile_for_hopper(fn, pointers: dict[str, str], constants: dict, aligned: list[str]) -> str:
+    """PTX of one kernel compiled for sm_90 (H100) by Triton's own compiler and ptxas — no GPU
+    needed. ``aligned``: arguments Triton's JIT would specialize as multiples of 16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    return kernel.asm["ptx"]
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads():
+    """What the interpreter cannot show: the kernels compile for sm_90, the forward multiplies on
+    Hopper's wgmma tensor cores, and both kernels stream their tiles with asynchronous copies (the
+    layout PlainNet-5's second unit has in bf16: channels-last, 32 → 64 channels)."""
+    forward, weight_grad = implicit_conv._kernels(False)
+    shapes = ["NB", "H", "W", "HO", "WO", "C", "O"]
+    ptx = _compile_for_hopper(
+        forward, {"X": "*bf16", "WT": "*bf16", "BIAS": "*bf16", "Y": "*bf16"},
+        dict(KH=3, KW=3, HAS_BIAS=False, PRECISION="ieee", BM=64, BN=64, BC=32, sxc=1, syc=1),
+        ["X", "WT", "BIAS", "Y", *shapes, "sxb", "sxh", "sxw", "syb", "syh", "syw"])
+    assert "wgmma.mma_async" in ptx and "bf16.bf16" in ptx
+    assert "cp.async" in ptx
+    ptx = _compile_for_hopper(
+        weight_grad, {"X": "*bf16", "G": "*bf16", "DW": "*fp32"},
+        dict(KH=3, KW=3, PRECISION="ieee", BM=64, BN=64, BC=32, sxc=1, sgc=1),
+        ["X", "G", "DW", *shapes, "sxb", "sxh", "sxw", "sgb", "sgh", "sgw", "ROWS_PER_SPLIT"])
+    assert "mma" in ptx and "cp.async" in ptx
