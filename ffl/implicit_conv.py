@@ -192,7 +192,7 @@ def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: in
     BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 128), _pow2(C, 16, 64))
     grid = (triton.cdiv(B * HO * WO, BM) * triton.cdiv(O, BN), K)
     forward, _ = _kernels(interpret)
-    forward[grid](
+    _launchable(forward, interpret)[grid](
         x, wt, bias if bias is not None else wt, y,
         B, H, W, HO, WO, C, O, *_strides(x), *_strides(y), ph, pw,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BM=BM, BN=BN, BC=BC,
@@ -217,12 +217,43 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     splits, per_split = _row_splits(rows, tiles * K, BM, programs)
     dw = torch.empty((splits, K, kh, kw, C, O), dtype=torch.float32, device=x.device)
     _, weight_grad = _kernels(interpret)
-    weight_grad[(tiles, K, splits)](
+    _launchable(weight_grad, interpret)[(tiles, K, splits)](
         x, g, dw, B, H, W, HO, WO, C, O, *_strides(x), *_strides(g), padding[0], padding[1], per_split,
         KH=kh, KW=kw, PRECISION=_precision(x.dtype), BM=BM, BN=BN, BC=BC,
         **({} if interpret else {"num_warps": 4, "num_stages": 3}),
     )
-    return dw.sum(0).permute(0, 4, 3, 1, 2)
+    return dw.sum(0).permute(0, 4, 3, 1, 2).contiguous()
+
+
+def _launchable(kernel, interpret: bool):
+    """Compiled kernels launch through ``torch.library.wrap_triton`` (inside the custom ops below,
+    which lets ``torch.compile`` trace around them); interpreted ones directly."""
+    return kernel if interpret else torch.library.wrap_triton(kernel)
+
+
+def _forward_op(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: int, ph: int, pw: int) -> torch.Tensor:
+    return _forward(x, wt, bias, K, (ph, pw), False)
+
+
+def _weight_grad_op(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
+    return _weight_grad(x, g, K, kh, kw, (ph, pw), False)
+
+
+if triton is not None:  # the CUDA path as custom operators: torch.compile sees them as opaque nodes
+    torch.library.triton_op("ffl::implicit_conv_forward", _forward_op, mutates_args=())
+    torch.library.triton_op("ffl::implicit_conv_weight_grad", _weight_grad_op, mutates_args=())
+
+
+def _conv(x, wt, bias, K: int, padding: tuple[int, int], interpret: bool) -> torch.Tensor:
+    if interpret:
+        return _forward(x, wt, bias, K, padding, True)
+    return torch.ops.ffl.implicit_conv_forward(x, wt, bias, K, *padding)
+
+
+def _dweight(x, g, K: int, kh: int, kw: int, padding: tuple[int, int], interpret: bool) -> torch.Tensor:
+    if interpret:
+        return _weight_grad(x, g, K, kh, kw, padding, True)
+    return torch.ops.ffl.implicit_conv_weight_grad(x, g, K, kh, kw, *padding)
 
 
 def _row_splits(rows: int, tiles: int, BM: int, programs: int) -> tuple[int, int]:
@@ -244,7 +275,7 @@ class _ImplicitConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.K, ctx.padding, ctx.interpret, ctx.has_bias = K, padding, interpret, bias is not None
         wt = weight.permute(0, 3, 4, 2, 1).contiguous()
-        return _forward(x, wt, bias.contiguous() if bias is not None else None, K, padding, interpret)
+        return _conv(x, wt, bias.contiguous() if bias is not None else None, K, padding, interpret)
 
     @staticmethod
     def backward(ctx, g):
@@ -256,10 +287,10 @@ class _ImplicitConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dX = conv(g, W flipped in space, input and output channels swapped), padding k−1−p
             wt_flipped = weight.flip(3, 4).permute(0, 3, 4, 1, 2).contiguous()
-            gx = _forward(g, wt_flipped, None, K, (kh - 1 - ph, kw - 1 - pw), interpret)
+            gx = _conv(g, wt_flipped, None, K, (kh - 1 - ph, kw - 1 - pw), interpret)
             gx = gx.contiguous(memory_format=ctx.x_format)
         if ctx.needs_input_grad[1]:
-            gw = _weight_grad(x, g, K, kh, kw, (ph, pw), interpret).to(weight.dtype)
+            gw = _dweight(x, g, K, kh, kw, (ph, pw), interpret).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum((0, 2, 3), dtype=torch.float32).view(K, -1)
         return gx, gw, gb, None, None, None
