@@ -66,11 +66,16 @@ def _conv_forward_kernel(
     sxb, sxh, sxw, sxc,
     syb, syh, syw, syc,
     PH, PW,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
 ):
     """One (BM rows × BN output channels) tile of network ``program_id(1)``'s output. ``WT`` is the
-    weight as (K, KH, KW, C, O), contiguous; X and Y are addressed through their strides."""
+    weight as (K, KH, KW, C, O), contiguous; X and Y are addressed through their strides.
+
+    The reduction runs over (tap, channel). With many channels a block of BC channels of one tap
+    is one step (``FLAT`` off); with few (PlainNet's 3 input channels) a block of BC consecutive
+    (tap, channel) pairs is, so that 27 products fill one 32-wide step instead of nine 16-wide
+    steps holding 3 each."""
     k = tl.program_id(1)
     num_n = (O + BN - 1) // BN
     pm = tl.program_id(0) // num_n
@@ -85,19 +90,32 @@ def _conv_forward_kernel(
     x_net = X + k.to(tl.int64) * C * sxc
     w_net = WT + k.to(tl.int64) * KH * KW * C * O
     acc = tl.full((BM, BN), 0.0, tl.float32)
-    num_c = (C + BC - 1) // BC
-    # one flat loop over (tap, channel block), so that Triton pipelines loads across taps
-    for r in range(0, KH * KW * num_c):
-        tap = r // num_c
-        rc = (r % num_c) * BC + tl.arange(0, BC)
-        c_ok = rc < C
-        ih = oh + tap // KW - PH
-        iw = ow + tap % KW - PW
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_net + (b * sxb + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(w_net + tap * C * O + rc[:, None] * O + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if FLAT:
+        for r0 in range(0, KH * KW * C, BC):
+            rr = r0 + tl.arange(0, BC)  # (tap, channel) pairs, tap-major: WT's own order
+            r_ok = rr < KH * KW * C
+            tap = rr // C
+            ih = oh[:, None] + (tap // KW)[None, :] - PH
+            iw = ow[:, None] + (tap % KW)[None, :] - PW
+            ok = m_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_net + b[:, None] * sxb + ih * sxh + iw * sxw + (rr % C)[None, :] * sxc, mask=ok, other=0.0)
+            w = tl.load(w_net + rr[:, None] * O + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    else:
+        num_c = (C + BC - 1) // BC
+        # one loop over (tap, channel block), so that Triton pipelines loads across taps
+        for r in range(0, KH * KW * num_c):
+            tap = r // num_c
+            rc = (r % num_c) * BC + tl.arange(0, BC)
+            c_ok = rc < C
+            ih = oh + tap // KW - PH
+            iw = ow + tap % KW - PW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_net + (b * sxb + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            w = tl.load(w_net + tap * C * O + rc[:, None] * O + rn[None, :], mask=c_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + k * O + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = Y + k.to(tl.int64) * O * syc + (b * syb + oh * syh + ow * syw)[:, None] + rn[None, :] * syc
@@ -110,24 +128,32 @@ def _conv_weight_grad_kernel(
     sxb, sxh, sxw, sxc,
     sgb, sgh, sgw, sgc,
     PH, PW, ROWS_PER_SPLIT,
-    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, FLAT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
 ):
-    """One (BC input channels × BN output channels) tile of one tap of network ``program_id(1)``'s
-    weight gradient, summed over the rows of split ``program_id(2)``; written to
-    DW[split, k, tap, c, o] (the splits are summed afterwards)."""
+    """One (BC (tap, input channel) pairs × BN output channels) tile of network
+    ``program_id(1)``'s weight gradient, summed over the rows of split ``program_id(2)``; written
+    to DW[split, k, tap, c, o] (the splits are summed afterwards). A tile's pairs are BC channels
+    of one tap, or with ``FLAT`` (few channels) BC consecutive pairs, as in the forward kernel."""
     k = tl.program_id(1)
     split = tl.program_id(2)
-    num_c = (C + BC - 1) // BC
     num_n = (O + BN - 1) // BN
-    tap = tl.program_id(0) // (num_c * num_n)
-    pc = (tl.program_id(0) // num_n) % num_c
     pn = tl.program_id(0) % num_n
-    dy = tap // KW
-    dx = tap % KW
-    rc = pc * BC + tl.arange(0, BC)
+    if FLAT:
+        rr = (tl.program_id(0) // num_n) * BC + tl.arange(0, BC)
+        r_ok = rr < KH * KW * C
+        rc = rr % C
+        dy = (rr // C) // KW
+        dx = (rr // C) % KW
+    else:
+        num_c = (C + BC - 1) // BC
+        tap = tl.program_id(0) // (num_c * num_n)
+        rc = ((tl.program_id(0) // num_n) % num_c) * BC + tl.arange(0, BC)
+        r_ok = rc < C
+        rr = tap * C + rc
+        dy = tap // KW
+        dx = tap % KW
     rn = pn * BN + tl.arange(0, BN)
-    c_ok = rc < C
     n_ok = rn < O
     M = NB * HO * WO
     row_end = tl.minimum(M, (split + 1) * ROWS_PER_SPLIT)
@@ -140,17 +166,28 @@ def _conv_weight_grad_kernel(
         ow = rm % WO
         oh = (rm // WO) % HO
         b = (rm // (WO * HO)).to(tl.int64)
-        ih = oh + dy - PH
-        iw = ow + dx - PW
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_net + (b * sxb + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        if FLAT:
+            ih = oh[:, None] + dy[None, :] - PH
+            iw = ow[:, None] + dx[None, :] - PW
+            ok = m_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_net + b[:, None] * sxb + ih * sxh + iw * sxw + rc[None, :] * sxc, mask=ok, other=0.0)
+        else:
+            ih = oh + dy - PH
+            iw = ow + dx - PW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_net + (b * sxb + ih * sxh + iw * sxw)[:, None] + rc[None, :] * sxc,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         g = tl.load(g_net + (b * sgb + oh * sgh + ow * sgw)[:, None] + rn[None, :] * sgc,
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
     K = tl.num_programs(1)
-    out = DW + ((split * K + k).to(tl.int64) * KH * KW + tap) * C * O + rc[:, None] * O + rn[None, :]
-    tl.store(out, acc, mask=c_ok[:, None] & n_ok[None, :])
+    out = DW + (split * K + k).to(tl.int64) * KH * KW * C * O + rr[:, None] * O + rn[None, :]
+    tl.store(out, acc, mask=r_ok[:, None] & n_ok[None, :])
+
+
+def _flat(C: int) -> bool:
+    """Whether the reduction steps over (tap, channel) pairs rather than channels of one tap."""
+    return C < 16
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -189,13 +226,16 @@ def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: in
     ph, pw = padding
     HO, WO = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
     y = torch.empty((B, K * O, HO, WO), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    flat = _flat(C)
     BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 128), _pow2(C, 16, 64))
+    if flat:
+        BC = _pow2(kh * kw * C, 16, 32)
     grid = (triton.cdiv(B * HO * WO, BM) * triton.cdiv(O, BN), K)
     forward, _ = _kernels(interpret)
     _launchable(forward, interpret)[grid](
         x, wt, bias if bias is not None else wt, y,
         B, H, W, HO, WO, C, O, *_strides(x), *_strides(y), ph, pw,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BM=BM, BN=BN, BC=BC,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), FLAT=flat, BM=BM, BN=BN, BC=BC,
         **({} if interpret else {"num_warps": 4, "num_stages": 3}),
     )
     return y
@@ -209,8 +249,11 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     C, O = KC // K, g.shape[1] // K
     HO, WO = g.shape[2], g.shape[3]
     rows = B * HO * WO
+    flat = _flat(C)
     BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 64), _pow2(C, 16, 64))
-    tiles = kh * kw * triton.cdiv(C, BC) * triton.cdiv(O, BN)
+    if flat:
+        BC = _pow2(kh * kw * C, 16, 32)
+    tiles = (triton.cdiv(kh * kw * C, BC) if flat else kh * kw * triton.cdiv(C, BC)) * triton.cdiv(O, BN)
     # enough programs to fill the GPU, each reducing a long run of rows; the splits are summed below
     if programs is None:
         programs = 1 if interpret else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -219,7 +262,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     _, weight_grad = _kernels(interpret)
     _launchable(weight_grad, interpret)[(tiles, K, splits)](
         x, g, dw, B, H, W, HO, WO, C, O, *_strides(x), *_strides(g), padding[0], padding[1], per_split,
-        KH=kh, KW=kw, PRECISION=_precision(x.dtype), BM=BM, BN=BN, BC=BC,
+        KH=kh, KW=kw, PRECISION=_precision(x.dtype), FLAT=flat, BM=BM, BN=BN, BC=BC,
         **({} if interpret else {"num_warps": 4, "num_stages": 3}),
     )
     return dw.sum(0).permute(0, 4, 3, 1, 2).contiguous()

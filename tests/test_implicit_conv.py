@@ -41,8 +41,9 @@ def _close(a, b, rtol=1e-5):
 
 
 @pytest.mark.parametrize("B,K,C,O,H,W,k,pad,channels_last,bias", [
-    (2, 3, 3, 5, 6, 5, 3, 1, False, False),   # PlainNet's first unit: 3 input channels, odd sizes
+    (2, 3, 3, 5, 6, 5, 3, 1, False, False),   # PlainNet's first unit: 3 input channels (flat steps)
     (2, 2, 40, 40, 3, 3, 3, 1, True, False),  # several channel blocks and output tiles per network
+    (2, 2, 16, 24, 4, 4, 3, 1, True, False),  # the fewest channels stepped tap by tap
     (3, 2, 4, 6, 5, 5, 1, 0, False, True),    # 1×1 (ResNet-5's projections), with a bias
     (2, 2, 5, 7, 6, 4, 3, 0, True, True),     # no padding: the output shrinks
 ])
@@ -151,20 +152,24 @@ def _compile_for_hopper(fn, pointers: dict[str, str], constants: dict, aligned: 
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads():
+@pytest.mark.parametrize("flat", [False, True])
+def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads(flat):
     """What the interpreter cannot show: the kernels compile for sm_90, the forward multiplies on
-    Hopper's wgmma tensor cores, and both kernels stream their tiles with asynchronous copies (the
-    layout PlainNet-5's second unit has in bf16: channels-last, 32 → 64 channels)."""
+    Hopper's wgmma tensor cores, and the kernels stream their tiles with asynchronous copies.
+    Layouts of PlainNet-5 in bf16, channels-last: its second unit (32 → 64 channels; one tap per
+    reduction step) and its first (3 → 32; (tap, channel) pairs per step, ``flat``)."""
     forward, weight_grad = implicit_conv._kernels(False)
-    shapes = ["NB", "H", "W", "HO", "WO", "C", "O"]
+    shapes = ["NB", "H", "W", "HO", "WO", "O"] + ([] if flat else ["C"])  # multiples of 16 (not C = 3)
+    blocks = dict(BM=64, BN=32, BC=32) if flat else dict(BM=64, BN=64, BC=32)
     ptx = _compile_for_hopper(
         forward, {"X": "*bf16", "WT": "*bf16", "BIAS": "*bf16", "Y": "*bf16"},
-        dict(KH=3, KW=3, HAS_BIAS=False, PRECISION="ieee", BM=64, BN=64, BC=32, sxc=1, syc=1),
+        dict(KH=3, KW=3, HAS_BIAS=False, PRECISION="ieee", FLAT=flat, sxc=1, syc=1, **blocks),
         ["X", "WT", "BIAS", "Y", *shapes, "sxb", "sxh", "sxw", "syb", "syh", "syw"])
     assert "wgmma.mma_async" in ptx and "bf16.bf16" in ptx
-    assert "cp.async" in ptx
+    if not flat:  # gathered (tap, channel) pairs are not contiguous rows: no 16-byte async copies
+        assert "cp.async" in ptx
     ptx = _compile_for_hopper(
         weight_grad, {"X": "*bf16", "G": "*bf16", "DW": "*fp32"},
-        dict(KH=3, KW=3, PRECISION="ieee", BM=64, BN=64, BC=32, sxc=1, sgc=1),
+        dict(KH=3, KW=3, PRECISION="ieee", FLAT=flat, sxc=1, sgc=1, **blocks),
         ["X", "G", "DW", *shapes, "sxb", "sxh", "sxw", "sgb", "sgh", "sgw", "ROWS_PER_SPLIT"])
     assert "mma" in ptx and "cp.async" in ptx
