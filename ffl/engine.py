@@ -300,8 +300,9 @@ class PendingInit:
     """Initial weights of K models that :func:`start_init_stacked` started; :meth:`result`
     returns them once built (it joins the forked workers, or builds them serially now)."""
 
-    def __init__(self, build: Callable[[], nn.Module], seeds: list[int], shapes: dict[str, tuple[torch.Size, torch.dtype]],
-                 shared: dict[str, torch.Tensor] | None = None, procs: Sequence = (), errors=None) -> None:
+    def __init__(self, build: Callable[[], nn.Module], seeds: list[int],
+                 shapes: dict[str, tuple[torch.Size, torch.dtype]], shared: dict[str, torch.Tensor] | None = None,
+                 procs: Sequence = (), errors=None) -> None:
         self.build, self.seeds, self.shapes = build, seeds, shapes
         self.shared, self.procs, self.errors = shared, list(procs), errors
 
@@ -330,7 +331,8 @@ class PendingInit:
             p.join()
 
 
-def start_init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *, workers: int | None = None) -> PendingInit:
+def start_init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *,
+                       workers: int | None = None) -> PendingInit:
     """Start building the initial weights of :func:`init_stacked` and return at once: ``workers``
     forked processes fill shared memory while the caller goes on (e.g. trains the previous chunk).
     Where :func:`init_stacked` would build them serially (few or small models, one worker, no

@@ -831,9 +831,10 @@ def train_zoo(
                         # fork copies only the calling thread, and a lock another thread held at
                         # that moment would stay locked in the child. The workers only fill shared
                         # memory; this thread trains meanwhile and joins them at the next chunk.
-                        # Training draws no numbers from the global RNG that the builds reseed.
-                        build, seeds = _chunk_model(spec, todo[ci + 1], task_data)[2], _chunk_seeds(spec, todo[ci + 1])
-                        ahead = start_init_stacked(build, seeds, workers=_prefetch_workers())
+                        # Training draws no numbers from the global RNG that the builds reseed
+                        # (the template's weights are replaced by the stacked ones).
+                        build = _chunk_model(spec, todo[ci + 1], task_data)[2]
+                        ahead = start_init_stacked(build, _chunk_seeds(spec, todo[ci + 1]), workers=_prefetch_workers())
                 finally:
                     if finished is not None:
                         writes.submit(finished)

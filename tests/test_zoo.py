@@ -282,7 +282,8 @@ def wide_spec(**kw) -> ZooSpec:
 
 
 def zoo_files(root: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in [*sorted((root / "shards").glob("*")), root / "manifest.json", root / "spec.json"]}
+    files = [*sorted((root / "shards").glob("*")), root / "manifest.json", root / "spec.json"]
+    return {f.name: f.read_bytes() for f in files}
 
 
 @pytest.fixture(scope="module")
@@ -447,7 +448,8 @@ def test_overlap_init_worker_error_propagates(wide_serial, tmp_path, monkeypatch
 
     monkeypatch.setattr(zoo_module, "start_init_stacked", start)
     root = tmp_path / "z"
-    with pytest.raises(RuntimeError, match=rf"initialization workers failed .*ValueError: cannot build the network of seed {bad_seed} \(test\)"):
+    message = rf"initialization workers failed .*ValueError: cannot build the network of seed {bad_seed} \(test\)"
+    with pytest.raises(RuntimeError, match=message):
         train_zoo(wide_spec(), root, progress=False, batch_networks=4, overlap=True)
     assert sorted(f.name for f in (root / "shards").iterdir()) == shard_names(0)
     for name in shard_names(0):
