@@ -374,16 +374,21 @@ def test_overlap_kill_and_resume(zoo_dir, tmp_path):
     assert shard_bytes(root) == shard_bytes(zoo_dir)
 
 
-def test_overlap_divergence_saves_the_earlier_chunks_only(zoo_dir, tmp_path, monkeypatch):
-    """Chunk 1 diverges (marked so): when the error arrives, chunk 0's shards are complete, no
-    writer thread and no init worker is left, and nothing of chunk 1 or 2 exists."""
+def test_overlap_divergence_saves_the_earlier_chunks_only(tmp_path, monkeypatch):
+    """Chunk 1 of 3 diverges (marked so) while chunk 0's shards are still being written (slowly)
+    and chunk 2's init workers are still building (they would take a minute): when the error
+    arrives, chunk 0's shards are complete, no writer thread is left, the workers are stopped,
+    and nothing of chunk 1 or 2 exists."""
     import multiprocessing
     import threading
+    import time
 
     import ffl.zoo as zoo_module
-    from ffl.zoo import TrainingDivergedError
+    from ffl.zoo import TrainingDivergedError, _read_sidecar
 
-    real_train, calls = zoo_module.train_batched, []
+    real_train, real_write, real_start, calls = (zoo_module.train_batched, zoo_module.write_piece,
+                                                 zoo_module.start_init_stacked, [])
+    parent = os.getpid()
 
     def train(*a, **kw):
         res = real_train(*a, **kw)
@@ -392,15 +397,31 @@ def test_overlap_divergence_saves_the_earlier_chunks_only(zoo_dir, tmp_path, mon
             res.diverged = [1]
         return res
 
+    def write(*a, **kw):
+        time.sleep(0.5)
+        real_write(*a, **kw)
+
+    def start(build, seeds, **kw):
+        def stuck():
+            if os.getpid() != parent and seeds[0] == run_seed(0, 2, 0):
+                time.sleep(60)
+            return build()
+        return real_start(stuck, seeds, **kw)
+
     monkeypatch.setattr(zoo_module, "train_batched", train)
-    root = tmp_path / "z"
-    with pytest.raises(TrainingDivergedError, match=r"1 of the 4 networks .*: task 1 run 2\."):
-        train_zoo(tiny_spec(), root, progress=False, batch_networks=4, overlap=True)
+    monkeypatch.setattr(zoo_module, "write_piece", write)
+    monkeypatch.setattr(zoo_module, "start_init_stacked", start)
+    root, spec = tmp_path / "z", wide_spec(runs=4)
+    t0 = time.time()
+    with pytest.raises(TrainingDivergedError, match=r"1 of the 4 networks .*: task 1 run 1\."):
+        train_zoo(spec, root, progress=False, batch_networks=4, overlap=True)
+    assert time.time() - t0 < 30  # chunk 2's workers were stopped, not waited for
     assert not [t for t in threading.enumerate() if t.name.startswith("ffl-zoo-writes")]
     assert not multiprocessing.active_children()
-    assert sorted(f.name for f in (root / "shards").iterdir()) == shard_names(0)
-    for name in shard_names(0):
-        assert (root / "shards" / name).read_bytes() == (zoo_dir / "shards" / name).read_bytes()
+    chunk0 = chunks(spec, 4)[0]
+    assert sorted(f.name for f in (root / "shards").iterdir()) == sorted(p.name + s for p in chunk0
+                                                                         for s in (".json", ".safetensors"))
+    assert all(_read_sidecar(root, p) is not None for p in chunk0)  # complete: size and SHA-256 match
 
 
 def test_overlap_write_error_propagates_and_leaves_no_shard(zoo_dir, tmp_path, monkeypatch):
