@@ -54,6 +54,8 @@ __all__ = [
     "train_batched",
     "train_loop",
     "init_stacked",
+    "start_init_stacked",
+    "PendingInit",
     "nonfinite_networks",
     "probe_capacity",
     "epoch_plan",
@@ -272,12 +274,17 @@ def gather(x: torch.Tensor, task_index: torch.Tensor, idx: torch.Tensor) -> torc
 
 
 def _init_worker(args) -> None:
-    build, seeds, lo, hi, shared = args
+    build, seeds, lo, hi, shared, errors = args
     torch.set_num_threads(1)
-    for k in range(lo, hi):
-        torch.manual_seed(int(seeds[k]))
-        for name, t in build().state_dict().items():
-            shared[name][k].copy_(t)
+    try:
+        for k in range(lo, hi):
+            torch.manual_seed(int(seeds[k]))
+            for name, t in build().state_dict().items():
+                shared[name][k].copy_(t)
+    except BaseException as e:
+        if errors is not None:  # a forked worker: its parent raises with this message
+            errors.put(f"{type(e).__name__}: {e}"[:2000])  # small: the pipe must not fill
+        raise
 
 
 def _shm_fits(nbytes: int) -> bool:
@@ -289,33 +296,74 @@ def _shm_fits(nbytes: int) -> bool:
         return False
 
 
-def init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *, workers: int | None = None) -> dict[str, torch.Tensor]:
-    """Initial ``state_dict``s of K models, stacked: model k is ``build()`` right after
-    ``torch.manual_seed(seeds[k])`` (exactly the bytes of a serial loop), built by ``workers``
-    forked processes writing into shared memory (a serial loop dominates a GPU chunk's setup)."""
+class PendingInit:
+    """Initial weights of K models that :func:`start_init_stacked` started; :meth:`result`
+    returns them once built (it joins the forked workers, or builds them serially now)."""
+
+    def __init__(self, build: Callable[[], nn.Module], seeds: list[int],
+                 shapes: dict[str, tuple[torch.Size, torch.dtype]], shared: dict[str, torch.Tensor] | None = None,
+                 procs: Sequence = (), errors=None) -> None:
+        self.build, self.seeds, self.shapes = build, seeds, shapes
+        self.shared, self.procs, self.errors = shared, list(procs), errors
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.shared is None:  # serial: built now, in this process (as a plain loop would)
+            out = {n: torch.empty((len(self.seeds), *shape), dtype=dtype) for n, (shape, dtype) in self.shapes.items()}
+            _init_worker((self.build, self.seeds, 0, len(self.seeds), out, None))
+            return out
+        for p in self.procs:
+            p.join()
+        bad = [p.exitcode for p in self.procs if p.exitcode != 0]
+        if bad:
+            why = []
+            while not self.errors.empty():
+                why.append(self.errors.get())
+            raise RuntimeError(f"model initialization workers failed with exit codes {bad}"
+                               + (": " + "; ".join(why) if why else ""))
+        return self.shared
+
+    def cancel(self) -> None:
+        """Stop the workers (their weights are not needed any more)."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join()
+
+
+def start_init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *,
+                       workers: int | None = None) -> PendingInit:
+    """Start building the initial weights of :func:`init_stacked` and return at once: ``workers``
+    forked processes fill shared memory while the caller goes on (e.g. trains the previous chunk).
+    Where :func:`init_stacked` would build them serially (few or small models, one worker, no
+    ``fork``, too little shared memory) nothing starts: :meth:`PendingInit.result` builds them."""
     seeds = [int(s) for s in seeds]
     K = len(seeds)
     torch.manual_seed(seeds[0])
     first = build().state_dict()
+    shapes = {n: (t.shape, t.dtype) for n, t in first.items()}
     workers = workers if workers is not None else min(os.cpu_count() or 1, 16)
     per = sum(t.numel() for t in first.values()) * K
     need = sum(t.numel() * t.element_size() for t in first.values()) * K
+    del first
     if workers <= 1 or K < 4 or per < 1 << 22 or "fork" not in mp.get_all_start_methods() or not _shm_fits(need):
-        out = {n: torch.empty((K, *t.shape), dtype=t.dtype) for n, t in first.items()}
-        _init_worker((build, seeds, 0, K, out))
-        return out
-    shared = {n: torch.empty((K, *t.shape), dtype=t.dtype).share_memory_() for n, t in first.items()}
+        return PendingInit(build, seeds, shapes)
+    shared = {n: torch.empty((K, *shape), dtype=dtype).share_memory_() for n, (shape, dtype) in shapes.items()}
     bounds = [(K * i // workers, K * (i + 1) // workers) for i in range(workers)]
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_init_worker, args=((build, seeds, lo, hi, shared),)) for lo, hi in bounds if hi > lo]
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_init_worker, args=((build, seeds, lo, hi, shared, errors),))
+             for lo, hi in bounds if hi > lo]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
-        raise RuntimeError(f"model initialization workers failed with exit codes {bad}")
-    return shared
+    return PendingInit(build, seeds, shapes, shared, procs, errors)
+
+
+def init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *, workers: int | None = None) -> dict[str, torch.Tensor]:
+    """Initial ``state_dict``s of K models, stacked: model k is ``build()`` right after
+    ``torch.manual_seed(seeds[k])`` (exactly the bytes of a serial loop), built by ``workers``
+    forked processes writing into shared memory (a serial loop dominates a GPU chunk's setup)."""
+    return start_init_stacked(build, seeds, workers=workers).result()
 
 
 # --------------------------------------------------------------------------------------------

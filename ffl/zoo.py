@@ -68,7 +68,8 @@ from ffl.cli import Command, run_command_line
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import TaskData, load_task
 from ffl.data.tasks import check_dataset, check_task
-from ffl.engine import NetworkData, TrainConfig, check_precision, init_stacked, probe_capacity, train_batched, tune_malloc
+from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
+                        start_init_stacked, train_batched, tune_malloc)
 from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
 from ffl.models import ARCHS, build_model
 from ffl.profiles import load_profile
@@ -516,24 +517,34 @@ class ChunkInputs:
     build: Any  # () -> nn.Module, one untrained network of the chunk's architecture
 
 
-def chunk_inputs(spec: ZooSpec, chunk: Sequence[Piece], task_data: dict[int, Any],
-                 device: str | torch.device) -> ChunkInputs:
-    """Seeds, task indices and device data of one chunk (``task_data``: the loaded tasks by id)."""
-    tasks_here = sorted({p.task for p in chunk})
+def _chunk_model(spec: ZooSpec, chunk: Sequence[Piece], task_data: dict[int, Any]) -> tuple[int, dict[str, Any], Any]:
+    """Number of classes, build keywords and model builder of one chunk."""
     ncls_set = {task_data[p.task].num_classes for p in chunk}
     if len(ncls_set) != 1:
         raise ValueError(f"tasks trained together need the same number of classes, got {sorted(ncls_set)}")
     ncls = ncls_set.pop()
+    build_kwargs = _build_kwargs(spec, task_data[min(p.task for p in chunk)])
+    return ncls, build_kwargs, functools.partial(build_model, spec.arch, ncls, **build_kwargs)
+
+
+def _chunk_seeds(spec: ZooSpec, chunk: Sequence[Piece]) -> list[int]:
+    return [run_seed(spec.seed, p.task, r) for p in chunk for r in range(p.r0, p.r1)]
+
+
+def chunk_inputs(spec: ZooSpec, chunk: Sequence[Piece], task_data: dict[int, Any],
+                 device: str | torch.device) -> ChunkInputs:
+    """Seeds, task indices and device data of one chunk (``task_data``: the loaded tasks by id)."""
+    tasks_here = sorted({p.task for p in chunk})
+    ncls, build_kwargs, build = _chunk_model(spec, chunk, task_data)
     runs = [(p.task, r) for p in chunk for r in range(p.r0, p.r1)]
-    build_kwargs = _build_kwargs(spec, task_data[tasks_here[0]])
     return ChunkInputs(
         data=NetworkData.from_tasks([task_data[t] for t in tasks_here], device),
-        seeds=[run_seed(spec.seed, t, r) for t, r in runs],
+        seeds=_chunk_seeds(spec, chunk),
         data_seeds=[data_seed(spec.seed, t, r) for t, r in runs],
         task_index=[tasks_here.index(t) for t, _ in runs],
         num_classes=ncls,
         build_kwargs=build_kwargs,
-        build=functools.partial(build_model, spec.arch, ncls, **build_kwargs),
+        build=build,
     )
 
 
@@ -667,6 +678,55 @@ def write_piece(root: Path, spec: ZooSpec, piece: Piece, state: dict[str, torch.
     write_json_atomic(root / "shards" / f"{piece.name}.json", meta)
 
 
+def _write_chunk(root: Path, spec: ZooSpec, chunk: Sequence[Piece], res, nets_meta: list[dict[str, Any]],
+                 build_kwargs: dict[str, Any]) -> None:
+    """The shards of one trained chunk (``res``: its :class:`ffl.engine.BatchResult`)."""
+    i = 0
+    for p in chunk:
+        n = p.r1 - p.r0
+        metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
+                 for j, m in enumerate(nets_meta[i:i + n])]
+        write_piece(root, spec, p, res.state, slice(i, i + n), metas, build_kwargs)
+        i += n
+
+
+class _ChunkWrites:
+    """The shards of at most one trained chunk in flight. ``background``: written by a thread
+    (safetensors serialization, fsync and hashing) while the next chunk trains; otherwise at once.
+    A chunk counts as written (and the ``FFL_ZOO_DIE_AFTER_CHUNKS`` hook counts it) only when its
+    files are durable; a write's error is raised by :meth:`wait`. Each chunk gets a fresh thread,
+    joined in :meth:`wait`, so no writer thread is alive when the next init workers are forked."""
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self._pool: ThreadPoolExecutor | None = None
+        self._future = None
+
+    def submit(self, write) -> None:
+        self.wait()
+        if not self.background:
+            write()
+            _maybe_die_after_chunk()
+            return
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ffl-zoo-writes")
+        self._future = self._pool.submit(write)
+
+    def wait(self) -> None:
+        if self._future is None:
+            return
+        pool, future = self._pool, self._future
+        self._pool = self._future = None
+        pool.shutdown(wait=True)
+        future.result()
+        _maybe_die_after_chunk()
+
+
+def _prefetch_workers() -> int:
+    """Init workers that run beside training: two cores fewer than :func:`ffl.engine.init_stacked`
+    takes, left to the thread that drives the device and the writer thread."""
+    return max(2, min(os.cpu_count() or 1, 16) - 2)
+
+
 class _Progress:
     def __init__(self, total: int, enabled: bool, desc: str) -> None:
         self.bar = None
@@ -692,6 +752,7 @@ def train_zoo(
     shard: tuple[int, int] | None = None,
     batch_networks: int | None = None,
     compile: bool = False,
+    overlap: bool | None = None,
 ) -> Zoo | None:
     """Train (or load, or resume) the zoo of ``spec`` in directory ``root`` (§4).
 
@@ -704,6 +765,9 @@ def train_zoo(
     ``shard=(rank, world)``: train only chunks ``c % world == rank``; returns the zoo if it is
     complete afterwards (the last rank to finish writes the manifest), else ``None``.
     ``compile``: train through ``torch.compile`` (see :func:`ffl.engine.train_batched`).
+    ``overlap``: build the next chunk's initial weights (forked workers) and write the finished
+    chunk's shards (a thread) while a chunk trains; same bytes as without. Default: on CUDA only
+    (on a CPU those workers would take the cores the training uses).
     """
     root = Path(root)
     if not isinstance(spec, ZooSpec):
@@ -749,36 +813,69 @@ def train_zoo(
         desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
         bar = _Progress(n_mine, progress, desc)
         bar.update(n_done)
-        for ci, chunk in enumerate(todo):
-            inp = chunk_inputs(spec, chunk, task_data, dev)
-            runs = [(p, r) for p in chunk for r in range(p.r0, p.r1)]
-            nets_meta = [{"task": p.task, "run": r, "seed": s, "data_seed": ds, "num_classes": inp.num_classes,
-                          "classes": list(map(str, task_data[p.task].classes)),
-                          "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
-                         for (p, r), s, ds in zip(runs, inp.seeds, inp.data_seeds)]
-            stacked = init_stacked(inp.build, inp.seeds)
-            K = len(inp.seeds)
-            last = [0]
+        # overlap: the next chunk's initial weights are built, and the finished chunk's shards
+        # written, while a chunk trains (see _ChunkWrites and the fork below)
+        overlap = dev.type == "cuda" if overlap is None else bool(overlap)
+        writes = _ChunkWrites(background=overlap)
+        ahead: PendingInit | None = None  # the next chunk's initial weights, being built
+        finished = None  # a trained chunk whose shards are still to be submitted
+        try:
+            for ci, chunk in enumerate(todo):
+                try:
+                    inp = chunk_inputs(spec, chunk, task_data, dev)
+                    stacked = ahead.result() if ahead is not None else init_stacked(inp.build, inp.seeds)
+                    ahead = None
+                    if overlap and ci + 1 < len(todo):
+                        # Forked here, on the main thread, between two trainings and while no writer
+                        # thread exists (the last one was joined; the next is started just below):
+                        # fork copies only the calling thread, and a lock another thread held at
+                        # that moment would stay locked in the child. The workers only fill shared
+                        # memory; this thread trains meanwhile and joins them at the next chunk.
+                        # Training draws no numbers from the global RNG that the builds reseed
+                        # (the template's weights are replaced by the stacked ones).
+                        build = _chunk_model(spec, todo[ci + 1], task_data)[2]
+                        ahead = start_init_stacked(build, _chunk_seeds(spec, todo[ci + 1]), workers=_prefetch_workers())
+                finally:
+                    if finished is not None:
+                        writes.submit(finished)
+                        finished = None
+                runs = [(p, r) for p in chunk for r in range(p.r0, p.r1)]
+                nets_meta = [{"task": p.task, "run": r, "seed": s, "data_seed": ds, "num_classes": inp.num_classes,
+                              "classes": list(map(str, task_data[p.task].classes)),
+                              "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
+                             for (p, r), s, ds in zip(runs, inp.seeds, inp.data_seeds)]
+                K = len(inp.seeds)
+                last = [0]
 
-            def on_step(step: int, total: int, K=K, last=last) -> None:
-                frac = K * step / total
-                bar.update(frac - last[0])
-                last[0] = frac
+                def on_step(step: int, total: int, K=K, last=last) -> None:
+                    frac = K * step / total
+                    bar.update(frac - last[0])
+                    last[0] = frac
 
-            res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg, device=dev,
-                                on_step=on_step, compile=compile)
-            if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
-                bar.close()
-                raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
-            i = 0
-            for p in chunk:
-                n = p.r1 - p.r0
-                metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
-                         for j, m in enumerate(nets_meta[i:i + n])]
-                write_piece(root, spec, p, res.state, slice(i, i + n), metas, inp.build_kwargs)
-                i += n
-            _maybe_die_after_chunk()
-            del stacked, res, inp
+                res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg,
+                                    device=dev, on_step=on_step, compile=compile)
+                del stacked
+                writes.wait()  # the previous chunk's shards are durable
+                if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
+                    bar.close()
+                    raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
+                finished = functools.partial(_write_chunk, root, spec, chunk, res, nets_meta, inp.build_kwargs)
+                del res, inp
+                if not overlap:
+                    writes.submit(finished)
+                    finished = None
+            if finished is not None:
+                writes.submit(finished)
+                finished = None
+            writes.wait()
+        except BaseException as err:
+            if ahead is not None:
+                ahead.cancel()
+            try:  # chunks trained before the error still land
+                writes.wait()
+            except Exception as also:  # noqa: BLE001 - the first error propagates, this one is noted
+                err.add_note(f"writing an earlier chunk's shards failed too: {type(also).__name__}: {also}")
+            raise
         bar.close()
     prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
             "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c)}

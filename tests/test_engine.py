@@ -282,6 +282,44 @@ def test_parallel_init_is_the_serial_init():
             assert torch.equal(par[name][k], v)
 
 
+def test_started_init_runs_in_workers_while_the_caller_goes_on():
+    """start_init_stacked returns while its forked workers still build (they wait for the caller
+    to go on); the result is the serial loop's bytes."""
+    import functools
+    import multiprocessing as mp
+    import os
+
+    from ffl.engine import start_init_stacked
+
+    gate, parent = mp.get_context("fork").Event(), os.getpid()
+    plain = functools.partial(build_model, "mlp", 2, hidden=(500, 500))
+
+    def build():
+        if os.getpid() != parent:
+            assert gate.wait(30)
+        return plain()
+
+    seeds = [5, 6, 7, 8]
+    pending = start_init_stacked(build, seeds, workers=2)
+    assert len(pending.procs) == 2 and all(p.is_alive() for p in pending.procs)
+    gate.set()
+    par = pending.result()
+    for k, s in enumerate(seeds):
+        torch.manual_seed(s)
+        for name, v in plain().state_dict().items():
+            assert torch.equal(par[name][k], v)
+
+
+def test_init_worker_error_reaches_the_caller_with_its_message():
+    def build():
+        if torch.initial_seed() == 7:
+            raise ValueError("no network for seed 7 (test)")
+        return nn.Linear(1024, 1024)  # 4 of them: enough parameters for forked workers
+
+    with pytest.raises(RuntimeError, match=r"exit codes \[1\]: ValueError: no network for seed 7 \(test\)"):
+        init_stacked(build, [5, 6, 7, 8], workers=2)
+
+
 def test_train_from_stacked_state_equals_from_models():
     import functools
 

@@ -264,3 +264,214 @@ def test_sigkill_and_resume(tmp_path):
     assert json.loads((root / "spec.json").read_text())["batch_networks"] == 1
     assert shard_bytes(root) == shard_bytes(reference.root)
     assert not [f for f in root.rglob("*") if ".tmp-" in f.name]
+
+
+# --------------------------------------------------------------------------------------------
+# Overlap: the next chunk's init and the finished chunk's writes run while a chunk trains
+# --------------------------------------------------------------------------------------------
+
+
+def shard_names(chunk_index: int, suffixes=(".json", ".safetensors")) -> list[str]:
+    """File names of chunk ``chunk_index``'s shards in the tiny (and wide) zoo, chunked 4 at a time."""
+    return sorted(p.name + s for p in chunks(tiny_spec(), 4)[chunk_index] for s in suffixes)
+
+
+def wide_spec(**kw) -> ZooSpec:
+    """Networks large enough (1.2M parameters) that a chunk of 4 is initialized by forked workers."""
+    return tiny_spec(model_kwargs={"hidden": [400]}, **kw)
+
+
+def zoo_files(root: Path) -> dict[str, bytes]:
+    files = [*sorted((root / "shards").glob("*")), root / "manifest.json", root / "spec.json"]
+    return {f.name: f.read_bytes() for f in files}
+
+
+@pytest.fixture(scope="module")
+def wide_serial(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide") / "serial"
+    train_zoo(wide_spec(), root, progress=False, batch_networks=4, overlap=False)
+    return root
+
+
+def test_overlap_writes_the_serial_bytes_while_the_next_chunk_trains(wide_serial, tmp_path, monkeypatch):
+    """3 chunks (4 + 4 + 1 networks) trained with overlap on: the next chunk's init workers are
+    forked before a chunk trains, chunk 0's shards are written on another thread while chunk 1
+    trains (chunk 1's training waits for that write to happen), and every file has the bytes of
+    the serial run."""
+    import threading
+
+    import ffl.zoo as zoo_module
+
+    events, chunk0_written = [], threading.Event()
+    real_write, real_train, real_start = zoo_module.write_piece, zoo_module.train_batched, zoo_module.start_init_stacked
+
+    def write(root, spec, piece, *a, **kw):
+        events.append(("write", piece.name, threading.current_thread() is threading.main_thread()))
+        real_write(root, spec, piece, *a, **kw)
+        if piece.name == chunks(spec, 4)[0][-1].name:
+            chunk0_written.set()
+
+    def train(*a, **kw):
+        n = sum(e[0] == "train" for e in events)
+        events.append(("train", n))
+        if n == 1:
+            assert chunk0_written.wait(60), "chunk 0's shards were not written while chunk 1 trained"
+        return real_train(*a, **kw)
+
+    def start(build, seeds, **kw):
+        pending = real_start(build, seeds, **kw)
+        events.append(("init ahead", len(seeds), len(pending.procs)))
+        return pending
+
+    monkeypatch.setattr(zoo_module, "write_piece", write)
+    monkeypatch.setattr(zoo_module, "train_batched", train)
+    monkeypatch.setattr(zoo_module, "start_init_stacked", start)
+    root = tmp_path / "overlap"
+    train_zoo(wide_spec(), root, progress=False, batch_networks=4, overlap=True)
+    kinds = [e[:2] if e[0] != "write" else e[0] for e in events]
+    assert kinds[:2] == [("init ahead", 4), ("train", 0)]  # chunk 1's init started before chunk 0 trains
+    assert events[0][2] >= 2  # ... by forked workers
+    assert ("init ahead", 1) in kinds and kinds.index(("init ahead", 1)) < kinds.index(("train", 1))
+    writes = [e for e in events if e[0] == "write"]
+    assert len(writes) == 5 and not any(main for *_, main in writes)
+    assert zoo_files(root) == zoo_files(wide_serial)
+    assert not [f for f in root.rglob("*") if ".tmp-" in f.name]
+
+
+def test_overlap_on_by_default_only_on_cuda(tmp_path, monkeypatch):
+    import ffl.zoo as zoo_module
+
+    backgrounds = []
+    real = zoo_module._ChunkWrites.__init__
+
+    def init(self, background):
+        backgrounds.append(background)
+        real(self, background)
+
+    monkeypatch.setattr(zoo_module._ChunkWrites, "__init__", init)
+    train_zoo(tiny_spec(runs=1), tmp_path / "z", progress=False, batch_networks=2)
+    assert backgrounds == [False]
+
+
+def test_overlap_kill_and_resume(zoo_dir, tmp_path):
+    """Killed (os._exit) once chunk 0's shards are durable, with chunk 1 already trained and
+    chunk 2's init started: only chunk 0's shards exist, and resuming (overlap on again) ends with
+    the bytes of the uninterrupted serial run."""
+    root = tmp_path / "z"
+    code = ("import sys, json; from ffl.zoo import ZooSpec, train_zoo; "
+            "train_zoo(ZooSpec.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False, "
+            "batch_networks=4, overlap=True)")
+    args = [sys.executable, "-c", code, json.dumps(tiny_spec().to_dict()), str(root)]
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run(args, env=dict(e, FFL_ZOO_DIE_AFTER_CHUNKS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 99, r.stderr
+    first = sorted((root / "shards").glob("*"))
+    assert [f.name for f in first] == shard_names(0)
+    mtimes = {f: f.stat().st_mtime_ns for f in first}
+    r = subprocess.run(args, env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert {f: f.stat().st_mtime_ns for f in first} == mtimes  # not rewritten
+    assert shard_bytes(root) == shard_bytes(zoo_dir)
+
+
+def test_overlap_divergence_saves_the_earlier_chunks_only(tmp_path, monkeypatch):
+    """Chunk 1 of 3 diverges (marked so) while chunk 0's shards are still being written (slowly)
+    and chunk 2's init workers are still building (they would take a minute): when the error
+    arrives, chunk 0's shards are complete, no writer thread is left, the workers are stopped,
+    and nothing of chunk 1 or 2 exists."""
+    import multiprocessing
+    import threading
+    import time
+
+    import ffl.zoo as zoo_module
+    from ffl.zoo import TrainingDivergedError, _read_sidecar
+
+    real_train, real_write, real_start, calls = (zoo_module.train_batched, zoo_module.write_piece,
+                                                 zoo_module.start_init_stacked, [])
+    parent = os.getpid()
+
+    def train(*a, **kw):
+        res = real_train(*a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            res.diverged = [1]
+        return res
+
+    def write(*a, **kw):
+        time.sleep(0.5)
+        real_write(*a, **kw)
+
+    def start(build, seeds, **kw):
+        def stuck():
+            if os.getpid() != parent and seeds[0] == run_seed(0, 2, 0):
+                time.sleep(60)
+            return build()
+        return real_start(stuck, seeds, **kw)
+
+    monkeypatch.setattr(zoo_module, "train_batched", train)
+    monkeypatch.setattr(zoo_module, "write_piece", write)
+    monkeypatch.setattr(zoo_module, "start_init_stacked", start)
+    root, spec = tmp_path / "z", wide_spec(runs=4)
+    t0 = time.time()
+    with pytest.raises(TrainingDivergedError, match=r"1 of the 4 networks .*: task 1 run 1\."):
+        train_zoo(spec, root, progress=False, batch_networks=4, overlap=True)
+    assert time.time() - t0 < 30  # chunk 2's workers were stopped, not waited for
+    assert not [t for t in threading.enumerate() if t.name.startswith("ffl-zoo-writes")]
+    assert not multiprocessing.active_children()
+    chunk0 = chunks(spec, 4)[0]
+    assert sorted(f.name for f in (root / "shards").iterdir()) == sorted(p.name + s for p in chunk0
+                                                                         for s in (".json", ".safetensors"))
+    assert all(_read_sidecar(root, p) is not None for p in chunk0)  # complete: size and SHA-256 match
+
+
+def test_overlap_write_error_propagates_and_leaves_no_shard(zoo_dir, tmp_path, monkeypatch):
+    """A shard write that fails halfway on the writer thread: train_zoo raises its error, the
+    shard is not there (not even in part), and a resumed run completes the serial bytes."""
+    import ffl.files
+    import ffl.zoo as zoo_module
+
+    victim = shard_names(1, [".safetensors"])[0]  # chunk 1 = task 1 runs 1-2 + task 2 runs 0-1
+
+    def failing(path, data):
+        if Path(path).name == victim:
+            with ffl.files.atomic_path(path) as staged:
+                staged.write_bytes(data[: len(data) // 2])
+                raise OSError("No space left on device (test)")
+        ffl.files.write_bytes_atomic(path, data)
+
+    monkeypatch.setattr(zoo_module, "write_bytes_atomic", failing)
+    root = tmp_path / "z"
+    with pytest.raises(OSError, match=r"No space left on device \(test\)"):
+        train_zoo(tiny_spec(), root, progress=False, batch_networks=4, overlap=True)
+    names = sorted(f.name for f in (root / "shards").iterdir())
+    assert victim not in names and victim.replace(".safetensors", ".json") not in names
+    assert set(shard_names(0)) <= set(names) and not (root / "manifest.json").exists()
+    assert not [f for f in root.rglob("*") if ".tmp-" in f.name]
+    monkeypatch.undo()
+    train_zoo(tiny_spec(), root, progress=False, overlap=True)
+    assert shard_bytes(root) == shard_bytes(zoo_dir)
+
+
+def test_overlap_init_worker_error_propagates(wide_serial, tmp_path, monkeypatch):
+    """An init worker of the next chunk fails (its model build raises for one seed): train_zoo
+    raises with the worker's message, and chunk 0, trained before, is saved."""
+    import ffl.zoo as zoo_module
+
+    real_start = zoo_module.start_init_stacked
+    bad_seed = run_seed(0, 1, 2)  # chunk 1, built by a worker (not the first network: the parent builds that)
+
+    def start(build, seeds, **kw):
+        def fragile():
+            if torch.initial_seed() == bad_seed:
+                raise ValueError(f"cannot build the network of seed {bad_seed} (test)")
+            return build()
+        return real_start(fragile, seeds, **kw)
+
+    monkeypatch.setattr(zoo_module, "start_init_stacked", start)
+    root = tmp_path / "z"
+    message = rf"initialization workers failed .*ValueError: cannot build the network of seed {bad_seed} \(test\)"
+    with pytest.raises(RuntimeError, match=message):
+        train_zoo(wide_spec(), root, progress=False, batch_networks=4, overlap=True)
+    assert sorted(f.name for f in (root / "shards").iterdir()) == shard_names(0)
+    for name in shard_names(0):
+        assert (root / "shards" / name).read_bytes() == (wide_serial / "shards" / name).read_bytes()
