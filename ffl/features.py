@@ -83,18 +83,21 @@ class Representation:
 
         The full N × N matrix is computed once (both protocols need nearly all of it) and cached.
         """
+        # one gather of the block: indexing rows, then columns, would copy len(rows) × N first
+        return self._all_inner()[rows[:, None], cols]
+
+    def _all_inner(self) -> torch.Tensor:
         if self._inner is None:
             if self.vectors is not None:
                 v = self.vectors.double()
                 self._inner = v @ v.T
             else:
                 self._inner = _gram_inner_matrix(self.factors)
-        return self._inner[rows][:, cols]
+        return self._inner
 
     def squared_norms(self) -> torch.Tensor:
-        """‖x_i‖² for all networks."""
-        every = torch.arange(len(self))
-        return self.inner(every, every).diagonal()
+        """‖x_i‖² for all networks: the diagonal of the cached inner products."""
+        return self._all_inner().diagonal().clone()
 
     def kernel(self, rows: torch.Tensor, cols: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         """Kernel block K[rows, cols]; cosine-normalized when ``normalize``."""

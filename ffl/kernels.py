@@ -63,10 +63,14 @@ class StreamConfig:
     @classmethod
     def for_device(cls, device: str | torch.device) -> "StreamConfig":
         """The defaults on a CPU; on a GPU, blocks of 30 % of its free memory each (two are held)
-        and 2 GiB slabs, float32 products as on the CPU."""
+        and 2 GiB slabs, float32 products as on the CPU. Free memory counts what PyTorch's caching
+        allocator holds unused (after a zoo was trained in this process, most of the GPU): blocks
+        sized without it would be a few times smaller, and the zoo is read about B/2 times over
+        for B blocks."""
         device = torch.device(device)
         if device.type != "cuda":
             return cls(device=str(device), passes="per_index")
+        torch.cuda.empty_cache()  # cached, unused memory back to the driver, so it counts as free
         free, _ = torch.cuda.mem_get_info(device)
         return cls(device=str(device), block_bytes=int(0.3 * free), slab_bytes=2 << 30)
 

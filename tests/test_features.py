@@ -82,6 +82,24 @@ def test_chain_kernel_equals_explicit_gram_inner_products(d, n):
     assert rep.dim == d * d
 
 
+def test_kernel_blocks_read_the_cached_matrix_exactly():
+    """``inner`` is exactly the entries [rows][:, cols] of the N × N matrix (rows and columns in any
+    order, repeated), ``squared_norms`` its diagonal (a copy), ``kernel`` the cosine from them,
+    with no copy of the whole matrix on the way."""
+    torch.manual_seed(3)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    full = x @ x.T
+    rep = Representation(inner_products=full.clone(), inner_dim=5)
+    rows, cols = torch.tensor([4, 0, 7, 4]), torch.tensor([8, 1, 1, 3, 0])
+    assert torch.equal(rep.inner(rows, cols), full[rows][:, cols])
+    assert torch.equal(rep.squared_norms(), full.diagonal())
+    norms = full.diagonal().sqrt()
+    assert torch.equal(rep.kernel(rows, cols), full[rows][:, cols] / norms[rows, None] / norms[None, cols])
+    assert torch.equal(rep.kernel(rows, cols, normalize=False), full[rows][:, cols])
+    rep.squared_norms().zero_()  # a copy: the cached matrix is untouched
+    assert torch.equal(rep.inner(torch.arange(9), torch.arange(9)), full)
+
+
 def test_representations_of_mlps():
     models = [MLP(in_features=12, hidden=(5, 4), num_classes=2) for _ in range(3)]
     chains = zoo_representations(models, "chain")

@@ -121,6 +121,17 @@ def test_one_pass_per_index_equals_one_pass_for_all(fixture_zoo):
         StreamConfig(passes="two")
 
 
+def test_gpu_blocks_count_memory_the_caching_allocator_holds(monkeypatch):
+    """On a GPU the blocks are sized from free memory once PyTorch's cache is released: what a
+    zoo's training left cached is free for the kernels (30 % of it per block)."""
+    gib = 1 << 30
+    state = {"cached": 50 * gib}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state.update(cached=0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (78 * gib - state["cached"], 80 * gib))
+    cfg = StreamConfig.for_device("cuda")
+    assert cfg.block_bytes == int(0.3 * 78 * gib) and cfg.passes == "one" and cfg.device == "cuda"
+
+
 @pytest.mark.parametrize("arch", ["resnet5", "gru"])
 def test_streamed_features_follow_the_feature_options(fixture_zoo, arch):
     """Every option of FeatureConfig reaches the streamed features (ResNet-5 without its
