@@ -680,14 +680,23 @@ def write_piece(root: Path, spec: ZooSpec, piece: Piece, state: dict[str, torch.
 
 def _write_chunk(root: Path, spec: ZooSpec, chunk: Sequence[Piece], res, nets_meta: list[dict[str, Any]],
                  build_kwargs: dict[str, Any]) -> None:
-    """The shards of one trained chunk (``res``: its :class:`ffl.engine.BatchResult`)."""
-    i = 0
+    """The shards of one trained chunk (``res``: its :class:`ffl.engine.BatchResult`), a few at a
+    time: serializing, hashing and writing one shard runs at well under the disk's rate (hashing
+    and file writes release the GIL). Every thread is joined before this returns."""
+    jobs, i = [], 0
     for p in chunk:
         n = p.r1 - p.r0
         metas = [dict(m, train_acc=res.train_acc[i + j], test_acc=res.test_acc[i + j])
                  for j, m in enumerate(nets_meta[i:i + n])]
-        write_piece(root, spec, p, res.state, slice(i, i + n), metas, build_kwargs)
+        jobs.append((p, slice(i, i + n), metas))
         i += n
+    with ThreadPoolExecutor(max_workers=min(_SHARD_WRITERS, len(jobs)), thread_name_prefix="ffl-zoo-shard") as pool:
+        for done in [pool.submit(write_piece, root, spec, p, res.state, rows, metas, build_kwargs)
+                     for p, rows, metas in jobs]:
+            done.result()
+
+
+_SHARD_WRITERS = 4  # shards of a chunk written at once
 
 
 class _ChunkWrites:
