@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import math
+import mmap
 import multiprocessing as mp
 import os
 import time
@@ -287,13 +288,28 @@ def _init_worker(args) -> None:
         raise
 
 
-def _shm_fits(nbytes: int) -> bool:
-    """Whether shared memory (/dev/shm, small in some containers) can hold ``nbytes``."""
+def _memory_fits(nbytes: int) -> bool:
+    """Whether the host's available memory can hold ``nbytes`` with room to spare."""
     try:
-        st = os.statvfs("/dev/shm")
-        return st.f_bavail * st.f_frsize > 1.25 * nbytes
-    except OSError:
-        return False
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return avail > 1.25 * nbytes
+
+
+def _shared_empty(K: int, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Uninitialized (K, *shape) tensors in one anonymous shared mapping, which forked workers
+    write into. Not ``share_memory_()``: its files live in /dev/shm, a 64 MB mount in many
+    containers, and a chunk of paper-size MLP-4s needs gigabytes."""
+    sizes = [(name, K * torch.Size(shape).numel(), dtype) for name, (shape, dtype) in shapes.items()]
+    offsets, total = [], 0
+    for _, numel, dtype in sizes:
+        offsets.append(total)
+        total += -(-numel * dtype.itemsize // 64) * 64  # each tensor 64-byte aligned
+    buffer = mmap.mmap(-1, max(total, 1))  # MAP_SHARED | MAP_ANONYMOUS
+    return {name: torch.frombuffer(buffer, dtype=dtype, count=numel, offset=off).view(K, *shapes[name][0])
+            for (name, numel, dtype), off in zip(sizes, offsets)}
 
 
 class PendingInit:
@@ -336,7 +352,7 @@ def start_init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *,
     """Start building the initial weights of :func:`init_stacked` and return at once: ``workers``
     forked processes fill shared memory while the caller goes on (e.g. trains the previous chunk).
     Where :func:`init_stacked` would build them serially (few or small models, one worker, no
-    ``fork``, too little shared memory) nothing starts: :meth:`PendingInit.result` builds them."""
+    ``fork``, too little memory) nothing starts: :meth:`PendingInit.result` builds them."""
     seeds = [int(s) for s in seeds]
     K = len(seeds)
     torch.manual_seed(seeds[0])
@@ -346,9 +362,9 @@ def start_init_stacked(build: Callable[[], nn.Module], seeds: Sequence[int], *,
     per = sum(t.numel() for t in first.values()) * K
     need = sum(t.numel() * t.element_size() for t in first.values()) * K
     del first
-    if workers <= 1 or K < 4 or per < 1 << 22 or "fork" not in mp.get_all_start_methods() or not _shm_fits(need):
+    if workers <= 1 or K < 4 or per < 1 << 22 or "fork" not in mp.get_all_start_methods() or not _memory_fits(need):
         return PendingInit(build, seeds, shapes)
-    shared = {n: torch.empty((K, *shape), dtype=dtype).share_memory_() for n, (shape, dtype) in shapes.items()}
+    shared = _shared_empty(K, shapes)
     bounds = [(K * i // workers, K * (i + 1) // workers) for i in range(workers)]
     ctx = mp.get_context("fork")
     errors = ctx.SimpleQueue()

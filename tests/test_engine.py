@@ -310,6 +310,33 @@ def test_started_init_runs_in_workers_while_the_caller_goes_on():
             assert torch.equal(par[name][k], v)
 
 
+def test_parallel_init_needs_no_dev_shm(monkeypatch):
+    """The workers write into an anonymous shared mapping, so a full (or 64 MB) /dev/shm does not
+    send a GPU chunk's initialization down the serial path; same bytes."""
+    import functools
+    import os
+
+    from ffl.engine import start_init_stacked
+
+    real_statvfs = os.statvfs
+
+    def full_dev_shm(path, *a, **kw):
+        if str(path).startswith("/dev/shm"):
+            raise AssertionError("/dev/shm consulted")
+        return real_statvfs(path, *a, **kw)
+
+    monkeypatch.setattr(os, "statvfs", full_dev_shm)
+    build = functools.partial(build_model, "mlp", 2, hidden=(500, 500))
+    pending = start_init_stacked(build, [5, 6, 7, 8], workers=2)
+    assert len(pending.procs) == 2  # forked, not serial
+    par = pending.result()
+    for k, s in enumerate([5, 6, 7, 8]):
+        torch.manual_seed(s)
+        for name, v in build().state_dict().items():
+            assert torch.equal(par[name][k], v)
+    assert all(t.data_ptr() % 64 == 0 for t in par.values())
+
+
 def test_init_worker_error_reaches_the_caller_with_its_message():
     def build():
         if torch.initial_seed() == 7:
