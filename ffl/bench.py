@@ -31,6 +31,7 @@ overrun, the plan with its multiply-adds is printed before the long work).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -388,6 +389,69 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
             if implicit is not None:
                 row.update(implicit_agreement(cin, cout, hw, implicit, dt, dev))
             rows.append(row)
+    return rows
+
+
+def _sweep_candidates(kind: str, C: int, O: int, flat: bool) -> list[implicit_conv.Tiles]:
+    """A small grid of blockings around :func:`ffl.implicit_conv.default_tiles` (duplicates after
+    capping at the layer's channel counts removed)."""
+    cap = lambda n, lim: max(16, min(lim, 1 << max(int(n) - 1, 0).bit_length()))  # noqa: E731
+    rows = (64, 128) if kind == "forward" else (32, 64, 128)
+    cols = (64, 128) if kind == "forward" else (32, 64)
+    steps = (32,) if flat else (32, 64)
+    seen: dict[tuple, implicit_conv.Tiles] = {}
+    for bm in rows:
+        for bn in cols:
+            for bc in steps:
+                bn_, bc_ = cap(O, bn), (bc if flat else cap(C, bc))
+                warps = 8 if bm * bn_ >= 128 * 128 else 4
+                seen.setdefault((bm, bn_, bc_), implicit_conv.Tiles(bm, bn_, bc_, warps))
+    return list(seen.values())
+
+
+def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: str = "bf16", repeat: int = 3,
+               convs=PLAINNET5_CONVS) -> list[dict[str, Any]]:
+    """TFLOP/s of :mod:`ffl.implicit_conv`'s kernels under a small grid of blockings, per layer of
+    PlainNet-5 and per pass (forward; input gradient, which is the forward kernel on the flipped
+    weights; weight gradient), K networks: the measurements to choose ``default_tiles`` by."""
+    dev = torch.device(device)
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    interpret = dev.type != "cuda"
+    rows = []
+    with precision_scope(precision, dev):
+        for li, (cin, cout, hw) in enumerate(convs):
+            gen = torch.Generator(device="cpu").manual_seed(li)
+            make = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dt)  # noqa: E731
+            x = make(batch, K * cin, hw, hw).contiguous(memory_format=torch.channels_last)
+            g = make(batch, K * cout, hw, hw).contiguous(memory_format=torch.channels_last)
+            wt = make(K, 3, 3, cin, cout)
+            wt_flipped = make(K, 3, 3, cout, cin)
+            flop = implicit_conv.flops(x.shape, (K, cout, cin, 3, 3), 1)
+            passes = {
+                "forward": (cin, cout, lambda t: implicit_conv._forward(x, wt, None, K, (1, 1), interpret, tiles=t)),
+                "input_grad": (cout, cin, lambda t: implicit_conv._forward(g, wt_flipped, None, K, (1, 1), interpret,
+                                                                            tiles=t)),
+                "weight_grad": (cin, cout, lambda t: implicit_conv._weight_grad(x, g, K, 3, 3, (1, 1), interpret,
+                                                                                 tiles=t)),
+            }
+            if li == 0:
+                del passes["input_grad"]  # the images need no gradient
+            for name, (c_in, c_out, run) in passes.items():
+                kind = "weight_grad" if name == "weight_grad" else "forward"
+                default = implicit_conv.default_tiles(kind, c_in, c_out, 3, 3, interpret)
+                reference = run(default).float()
+                for tiles in [default] + [t for t in _sweep_candidates(kind, c_in, c_out, c_in < 16) if t != default]:
+                    row = {"layer": li + 1, "pass": name, "in": cin, "out": cout, "hw": hw, "K": K,
+                           "tiles": dataclasses.asdict(tiles), "default": tiles == default}
+                    try:
+                        row["tflops"] = flop / _timeit(lambda: run(tiles), dev, repeat) / 1e12
+                        # the same sums in another blocking: differences are rounding only
+                        row["rel_diff_vs_default"] = float((run(tiles).float() - reference).abs().max()
+                                                           / reference.abs().max())
+                    except Exception as e:  # noqa: BLE001 - a blocking that does not fit is a result too
+                        row["error"] = f"{type(e).__name__}: {e}"[:160]
+                    rows.append(row)
+                    print(json.dumps(row, sort_keys=True), flush=True)
     return rows
 
 
@@ -914,10 +978,15 @@ def _zoo_time(args) -> int:
 def _conv_arguments(ap) -> None:
     _common(ap)
     ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time ffl.implicit_conv's kernels under a grid of blockings instead (one JSON line each)")
 
 
 def _conv(args) -> int:
     _setup(args)
+    if args.sweep:
+        conv_sweep(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3)
+        return 0
     for row in conv_layers(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3):
         print(json.dumps(row, sort_keys=True), flush=True)
     return 0

@@ -23,6 +23,7 @@ Only stride 1, dilation 1 and zero padding are covered, which are the paper's CN
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -34,7 +35,7 @@ try:  # Triton ships with PyTorch's CUDA wheels; a CPU-only install may lack it
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["BACKENDS", "available", "supported", "batched_conv2d", "flops"]
+__all__ = ["BACKENDS", "Tiles", "available", "supported", "batched_conv2d", "default_tiles", "flops"]
 
 BACKENDS = ("torch", "triton", "interpret")
 
@@ -218,52 +219,72 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return sb, sh, sw, sc
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A kernel launch's blocking: BM rows (pixels) × BN output channels per program, BC reduction
+    entries per step (channels, or (tap, channel) pairs), Triton's warps and pipeline stages; for
+    the weight gradient BM is the row block and the tile is BC × BN."""
+
+    BM: int
+    BN: int
+    BC: int
+    warps: int = 4
+    stages: int = 3
+
+    def launch(self, interpret: bool) -> dict[str, int]:
+        return {"BM": self.BM, "BN": self.BN, "BC": self.BC,
+                **({} if interpret else {"num_warps": self.warps, "num_stages": self.stages})}
+
+
+def default_tiles(kind: str, C: int, O: int, kh: int, kw: int, interpret: bool = False) -> Tiles:
+    """The blocking used unless one is given (``kind``: ``forward`` or ``weight_grad``). Small in
+    the interpreter (speed); on the GPU chosen by reasoning, not yet by measurement (``python -m
+    ffl.bench conv --sweep`` measures alternatives)."""
+    if interpret:
+        BM, BN, BC = 16, _pow2(O, 16, 32), _pow2(C, 16, 32)
+    else:
+        BM, BN, BC = 64, _pow2(O, 16, 128 if kind == "forward" else 64), _pow2(C, 16, 64)
+    return Tiles(BM, BN, _pow2(kh * kw * C, 16, 32) if _flat(C) else BC)
+
+
 def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: int, padding: tuple[int, int],
-             interpret: bool) -> torch.Tensor:
+             interpret: bool, tiles: Tiles | None = None) -> torch.Tensor:
     """Y = conv(x, w) per network; ``wt``: the weight as (K, kh, kw, C, O), contiguous."""
     B, KC, H, W = x.shape
     _, kh, kw, C, O = wt.shape
     ph, pw = padding
     HO, WO = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
     y = torch.empty((B, K * O, HO, WO), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    flat = _flat(C)
-    BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 128), _pow2(C, 16, 64))
-    if flat:
-        BC = _pow2(kh * kw * C, 16, 32)
-    grid = (triton.cdiv(B * HO * WO, BM) * triton.cdiv(O, BN), K)
+    tiles = tiles or default_tiles("forward", C, O, kh, kw, interpret)
+    grid = (triton.cdiv(B * HO * WO, tiles.BM) * triton.cdiv(O, tiles.BN), K)
     forward, _ = _kernels(interpret)
     _launchable(forward, interpret)[grid](
         x, wt, bias if bias is not None else wt, y,
         B, H, W, HO, WO, C, O, *_strides(x), *_strides(y), ph, pw,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), FLAT=flat, BM=BM, BN=BN, BC=BC,
-        **({} if interpret else {"num_warps": 4, "num_stages": 3}),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), FLAT=_flat(C), **tiles.launch(interpret),
     )
     return y
 
 
 def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, padding: tuple[int, int],
-                 interpret: bool, programs: int | None = None) -> torch.Tensor:
+                 interpret: bool, programs: int | None = None, tiles: Tiles | None = None) -> torch.Tensor:
     """dW (K, O, C, kh, kw) in FP32 from the input x and the output gradient g. The rows are split
     so that about ``programs`` programs run (default: 4 per multiprocessor on CUDA, 1 interpreted)."""
     B, KC, H, W = x.shape
     C, O = KC // K, g.shape[1] // K
     HO, WO = g.shape[2], g.shape[3]
-    rows = B * HO * WO
-    flat = _flat(C)
-    BM, BN, BC = (16, _pow2(O, 16, 32), _pow2(C, 16, 32)) if interpret else (64, _pow2(O, 16, 64), _pow2(C, 16, 64))
-    if flat:
-        BC = _pow2(kh * kw * C, 16, 32)
-    tiles = (triton.cdiv(kh * kw * C, BC) if flat else kh * kw * triton.cdiv(C, BC)) * triton.cdiv(O, BN)
+    tiles = tiles or default_tiles("weight_grad", C, O, kh, kw, interpret)
+    steps = triton.cdiv(kh * kw * C, tiles.BC) if _flat(C) else kh * kw * triton.cdiv(C, tiles.BC)
+    blocks = steps * triton.cdiv(O, tiles.BN)
     # enough programs to fill the GPU, each reducing a long run of rows; the splits are summed below
     if programs is None:
         programs = 1 if interpret else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits, per_split = _row_splits(rows, tiles * K, BM, programs)
+    splits, per_split = _row_splits(B * HO * WO, blocks * K, tiles.BM, programs)
     dw = torch.empty((splits, K, kh, kw, C, O), dtype=torch.float32, device=x.device)
     _, weight_grad = _kernels(interpret)
-    _launchable(weight_grad, interpret)[(tiles, K, splits)](
+    _launchable(weight_grad, interpret)[(blocks, K, splits)](
         x, g, dw, B, H, W, HO, WO, C, O, *_strides(x), *_strides(g), padding[0], padding[1], per_split,
-        KH=kh, KW=kw, PRECISION=_precision(x.dtype), FLAT=flat, BM=BM, BN=BN, BC=BC,
-        **({} if interpret else {"num_warps": 4, "num_stages": 3}),
+        KH=kh, KW=kw, PRECISION=_precision(x.dtype), FLAT=_flat(C), **tiles.launch(interpret),
     )
     return dw.sum(0).permute(0, 4, 3, 1, 2).contiguous()
 

@@ -14,6 +14,8 @@
 #   zoo     PlainNet-5 zoo time at paper epochs, bf16, 3 chunks each with --conv-backend torch and
 #           triton, same process order each time (python -m ffl.bench zoo-time)
 #   compile the same with --compile (torch.compile around the Triton custom operators)
+#   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = 126 (about 90
+#           compilations), each checked against the default blocking: to choose default_tiles by
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -40,6 +42,11 @@ if has layers; then
   log "layers: bf16, K=126"
   timeout 180 "$PY" -m ffl.bench conv --device cuda --precision bf16 --batch-networks 126 --repeat 5 \
     2>&1 | tee "$OUT/layers_bf16.jsonl"
+fi
+if has sweep; then
+  log "sweep: blockings, bf16, K=126"
+  timeout 300 "$PY" -m ffl.bench conv --sweep --device cuda --precision bf16 --batch-networks 126 --repeat 3 \
+    2>&1 | tee "$OUT/sweep_bf16.jsonl"
 fi
 for backend in torch triton; do
   if has zoo; then

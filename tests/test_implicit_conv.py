@@ -173,3 +173,15 @@ def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads(flat
         dict(KH=3, KW=3, PRECISION="ieee", FLAT=flat, sxc=1, sgc=1, **blocks),
         ["X", "G", "DW", *shapes, "sxb", "sxh", "sxw", "sgb", "sgh", "sgw", "ROWS_PER_SPLIT"])
     assert "mma" in ptx and "cp.async" in ptx
+
+
+def test_bench_sweep_times_every_blocking_and_each_gives_the_same_convolution():
+    from ffl.bench import conv_sweep
+
+    rows = conv_sweep("cpu", K=2, batch=2, precision="fp32", repeat=1, convs=((3, 8, 4), (20, 24, 4)))
+    assert {(r["layer"], r["pass"]) for r in rows} == {
+        (1, "forward"), (1, "weight_grad"), (2, "forward"), (2, "input_grad"), (2, "weight_grad")}
+    assert sum(r["default"] for r in rows) == 5 and len(rows) > 5
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tflops"] > 0 and r["rel_diff_vs_default"] < 1e-5, r
