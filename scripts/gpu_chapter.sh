@@ -31,7 +31,10 @@ elif compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="/tmp/site"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export FFL_DATA_ROOT="${FFL_DATA_ROOT:-$PWD/.gpu/data}" FFL_CACHE="${FFL_CACHE:-/tmp/ffl-cache}"
+# The cache (zoos, results) lives in the checkout's ignored cache/, which the device runner keeps
+# between calls on a warm machine: a chapter cut off by the call's time limit resumes its zoo at the
+# first unfinished chunk when the same command is run again at once.
+export FFL_DATA_ROOT="${FFL_DATA_ROOT:-$PWD/.gpu/data}" FFL_CACHE="${FFL_CACHE:-$PWD/cache}"
 PY="$(command -v python3 || command -v python)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.txt" 2>&1 || true
 start=$(date +%s)
