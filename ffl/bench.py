@@ -383,7 +383,7 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
                     row[f"{name}_tflops"] = flops / t / 1e12
                 except torch.cuda.OutOfMemoryError as e:
                     row[f"{name}_error"] = repr(e)[:120]
-                del args
+                args = None  # free this case's tensors before the next
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             if implicit is not None:
@@ -566,7 +566,7 @@ def zoo_time(arch: str, device: str = "cuda", *, tasks: int = 50, runs: int = 10
             except torch.cuda.OutOfMemoryError:
                 if K == 1:
                     raise
-                del stacked, inp
+                stacked = inp = None  # free the chunk before retrying with half of it
                 torch.cuda.empty_cache()
                 print(f"[{time.strftime('%H:%M:%S')}] out of memory with K={K}; retrying with K={K // 2}", flush=True)
                 return zoo_time(arch, device, tasks=tasks, runs=runs, budget_s=budget_s, batch_networks=K // 2,
