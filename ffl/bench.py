@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -453,6 +454,44 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
                     rows.append(row)
                     print(json.dumps(row, sort_keys=True), flush=True)
     return rows
+
+
+def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", precisions=("fp32", "bf16"),
+                     archs=("cnn", "resnet5"), size: int = 32, n: int = 96, epochs: int = 3) -> dict[str, Any]:
+    """The batched engine with ``conv_backend_name`` against the plain loop (one network at a time,
+    cuDNN/oneDNN convolutions): largest weight difference after a few epochs of 4 small networks
+    on 2 random tasks (momentum, weight decay, a learning-rate step, crop+flip)."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    tasks = [types.SimpleNamespace(
+        x_train=torch.randn(n, 3, size, size, generator=gen), y_train=torch.randint(0, 2, (n,), generator=gen),
+        x_test=torch.randn(n // 3, 3, size, size, generator=gen), y_test=torch.randint(0, 2, (n // 3,), generator=gen))
+        for _ in range(2)]
+    data = NetworkData.from_tasks(tasks, dev)
+    out: dict[str, Any] = {"conv_backend": conv_backend_name}
+    for precision in precisions:
+        for arch in archs:
+            cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, epochs=epochs, lr_step_epochs=[epochs - 1],
+                              batch_size=32, augment=True, precision=precision)
+            with conv_backend(conv_backend_name):
+                a = train_batched(_seeded_models(arch, 4), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
+            b = train_loop(_seeded_models(arch, 4), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
+            diff = max(float((a.state[k].double() - b.state[k].double()).abs().max())
+                       for k in a.state if a.state[k].is_floating_point())
+            out[f"{arch}_{precision}"] = {"max_abs_weight_diff": diff, "steps": a.steps,
+                                          "test_acc_batched": a.test_acc, "test_acc_loop": b.test_acc}
+            print(f"{arch} {precision} ({conv_backend_name}): max |w_batched - w_loop| = {diff:.2e} "
+                  f"after {a.steps} steps", flush=True)
+    return out
+
+
+def _seeded_models(arch: str, count: int) -> list[torch.nn.Module]:
+    """``count`` small models of ``arch`` (widths 8-64), model s seeded with s."""
+    out = []
+    for s in range(count):
+        torch.manual_seed(s)
+        out.append(build_model(arch, 2, widths=(8, 16, 32, 64)))
+    return out
 
 
 def implicit_agreement(cin: int, cout: int, hw: int, backend: str, dtype: torch.dtype, device: torch.device,

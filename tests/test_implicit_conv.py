@@ -185,3 +185,17 @@ def test_bench_sweep_times_every_blocking_and_each_gives_the_same_convolution():
     for r in rows:
         assert "error" not in r, r
         assert r["tflops"] > 0 and r["rel_diff_vs_default"] < 1e-5, r
+
+
+@pytest.mark.slow  # about 40 s of interpreted kernels
+def test_engine_with_the_kernels_trains_the_plain_loops_weights():
+    """The whole engine (crop+flip, momentum, weight decay, a learning-rate step) with the
+    interpreted kernels against the plain loop's cuDNN/oneDNN convolutions, PlainNet-5 and
+    ResNet-5 (its 1×1 projection has stride 2 and keeps the grouped convolution)."""
+    from ffl.bench import engine_agreement
+
+    res = engine_agreement("cpu", "interpret", precisions=("fp32",), size=8, n=24, epochs=2)
+    for arch in ("cnn", "resnet5"):
+        assert res[f"{arch}_fp32"]["steps"] == 2
+        assert res[f"{arch}_fp32"]["max_abs_weight_diff"] < 1e-4
+        assert res[f"{arch}_fp32"]["test_acc_batched"] == res[f"{arch}_fp32"]["test_acc_loop"]
