@@ -802,7 +802,12 @@ def train_zoo(
     rank, world = shard if shard is not None else (0, 1)
     all_chunks = chunks(spec, k)
     mine = [c for ci, c in enumerate(all_chunks) if ci % world == rank]
-    todo = [c for c in mine if any(_read_sidecar(root, p) is None for p in c)]
+    # a resumed zoo's finished shards are hashed in parallel (hashing releases the GIL); the pool
+    # is joined before any init worker is forked
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        pieces = [p for c in mine for p in c]
+        intact = dict(zip((p.name for p in pieces), pool.map(lambda p: _read_sidecar(root, p) is not None, pieces)))
+    todo = [c for c in mine if not all(intact[p.name] for p in c)]
     n_done = sum(p.r1 - p.r0 for c in mine if c not in todo for p in c)
     n_mine = sum(p.r1 - p.r0 for c in mine for p in c)
     # Data first: a missing dataset fails before anything is written under root.
