@@ -207,6 +207,25 @@ def test_kill_and_resume(zoo_dir, tmp_path):
     assert shard_bytes(root) == shard_bytes(zoo_dir)
 
 
+def test_resume_retrains_a_tampered_chunk_only(zoo_dir, tmp_path):
+    """Resuming checks every finished shard against its sidecar (in parallel): a chunk with a
+    tampered shard is retrained (with a warning naming the file), intact chunks are kept, and the
+    zoo ends with the uninterrupted run's bytes."""
+    import shutil
+
+    root = tmp_path / "z"
+    shutil.copytree(zoo_dir, root)
+    (root / "manifest.json").unlink()  # a run that stopped before finalizing
+    shards = sorted((root / "shards").glob("*.safetensors"))
+    bad = shards[-1]
+    bad.write_bytes(bad.read_bytes()[:-8] + b"tampered")
+    kept = {f: f.stat().st_mtime_ns for f in shards[:2]}  # chunk 0 (batch_networks=4: two pieces)
+    with pytest.warns(UserWarning, match=f"shard .*{bad.name} does not match its sidecar; it will be retrained"):
+        train_zoo(tiny_spec(), root, progress=False)
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept
+    assert shard_bytes(root) == shard_bytes(zoo_dir)
+
+
 def test_merge_parts(zoo_dir, tmp_path):
     spec = tiny_spec()
     a, b = tmp_path / "a", tmp_path / "b"
