@@ -17,9 +17,10 @@ networks sit side by side in the channel/feature dimension, ``(B, K*C, H, W)`` f
 The model's own ``forward`` is kept, except for the architectures of :mod:`ffl.models` that have
 a batched forward of their own (:data:`BATCHED_FORWARDS`, keyed by class): MLP runs network-major,
 activations ``(K, B, features)`` with one ``baddbmm`` per layer and a hand-written backward that
-writes dW in W's layout; GRUNet reads each network's last valid step. ConvNet and ResNet keep
-their own forward (convolutions, BatchNorm, the shortcut addition and global pooling all act per
-network in the folded layout).
+writes dW in W's layout; GRUNet reads each network's last valid step; ConvNet's is its own
+forward, with BatchNorm, activation and max-pool fused on request (:func:`bn_backend`). ResNet
+keeps its own forward (convolutions, BatchNorm, the shortcut addition and global pooling all act
+per network in the folded layout).
 
 Kernels were chosen by measurement (``python -m ffl.bench zoo`` and ``conv``; the figures are in
 README.md): on CPU, large linear layers run one GEMM per network instead of one ``bmm``, and
@@ -37,14 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffl import implicit_conv
-from ffl.models import MLP, GRUNet
+from ffl import fused_bn, implicit_conv
+from ffl.models import MLP, ConvNet, GRUNet
 
 __all__ = [
     "UnsupportedModel",
     "BatchedLinear",
     "BatchedConv2d",
     "conv_backend",
+    "bn_backend",
     "BatchedBatchNorm",
     "BatchedGRU",
     "BATCHED_FORWARDS",
@@ -136,20 +138,35 @@ class BatchedConv2d(nn.Module):
 
 
 @contextlib.contextmanager
-def conv_backend(backend: str):
-    """Run every :class:`BatchedConv2d` with ``backend`` inside the block (see its docstring)."""
+def _class_setting(cls: type, what: str, backend: str):
     if backend not in implicit_conv.BACKENDS:
-        raise ValueError(f"unknown convolution backend {backend!r}; choose one of {', '.join(implicit_conv.BACKENDS)}")
-    before = BatchedConv2d.backend
-    BatchedConv2d.backend = backend
+        raise ValueError(f"unknown {what} backend {backend!r}; choose one of {', '.join(implicit_conv.BACKENDS)}")
+    before = cls.backend
+    cls.backend = backend
     try:
         yield
     finally:
-        BatchedConv2d.backend = before
+        cls.backend = before
+
+
+def conv_backend(backend: str):
+    """Run every :class:`BatchedConv2d` with ``backend`` inside the block (see its docstring)."""
+    return _class_setting(BatchedConv2d, "convolution", backend)
+
+
+def bn_backend(backend: str):
+    """Run every :class:`BatchedBatchNorm` of a stacked ConvNet with ``backend`` inside the block:
+    ``torch``, or BatchNorm + activation + max-pool fused (:mod:`ffl.fused_bn`) with ``triton``
+    (CUDA) or ``interpret`` (CPU, tests)."""
+    return _class_setting(BatchedBatchNorm, "BatchNorm", backend)
 
 
 class BatchedBatchNorm(nn.Module):
-    """K BatchNorm layers (1d or 2d): a BatchNorm over K*C channels is per-network BatchNorm."""
+    """K BatchNorm layers (1d or 2d): a BatchNorm over K*C channels is per-network BatchNorm.
+    ``backend`` (class-wide; :func:`bn_backend`): in a stacked ConvNet, ``triton``/``interpret``
+    fuse it with the activation and max-pool that follow (:mod:`ffl.fused_bn`)."""
+
+    backend: str = "torch"
 
     def __init__(self, mods: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
         super().__init__()
@@ -407,8 +424,25 @@ def _grunet_forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) 
 
 #: model class → (batched forward, input folding: see :func:`fold_input`); other models keep their
 #: own forward in the ``"channel"`` folding
+def _convnet_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """ConvNet's forward on the folded layout; where :class:`BatchedBatchNorm`'s backend fuses and
+    the unit allows it (training, ReLU or leaky ReLU, even sizes under a pool), BatchNorm, the
+    activation and the max-pool run as one :func:`ffl.fused_bn.bn_act_pool`."""
+    h = x
+    for l, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+        h, pool = conv(h), l < self.pools
+        if bn.backend != "torch" and (h.is_cuda or bn.backend == "interpret") and \
+                fused_bn.supported(h, self.act, pool, bn.training):
+            h = fused_bn.bn_act_pool(h, bn, self.act, pool, backend=bn.backend)
+            continue
+        h = self.act(bn(h))
+        if pool:
+            h = F.max_pool2d(h, 2)
+    return self.fc(h.mean(dim=(2, 3)))
+
+
 BATCHED_FORWARDS: dict[type[nn.Module], tuple[Callable, str]] = {
-    MLP: (_mlp_forward, "network"), GRUNet: (_grunet_forward, "last")}
+    MLP: (_mlp_forward, "network"), GRUNet: (_grunet_forward, "last"), ConvNet: (_convnet_forward, "channel")}
 
 
 def stack_state(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

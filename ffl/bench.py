@@ -48,7 +48,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
 from ffl import implicit_conv
-from ffl.batched import conv_backend
+from ffl.batched import bn_backend, conv_backend
 from ffl.cli import Command, run_command_line
 from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
@@ -457,10 +457,12 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
 
 
 def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", precisions=("fp32", "bf16"),
-                     archs=("cnn", "resnet5"), size: int = 32, n: int = 96, epochs: int = 3) -> dict[str, Any]:
-    """The batched engine with ``conv_backend_name`` against the plain loop (one network at a time,
-    cuDNN/oneDNN convolutions): largest weight difference after a few epochs of 4 small networks
-    on 2 random tasks (momentum, weight decay, a learning-rate step, crop+flip)."""
+                     archs=("cnn", "resnet5"), size: int = 32, n: int = 96, epochs: int = 3,
+                     bn_backend_name: str = "torch") -> dict[str, Any]:
+    """The batched engine with ``conv_backend_name`` (and ``bn_backend_name`` for ConvNet's fused
+    BatchNorm) against the plain loop (one network at a time, PyTorch's operations): largest
+    weight difference after a few epochs of 4 small networks on 2 random tasks (momentum, weight
+    decay, a learning-rate step, crop+flip)."""
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     tasks = [types.SimpleNamespace(
@@ -468,19 +470,20 @@ def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", pr
         x_test=torch.randn(n // 3, 3, size, size, generator=gen), y_test=torch.randint(0, 2, (n // 3,), generator=gen))
         for _ in range(2)]
     data = NetworkData.from_tasks(tasks, dev)
-    out: dict[str, Any] = {"conv_backend": conv_backend_name}
+    out: dict[str, Any] = {"conv_backend": conv_backend_name, "bn_backend": bn_backend_name}
     for precision in precisions:
         for arch in archs:
             cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, epochs=epochs, lr_step_epochs=[epochs - 1],
                               batch_size=32, augment=True, precision=precision)
-            with conv_backend(conv_backend_name):
+            with conv_backend(conv_backend_name), bn_backend(bn_backend_name):
                 a = train_batched(_seeded_models(arch, 4), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
             b = train_loop(_seeded_models(arch, 4), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
             diff = max(float((a.state[k].double() - b.state[k].double()).abs().max())
                        for k in a.state if a.state[k].is_floating_point())
             out[f"{arch}_{precision}"] = {"max_abs_weight_diff": diff, "steps": a.steps,
                                           "test_acc_batched": a.test_acc, "test_acc_loop": b.test_acc}
-            print(f"{arch} {precision} ({conv_backend_name}): max |w_batched - w_loop| = {diff:.2e} "
+            print(f"{arch} {precision} (conv {conv_backend_name}, BatchNorm {bn_backend_name}): "
+                  f"max |w_batched - w_loop| = {diff:.2e} "
                   f"after {a.steps} steps", flush=True)
     return out
 
@@ -1001,15 +1004,17 @@ def _zoo_time_arguments(ap) -> None:
 def _conv_backend_argument(ap) -> None:
     ap.add_argument("--conv-backend", choices=implicit_conv.BACKENDS, default="torch",
                     help="convolutions: torch (grouped, cuDNN) or triton (ffl.implicit_conv)")
+    ap.add_argument("--bn-backend", choices=implicit_conv.BACKENDS, default="torch",
+                    help="PlainNet's BatchNorm + activation + max-pool: torch or triton (ffl.fused_bn)")
 
 
 def _zoo_time(args) -> int:
     _setup(args)
-    with conv_backend(args.conv_backend):
+    with conv_backend(args.conv_backend), bn_backend(args.bn_backend):
         res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
                        batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
                        precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
-    res["conv_backend"] = args.conv_backend
+    res.update(conv_backend=args.conv_backend, bn_backend=args.bn_backend)
     print(json.dumps(res, sort_keys=True))
     return 0
 
@@ -1041,7 +1046,7 @@ def _profile_arguments(ap) -> None:
 
 def _profile(args) -> int:
     _setup(args)
-    with conv_backend(args.conv_backend):
+    with conv_backend(args.conv_backend), bn_backend(args.bn_backend):
         print(profile_step(args.arch, args.device, K=args.batch_networks, precision=args.precision,
                            compile=args.compile, augment=args.arch != "mlp"))
     return 0

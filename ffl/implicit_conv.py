@@ -23,6 +23,7 @@ Only stride 1, dilation 1 and zero padding are covered, which are the paper's CN
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -196,13 +197,62 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 @functools.cache
-def _kernels(interpret: bool):
-    """The two kernels, compiled (CUDA) or interpreted (CPU). The interpreter is chosen here and
-    not through ``TRITON_INTERPRET``, so one process can run both."""
+def _kernels_of(functions: tuple, interpret: bool) -> tuple:
+    """Triton kernels from their Python source, compiled (CUDA) or interpreted (CPU). The
+    interpreter is chosen here and not through ``TRITON_INTERPRET``, so one process can run both."""
     if interpret:
+        return tuple(_Interpreted(f) for f in functions)
+    return tuple(triton.jit(f) for f in functions)
+
+
+class _Interpreted:
+    """A kernel run by Triton's interpreter. Triton's own helpers (``tl.sum``, ``tl.cdiv``, ...)
+    were compiled-mode functions when Triton was imported without ``TRITON_INTERPRET``; while the
+    kernel runs, calls to them run their Python source in the interpreter as well."""
+
+    def __init__(self, fn) -> None:
         from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(_conv_forward_kernel), InterpretedFunction(_conv_weight_grad_kernel)
-    return triton.jit(_conv_forward_kernel), triton.jit(_conv_weight_grad_kernel)
+        self.kernel = InterpretedFunction(fn)
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with _helpers_interpreted():
+                return launch(*args, **kwargs)
+        return run
+
+
+_INTERPRETED_HELPERS: dict = {}
+
+
+@contextlib.contextmanager
+def _helpers_interpreted():
+    """While an interpreted kernel runs: Triton's helpers run their rewritten Python source, and
+    ``triton.language.core`` (the namespace they see) is patched the way the interpreter patches
+    the kernel's own ``triton.language`` — before it and undone after it, so that compiled kernels
+    built later in the process see the language untouched. (Uses the interpreter's internals.)"""
+    import triton.language.standard as standard
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    def call(self, *args, **kwargs):
+        if self.fn not in _INTERPRETED_HELPERS:
+            _INTERPRETED_HELPERS[self.fn] = interpreter.InterpretedFunction(self.fn).rewrite()
+        return _INTERPRETED_HELPERS[self.fn](*args, **kwargs)
+
+    scope = interpreter._patch_lang(standard.sum.fn)
+    original = JITFunction.__call__
+    JITFunction.__call__ = call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+        scope.restore()
+
+
+def _kernels(interpret: bool) -> tuple:
+    return _kernels_of((_conv_forward_kernel, _conv_weight_grad_kernel), interpret)
 
 
 def _precision(dtype: torch.dtype) -> str:
