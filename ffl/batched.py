@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ffl import fused_bn, implicit_conv
+from ffl import fused_bn, implicit_conv, triton_support
 from ffl.models import MLP, ConvNet, GRUNet
 
 __all__ = [
@@ -139,8 +139,8 @@ class BatchedConv2d(nn.Module):
 
 @contextlib.contextmanager
 def _class_setting(cls: type, what: str, backend: str):
-    if backend not in implicit_conv.BACKENDS:
-        raise ValueError(f"unknown {what} backend {backend!r}; choose one of {', '.join(implicit_conv.BACKENDS)}")
+    if backend not in triton_support.BACKENDS:
+        raise ValueError(f"unknown {what} backend {backend!r}; choose one of {', '.join(triton_support.BACKENDS)}")
     before = cls.backend
     cls.backend = backend
     try:

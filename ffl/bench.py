@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
-from ffl import implicit_conv
+from ffl import implicit_conv, triton_support
 from ffl.batched import bn_backend, conv_backend
 from ffl.cli import Command, run_command_line
 from ffl.data import N_LETTERS, load_task
@@ -337,7 +337,7 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
     its interpreter, with ``implicit_on_cpu``: tests only)."""
     dev = torch.device(device)
     implicit = ("triton" if dev.type == "cuda" else "interpret" if implicit_on_cpu else None)
-    implicit = implicit if implicit is not None and implicit_conv.available(implicit) else None
+    implicit = implicit if implicit is not None and triton_support.available(implicit) else None
     dt = torch.bfloat16 if precision == "bf16" else torch.float32
     cl = torch.channels_last if precision == "bf16" else torch.contiguous_format
     if dev.type == "cuda":
@@ -1002,9 +1002,9 @@ def _zoo_time_arguments(ap) -> None:
 
 
 def _conv_backend_argument(ap) -> None:
-    ap.add_argument("--conv-backend", choices=implicit_conv.BACKENDS, default="torch",
+    ap.add_argument("--conv-backend", choices=triton_support.BACKENDS, default="torch",
                     help="convolutions: torch (grouped, cuDNN) or triton (ffl.implicit_conv)")
-    ap.add_argument("--bn-backend", choices=implicit_conv.BACKENDS, default="torch",
+    ap.add_argument("--bn-backend", choices=triton_support.BACKENDS, default="torch",
                     help="PlainNet's BatchNorm + activation + max-pool: torch or triton (ffl.fused_bn)")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ffl.implicit_conv import _kernels_of, available, triton
+from ffl.triton_support import available, kernels, triton
 
 if triton is not None:
     import triton.language as tl
@@ -183,7 +183,7 @@ def _batch_stats(y: torch.Tensor, interpret: bool, programs: int | None = None) 
     cb = triton.cdiv(C, blk["BCH"])
     splits, per = _splits(R, cb, blk["BR"], interpret, programs, y.device)
     shift, s1, s2 = (torch.empty(splits, C, device=y.device, dtype=torch.float32) for _ in range(3))
-    _kernels_of(_KERNELS, interpret)[0][(splits, cb)](y, shift, s1, s2, R, C, per, **blk)
+    kernels(_KERNELS, interpret)[0][(splits, cb)](y, shift, s1, s2, R, C, per, **blk)
     counts = torch.tensor([min(per, R - i * per) for i in range(splits)], dtype=torch.float32, device=y.device)[:, None]
     part_mean = shift + s1 / counts
     part_m2 = s2 - s1 * s1 / counts
@@ -205,7 +205,7 @@ class _BNActPool(torch.autograd.Function):
         p = torch.empty(B, C, H // s, W // s, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
         blk = _blocks(interpret)
         grid = (triton.cdiv(B * (H // s) * (W // s), blk["BR"]), triton.cdiv(C, blk["BCH"]))
-        _kernels_of(_KERNELS, interpret)[1][grid](y, p, scale, shift, B, H, W, C, slope, POOL=pool, **blk)
+        kernels(_KERNELS, interpret)[1][grid](y, p, scale, shift, B, H, W, C, slope, POOL=pool, **blk)
         ctx.save_for_backward(y, weight, scale, shift, mean, invstd)
         ctx.slope, ctx.pool, ctx.interpret, ctx.programs = slope, pool, interpret, programs
         ctx.mark_non_differentiable(mean, var)
@@ -222,7 +222,7 @@ class _BNActPool(torch.autograd.Function):
         cb = triton.cdiv(C, blk["BCH"])
         splits, per = _splits(pixels, cb, blk["BR"], ctx.interpret, ctx.programs, y.device)
         sum_dz, sum_dzx = (torch.empty(splits, C, device=y.device, dtype=torch.float32) for _ in range(2))
-        backward = _kernels_of(_KERNELS, ctx.interpret)[2]
+        backward = kernels(_KERNELS, ctx.interpret)[2]
         args = (scale, shift, mean, invstd)
         backward[(splits, cb)](y, gp, y, sum_dz, sum_dzx, *args, scale, scale, B, H, W, C, ctx.slope, per,
                                POOL=ctx.pool, WRITE=False, **blk)

@@ -23,32 +23,17 @@ Only stride 1, dilation 1 and zero padding are covered, which are the paper's CN
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
 
-try:  # Triton ships with PyTorch's CUDA wheels; a CPU-only install may lack it
-    import triton
+from ffl.triton_support import BACKENDS, available, kernels, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
 
 __all__ = ["BACKENDS", "Tiles", "available", "supported", "batched_conv2d", "default_tiles", "flops"]
-
-BACKENDS = ("torch", "triton", "interpret")
-
-
-def available(backend: str) -> bool:
-    """Whether ``backend`` can run here: ``torch`` always, ``interpret`` with Triton installed,
-    ``triton`` with Triton and a CUDA GPU."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return True
-    return triton is not None and (backend == "interpret" or torch.cuda.is_available())
 
 
 def supported(stride, dilation, groups, padding_mode: str = "zeros") -> bool:
@@ -196,63 +181,8 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-@functools.cache
-def _kernels_of(functions: tuple, interpret: bool) -> tuple:
-    """Triton kernels from their Python source, compiled (CUDA) or interpreted (CPU). The
-    interpreter is chosen here and not through ``TRITON_INTERPRET``, so one process can run both."""
-    if interpret:
-        return tuple(_Interpreted(f) for f in functions)
-    return tuple(triton.jit(f) for f in functions)
-
-
-class _Interpreted:
-    """A kernel run by Triton's interpreter. Triton's own helpers (``tl.sum``, ``tl.cdiv``, ...)
-    were compiled-mode functions when Triton was imported without ``TRITON_INTERPRET``; while the
-    kernel runs, calls to them run their Python source in the interpreter as well."""
-
-    def __init__(self, fn) -> None:
-        from triton.runtime.interpreter import InterpretedFunction
-        self.kernel = InterpretedFunction(fn)
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            with _helpers_interpreted():
-                return launch(*args, **kwargs)
-        return run
-
-
-_INTERPRETED_HELPERS: dict = {}
-
-
-@contextlib.contextmanager
-def _helpers_interpreted():
-    """While an interpreted kernel runs: Triton's helpers run their rewritten Python source, and
-    ``triton.language.core`` (the namespace they see) is patched the way the interpreter patches
-    the kernel's own ``triton.language`` — before it and undone after it, so that compiled kernels
-    built later in the process see the language untouched. (Uses the interpreter's internals.)"""
-    import triton.language.standard as standard
-    from triton.runtime import interpreter
-    from triton.runtime.jit import JITFunction
-
-    def call(self, *args, **kwargs):
-        if self.fn not in _INTERPRETED_HELPERS:
-            _INTERPRETED_HELPERS[self.fn] = interpreter.InterpretedFunction(self.fn).rewrite()
-        return _INTERPRETED_HELPERS[self.fn](*args, **kwargs)
-
-    scope = interpreter._patch_lang(standard.sum.fn)
-    original = JITFunction.__call__
-    JITFunction.__call__ = call
-    try:
-        yield
-    finally:
-        JITFunction.__call__ = original
-        scope.restore()
-
-
 def _kernels(interpret: bool) -> tuple:
-    return _kernels_of((_conv_forward_kernel, _conv_weight_grad_kernel), interpret)
+    return kernels((_conv_forward_kernel, _conv_weight_grad_kernel), interpret)
 
 
 def _precision(dtype: torch.dtype) -> str:

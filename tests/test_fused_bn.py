@@ -2,6 +2,7 @@
 operations. On CPU the Triton kernels run in Triton's interpreter (FP32); scripts/gpu_check_conv.sh
 runs the compiled ones on a GPU (bench.engine_agreement with the fused BatchNorm)."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ pytest.importorskip("triton")
 from ffl import fused_bn  # noqa: E402
 from ffl.batched import BatchedBatchNorm, bn_backend, conv_backend, stack_models  # noqa: E402
 from ffl.models import build_model  # noqa: E402
+from ffl.triton_support import kernels, ptx_for_hopper  # noqa: E402
 
 
 def _unit(C, seed=0):
@@ -119,33 +121,20 @@ def test_stacked_convnet_with_fused_units_equals_the_networks(activation):
             m.train()
 
 
-def _compile_for_hopper(fn, pointers, constants, aligned):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in fn.arg_names}
-    signature["SLOPE"] = "fp32" if "SLOPE" in signature else None
-    signature = {k: v for k, v in signature.items() if v is not None}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("pool", [True, False])
 def test_kernels_compile_for_the_h100_with_vector_loads(pool):
-    from ffl.implicit_conv import _kernels_of
-
-    stats, forward, backward = _kernels_of(fused_bn._KERNELS, False)
+    stats, forward, backward = kernels(fused_bn._KERNELS, False)
     vectors = ["SCALE", "SHIFT", "MEAN", "INVSTD", "MEAN_DZ", "MEAN_DZX", "SUM_DZ", "SUM_DZX"]
-    ptx = _compile_for_hopper(stats, {"Y": "*bf16", "SHIFT_OUT": "*fp32", "S1": "*fp32", "S2": "*fp32"},
+    _ptx = functools.partial(ptx_for_hopper, scalars={"SLOPE": "fp32"})
+    ptx = _ptx(stats, {"Y": "*bf16", "SHIFT_OUT": "*fp32", "S1": "*fp32", "S2": "*fp32"},
                               dict(BR=64, BCH=64), ["Y", "SHIFT_OUT", "S1", "S2", "C", "ROWS_PER_PROGRAM"])
     assert "ld.global.v4" in ptx
-    ptx = _compile_for_hopper(forward, {"Y": "*bf16", "P": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32"},
+    ptx = _ptx(forward, {"Y": "*bf16", "P": "*bf16", "SCALE": "*fp32", "SHIFT": "*fp32"},
                               dict(POOL=pool, BR=64, BCH=64), ["Y", "P", "SCALE", "SHIFT", "C", "H", "W"])
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx
     for write in (False, True):
-        ptx = _compile_for_hopper(backward, {"Y": "*bf16", "GP": "*bf16", "DY": "*bf16"} | {v: "*fp32" for v in vectors},
+        ptx = _ptx(backward, {"Y": "*bf16", "GP": "*bf16", "DY": "*bf16"} | {v: "*fp32" for v in vectors},
                                   dict(POOL=pool, WRITE=write, BR=64, BCH=64),
                                   ["Y", "GP", "DY", *vectors, "C", "H", "W", "PIXELS_PER_PROGRAM"])
         assert "ld.global.v4" in ptx

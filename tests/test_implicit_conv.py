@@ -14,6 +14,7 @@ from ffl import implicit_conv  # noqa: E402
 from ffl.batched import BatchedConv2d, conv_backend, stack_models  # noqa: E402
 from ffl.bench import conv_layers  # noqa: E402
 from ffl.models import build_model  # noqa: E402
+from ffl.triton_support import ptx_for_hopper  # noqa: E402
 
 
 def _pair(B, K, C, O, H, W, k, pad, channels_last=False, bias=False, seed=0):
@@ -138,19 +139,6 @@ def test_bench_conv_reports_the_kernels_agreement():
         assert 0 <= row[f"implicit_rel_err_{name}"] < 1e-5
 
 
-def _compile_for_hopper(fn, pointers: dict[str, str], constants: dict, aligned: list[str]) -> str:
-    """PTX of one kernel compiled for sm_90 (H100) by Triton's own compiler and ptxas — no GPU
-    needed. ``aligned``: arguments Triton's JIT would specialize as multiples of 16."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-    return kernel.asm["ptx"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("flat", [False, True])
 def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads(flat):
@@ -161,14 +149,14 @@ def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads(flat
     forward, weight_grad = implicit_conv._kernels(False)
     shapes = ["NB", "H", "W", "HO", "WO", "O"] + ([] if flat else ["C"])  # multiples of 16 (not C = 3)
     blocks = dict(BM=64, BN=32, BC=32) if flat else dict(BM=64, BN=64, BC=32)
-    ptx = _compile_for_hopper(
+    ptx = ptx_for_hopper(
         forward, {"X": "*bf16", "WT": "*bf16", "BIAS": "*bf16", "Y": "*bf16"},
         dict(KH=3, KW=3, HAS_BIAS=False, PRECISION="ieee", FLAT=flat, sxc=1, syc=1, **blocks),
         ["X", "WT", "BIAS", "Y", *shapes, "sxb", "sxh", "sxw", "syb", "syh", "syw"])
     assert "wgmma.mma_async" in ptx and "bf16.bf16" in ptx
     if not flat:  # gathered (tap, channel) pairs are not contiguous rows: no 16-byte async copies
         assert "cp.async" in ptx
-    ptx = _compile_for_hopper(
+    ptx = ptx_for_hopper(
         weight_grad, {"X": "*bf16", "G": "*bf16", "DW": "*fp32"},
         dict(KH=3, KW=3, PRECISION="ieee", FLAT=flat, sxc=1, sgc=1, **blocks),
         ["X", "G", "DW", *shapes, "sxb", "sxh", "sxw", "sgb", "sgh", "sgw", "ROWS_PER_SPLIT"])
