@@ -184,7 +184,8 @@ def _batch_stats(y: torch.Tensor, interpret: bool, programs: int | None = None) 
     splits, per = _splits(R, cb, blk["BR"], interpret, programs, y.device)
     shift, s1, s2 = (torch.empty(splits, C, device=y.device, dtype=torch.float32) for _ in range(3))
     kernels(_KERNELS, interpret)[0][(splits, cb)](y, shift, s1, s2, R, C, per, **blk)
-    counts = torch.tensor([min(per, R - i * per) for i in range(splits)], dtype=torch.float32, device=y.device)[:, None]
+    # rows per split, made on the device: a copy from host memory would wait for the GPU's queue
+    counts = (R - per * torch.arange(splits, device=y.device, dtype=torch.float32)).clamp(max=per)[:, None]
     part_mean = shift + s1 / counts
     part_m2 = s2 - s1 * s1 / counts
     mean = (counts * part_mean).sum(0) / R
