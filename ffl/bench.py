@@ -404,7 +404,9 @@ def _sweep_candidates(kind: str, C: int, O: int, flat: bool) -> list[implicit_co
     for bm in rows:
         for bn in cols:
             for bc in steps:
-                bn_, bc_ = cap(O, bn), (bc if flat else cap(C, bc))
+                # the weight gradient's tile is BC × BN: BC = 64 even for 32 channels can buy
+                # Hopper's wgmma (64-row tiles) with half of it masked, so it is not capped
+                bn_, bc_ = cap(O, bn), (bc if flat or kind == "weight_grad" else cap(C, bc))
                 warps = 8 if bm * bn_ >= 128 * 128 else 4
                 seen.setdefault((bm, bn_, bc_), implicit_conv.Tiles(bm, bn_, bc_, warps))
     return list(seen.values())
