@@ -448,32 +448,60 @@ class Zoo:
         for i in range(len(self)) if indices is None else indices:
             yield self.model(int(i))
 
-    def stacked(self, indices: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def stacked(self, indices: Sequence[int] | None = None, workers: int | None = None) -> dict[str, torch.Tensor]:
         """State dicts of several networks stacked along a new first dimension. Rows are read from
         each shard file as slices (its SHA-256 checked as for :meth:`state_dict`), not through the
-        shard cache: streaming a zoo holds only the rows asked for."""
+        shard cache: streaming a zoo holds only the rows asked for. Shard files are read by
+        ``workers`` threads at once (default: up to 8; each fills its own rows)."""
         idx = list(range(len(self))) if indices is None else [int(i) for i in indices]
         nets = [self.manifest["networks"][i] for i in idx]
-        out: dict[str, torch.Tensor] = {}
-        start = 0
+        groups, start = [], 0
         for f, group in itertools.groupby(nets, key=lambda n: n["shard"]):
             rows = [n["row"] for n in group]
-            self._check(f)
-            try:
-                with safe_open(str(self.root / f), framework="pt") as shard:
-                    for k in shard.keys():
-                        part = shard.get_slice(k)
-                        if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive: one slice
-                            v = part[rows[0] : rows[0] + len(rows)]
-                        else:
-                            v = part[min(rows) : max(rows) + 1][torch.tensor(rows) - min(rows)]
-                        if k not in out:
-                            out[k] = torch.empty(len(idx), *v.shape[1:], dtype=v.dtype)
-                        out[k][start : start + len(rows)] = v
-            except Exception as e:  # noqa: BLE001 - any parse failure names the file
-                raise ZooCorruptError(f"zoo shard {self.root / f} cannot be read: {e}") from e
+            groups.append((f, rows, start))
             start += len(rows)
+        if not groups:
+            return {}
+        out = self._empty_rows(groups[0][0], len(idx))
+        workers = workers or min(8, os.cpu_count() or 1, len(groups))
+        if workers <= 1:
+            for group in groups:
+                self._read_rows(*group, out)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ffl-zoo-read") as pool:
+                for done in [pool.submit(self._read_rows, *group, out) for group in groups]:
+                    done.result()
         return out
+
+    def _empty_rows(self, f: str, n: int) -> dict[str, torch.Tensor]:
+        """Uninitialized (n, *shape) tensors for the tensors of shard ``f`` (every shard has the same)."""
+        path = self.root / f
+        try:
+            with safe_open(str(path), framework="pt") as shard:
+                specs = {k: (shard.get_slice(k).get_shape()[1:], shard.get_slice(k).get_dtype()) for k in shard.keys()}
+        except Exception as e:  # noqa: BLE001 - any parse failure names the file
+            raise ZooCorruptError(f"zoo shard {path} cannot be read: {e}") from e
+        return {k: torch.empty(n, *shape, dtype=_SAFETENSORS_DTYPES[dtype]) for k, (shape, dtype) in specs.items()}
+
+    def _read_rows(self, f: str, rows: list[int], start: int, out: dict[str, torch.Tensor]) -> None:
+        """Rows ``rows`` of shard ``f`` into ``out[k][start:start + len(rows)]``."""
+        self._check(f)
+        try:
+            with safe_open(str(self.root / f), framework="pt") as shard:
+                for k in shard.keys():
+                    part = shard.get_slice(k)
+                    if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive: one slice
+                        v = part[rows[0] : rows[0] + len(rows)]
+                    else:
+                        v = part[min(rows) : max(rows) + 1][torch.tensor(rows) - min(rows)]
+                    out[k][start : start + len(rows)] = v
+        except Exception as e:  # noqa: BLE001 - any parse failure names the file
+            raise ZooCorruptError(f"zoo shard {self.root / f} cannot be read: {e}") from e
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 # --------------------------------------------------------------------------------------------

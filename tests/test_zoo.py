@@ -59,10 +59,12 @@ def test_api(zoo_dir):
     assert all(s["sha256"] and s["bytes"] > 0 for s in man["shards"])
 
 
-@pytest.mark.parametrize("nets", [[0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 2, 5, 3], [4]])  # across shards, scattered
-def test_stacked_equals_each_state_dict(zoo_dir, nets):
+@pytest.mark.parametrize("workers", [1, 3])  # one reader, or threads each filling their rows
+@pytest.mark.parametrize("nets", [[0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 2, 5, 3], [4], [0, 4, 1, 8, 2]])  # across shards, scattered, a shard twice
+def test_stacked_equals_each_state_dict(zoo_dir, nets, workers):
     zoo = Zoo.load(zoo_dir)
-    stacked = zoo.stacked(nets)
+    stacked = zoo.stacked(nets, workers=workers)
+    assert all(t.shape[0] == len(nets) for t in stacked.values())
     for row, i in enumerate(nets):
         for k, v in zoo.state_dict(i).items():
             assert torch.equal(stacked[k][row], v), (i, k)
