@@ -327,6 +327,11 @@ def im2col_conv3x3(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(cols.view(K, B * H * W, 9 * C), wm).view(K, B, H, W, -1)
 
 
+def _conv3x3_flops(K: int, batch: int, cin: int, cout: int, hw: int) -> int:
+    """Multiply-adds ×2 of one pass of K networks' 3×3 convolutions (padding 1) over hw × hw maps."""
+    return 2 * K * batch * hw * hw * cin * 9 * cout
+
+
 def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision: str = "bf16",
                 repeat: int = 3, convs=PLAINNET5_CONVS, implicit_on_cpu: bool = False) -> list[dict[str, Any]]:
     """Forward + backward TFLOP/s of PlainNet-5's convolutions for K networks, three ways:
@@ -346,7 +351,7 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
     with precision_scope(precision, dev):
         for li, (cin, cout, hw) in enumerate(convs):
             dgrad = li > 0
-            flops = 2 * K * batch * hw * hw * cin * 9 * cout * (3 if dgrad else 2)
+            flops = _conv3x3_flops(K, batch, cin, cout, hw) * (3 if dgrad else 2) // 2
 
             def make(shape, mf=None):
                 t = torch.randn(*shape, device=dev, dtype=dt)
@@ -429,7 +434,7 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
             g = make(batch, K * cout, hw, hw).contiguous(memory_format=torch.channels_last)
             wt = make(K, 3, 3, cin, cout)
             wt_flipped = make(K, 3, 3, cout, cin)
-            flop = implicit_conv.flops(x.shape, (K, cout, cin, 3, 3), 1)
+            flop = _conv3x3_flops(K, batch, cin, cout, hw)
             passes = {
                 "forward": (cin, cout, lambda t: implicit_conv._forward(x, wt, None, K, (1, 1), interpret, tiles=t)),
                 "input_grad": (cout, cin, lambda t: implicit_conv._forward(g, wt_flipped, None, K, (1, 1), interpret,

@@ -33,7 +33,7 @@ from ffl.triton_support import BACKENDS, available, kernels, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BACKENDS", "Tiles", "available", "supported", "batched_conv2d", "default_tiles", "flops"]
+__all__ = ["BACKENDS", "Tiles", "available", "supported", "batched_conv2d", "default_tiles"]
 
 
 def supported(stride, dilation, groups, padding_mode: str = "zeros") -> bool:
@@ -386,12 +386,4 @@ def batched_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                         f"{x.dtype} and {weight.dtype}")
     with torch.autocast(x.device.type, enabled=False):
         return _ImplicitConv.apply(x, weight, bias, K, padding, interpret)
-
-
-def flops(x_shape, weight_shape, padding) -> int:
-    """Multiply-adds ×2 of one forward pass (for throughput figures)."""
-    B, _, H, W = x_shape
-    K, O, C, kh, kw = weight_shape
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    return 2 * B * K * O * C * kh * kw * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
 
