@@ -478,10 +478,10 @@ class Zoo:
         path = self.root / f
         try:
             with safe_open(str(path), framework="pt") as shard:
-                specs = {k: (shard.get_slice(k).get_shape()[1:], shard.get_slice(k).get_dtype()) for k in shard.keys()}
+                heads = {k: shard.get_slice(k)[0:0] for k in shard.keys()}  # no rows: shape and dtype only
         except Exception as e:  # noqa: BLE001 - any parse failure names the file
             raise ZooCorruptError(f"zoo shard {path} cannot be read: {e}") from e
-        return {k: torch.empty(n, *shape, dtype=_SAFETENSORS_DTYPES[dtype]) for k, (shape, dtype) in specs.items()}
+        return {k: torch.empty(n, *h.shape[1:], dtype=h.dtype) for k, h in heads.items()}
 
     def _read_rows(self, f: str, rows: list[int], start: int, out: dict[str, torch.Tensor]) -> None:
         """Rows ``rows`` of shard ``f`` into ``out[k][start:start + len(rows)]``."""
@@ -497,11 +497,6 @@ class Zoo:
                     out[k][start : start + len(rows)] = v
         except Exception as e:  # noqa: BLE001 - any parse failure names the file
             raise ZooCorruptError(f"zoo shard {self.root / f} cannot be read: {e}") from e
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 # --------------------------------------------------------------------------------------------
