@@ -434,10 +434,8 @@ def _convnet_forward(self, x: torch.Tensor) -> torch.Tensor:
         if bn.backend != "torch" and (h.is_cuda or bn.backend == "interpret") and \
                 fused_bn.supported(h, self.act, pool, bn.training):
             h = fused_bn.bn_act_pool(h, bn, self.act, pool, backend=bn.backend)
-            continue
-        h = self.act(bn(h))
-        if pool:
-            h = F.max_pool2d(h, 2)
+        else:
+            h = fused_bn.reference(h, bn, self.act, pool)
     return self.fc(h.mean(dim=(2, 3)))
 
 

@@ -265,6 +265,7 @@ def bn_act_pool(y: torch.Tensor, bn, activation: torch.nn.Module, pool: bool, *,
 
 
 def reference(y: torch.Tensor, bn, activation: torch.nn.Module, pool: bool) -> torch.Tensor:
-    """The same unit as PyTorch operations (what :func:`bn_act_pool` replaces)."""
+    """The same unit as PyTorch operations (what :func:`bn_act_pool` replaces, and what runs where
+    it does not apply)."""
     h = activation(bn(y))
     return F.max_pool2d(h, 2) if pool else h
