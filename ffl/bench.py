@@ -483,8 +483,8 @@ def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", pr
             cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, epochs=epochs, lr_step_epochs=[epochs - 1],
                               batch_size=32, augment=True, precision=precision)
             with conv_backend(conv_backend_name), bn_backend(bn_backend_name):
-                a = train_batched(_seeded_models(arch, 4), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
-            b = train_loop(_seeded_models(arch, 4), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
+                a = train_batched(_models(arch, 4, widths=(8, 16, 32, 64)), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
+            b = train_loop(_models(arch, 4, widths=(8, 16, 32, 64)), data, [0, 1, 0, 1], [7, 8, 9, 10], cfg, device=dev)
             diff = max(float((a.state[k].double() - b.state[k].double()).abs().max())
                        for k in a.state if a.state[k].is_floating_point())
             out[f"{arch}_{precision}"] = {"max_abs_weight_diff": diff, "steps": a.steps,
@@ -494,14 +494,6 @@ def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", pr
                   f"after {a.steps} steps", flush=True)
     return out
 
-
-def _seeded_models(arch: str, count: int) -> list[torch.nn.Module]:
-    """``count`` small models of ``arch`` (widths 8-64), model s seeded with s."""
-    out = []
-    for s in range(count):
-        torch.manual_seed(s)
-        out.append(build_model(arch, 2, widths=(8, 16, 32, 64)))
-    return out
 
 
 def implicit_agreement(cin: int, cout: int, hw: int, backend: str, dtype: torch.dtype, device: torch.device,
