@@ -24,6 +24,7 @@ Only stride 1, dilation 1 and zero padding are covered, which are the paper's CN
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -283,21 +284,25 @@ def _weight_grad_op(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, 
     return _weight_grad(x, g, K, kh, kw, (ph, pw), False)
 
 
-if triton is not None:  # the CUDA path as custom operators: torch.compile sees them as opaque nodes
+@functools.cache
+def _ops():
+    """The CUDA path as custom operators (torch.compile sees them as opaque nodes), registered on
+    first use: registering imports torch's compiler stack, about a second at every import else."""
     torch.library.triton_op("ffl::implicit_conv_forward", _forward_op, mutates_args=())
     torch.library.triton_op("ffl::implicit_conv_weight_grad", _weight_grad_op, mutates_args=())
+    return torch.ops.ffl
 
 
 def _conv(x, wt, bias, K: int, padding: tuple[int, int], interpret: bool) -> torch.Tensor:
     if interpret:
         return _forward(x, wt, bias, K, padding, True)
-    return torch.ops.ffl.implicit_conv_forward(x, wt, bias, K, *padding)
+    return _ops().implicit_conv_forward(x, wt, bias, K, *padding)
 
 
 def _dweight(x, g, K: int, kh: int, kw: int, padding: tuple[int, int], interpret: bool) -> torch.Tensor:
     if interpret:
         return _weight_grad(x, g, K, kh, kw, padding, True)
-    return torch.ops.ffl.implicit_conv_weight_grad(x, g, K, kh, kw, *padding)
+    return _ops().implicit_conv_weight_grad(x, g, K, kh, kw, *padding)
 
 
 def _row_splits(rows: int, tiles: int, BM: int, programs: int) -> tuple[int, int]:
