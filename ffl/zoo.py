@@ -770,6 +770,12 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(n)
 
+    def advance_to(self, position: float) -> None:
+        # Absolute, not a sum of fractional steps: summed float steps drift past the total
+        # (tqdm then warns and shows a negative time left); at a chunk's end position is exact.
+        if self.bar is not None:
+            self.bar.update(position - self.bar.n)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -882,15 +888,13 @@ def train_zoo(
                               "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
                              for (p, r), s, ds in zip(runs, inp.seeds, inp.data_seeds)]
                 K = len(inp.seeds)
-                last = [0]
 
-                def on_step(step: int, total: int, K=K, last=last) -> None:
-                    frac = K * step / total
-                    bar.update(frac - last[0])
-                    last[0] = frac
+                def on_step(step: int, total: int, K=K, start=n_done) -> None:
+                    bar.advance_to(start + K * step / total)
 
                 res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg,
                                     device=dev, on_step=on_step, compile=compile)
+                n_done += K
                 del stacked
                 writes.wait()  # the previous chunk's shards are durable
                 if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete

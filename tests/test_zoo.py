@@ -496,3 +496,32 @@ def test_overlap_init_worker_error_propagates(wide_serial, tmp_path, monkeypatch
     assert sorted(f.name for f in (root / "shards").iterdir()) == shard_names(0)
     for name in shard_names(0):
         assert (root / "shards" / name).read_bytes() == (wide_serial / "shards" / name).read_bytes()
+
+
+def test_progress_bar_ends_at_the_number_of_networks_exactly(tmp_path, monkeypatch):
+    import warnings
+
+    import ffl.zoo as zoo_module
+
+    # Chunks of 585 at 400 steps each: fractional per-step advances summed in floats ended at
+    # 5000.000000000115 and tqdm warned (the H100 run of the tiny ImageNet chapter showed it).
+    progress = zoo_module._Progress(5000, True, "drift")
+    for chunk, k in enumerate([585] * 8 + [320]):
+        start = 585 * chunk
+        for step in range(1, 401):
+            progress.advance_to(start + k * step / 400)
+    assert progress.bar.n == 5000
+    progress.close()
+
+    ends = []
+
+    class Recording(zoo_module.tqdm):
+        def close(self):
+            ends.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(zoo_module, "tqdm", Recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_zoo(tiny_spec(runs=5), tmp_path / "z", progress=True, batch_networks=7)
+    assert ends and set(ends) == {(15, 15)}  # tqdm may close a bar twice (close, then __del__)
