@@ -129,6 +129,32 @@ def _mark_cells(nb: nbformat.NotebookNode) -> None:
             cell.metadata["tags"] = [*tags, "hide-cell"]
 
 
+def collapse_progress(nb: nbformat.NotebookNode) -> None:
+    """Keep what a terminal shows of progress bars: a bar redraws its line after a carriage return,
+    and a stored notebook keeps every redraw as an output of its own (456 for one paper-size zoo).
+    Consecutive stream outputs of one name become one; each line keeps its last redraw."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for out in cell.outputs:
+            prev = outputs[-1] if outputs else None
+            if (out.output_type == "stream" and prev is not None and prev.output_type == "stream"
+                    and prev.name == out.name):
+                prev.text += out.text
+            else:
+                outputs.append(out)
+        for out in outputs:
+            if out.output_type == "stream":
+                out.text = "\n".join(_last_redraw(line) for line in out.text.split("\n"))
+        cell.outputs = outputs
+
+
+def _last_redraw(line: str) -> str:
+    drawn = [part for part in line.split("\r") if part]
+    return drawn[-1] if drawn else ""
+
+
 def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR, *, echo: bool = False) -> Path:
     """Run one chapter with papermill and write it to ``book_dir/chapters/<output>.ipynb``;
     ``echo``: the notebook's own printed output (progress bars included) goes to this process's
@@ -148,6 +174,7 @@ def execute_chapter(entry: dict[str, Any], book_dir: Path = BOOK_DIR, *, echo: b
             "seconds": round(time.perf_counter() - start, 1),
         }
         _mark_cells(nb)
+        collapse_progress(nb)
         if entry.get("title"):
             _set_title(nb, entry["title"])
         nbformat.write(nb, scratch)

@@ -21,3 +21,32 @@ def test_provenance_takes_the_commit_from_the_environment(monkeypatch):
 
     monkeypatch.setenv("FFL_COMMIT", "feedbeef")
     assert git_commit() == "feedbeef" and run_info()["commit"] == "feedbeef"
+
+
+def test_progress_bars_keep_their_last_redraw_and_other_output_its_order():
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    def stream(name, text):
+        return new_output("stream", name=name, text=text)
+
+    bar = [stream("stderr", f"\rzoo:  {p:3d}%|") for p in (0, 50, 100)]
+    cell = new_code_cell("train()", outputs=[
+        stream("stdout", "loading\n"), *bar, stream("stderr", "\n"),
+        stream("stdout", "trained\n"),
+        stream("stderr", "\rprotocols: 1/2"), stream("stderr", "\rprotocols: 2/2\n"),
+        new_output("display_data", data={"text/plain": "table"}),
+        stream("stderr", "a warning\n"),
+    ])
+    nb = new_notebook(cells=[cell])
+    book.collapse_progress(nb)
+    outs = nb.cells[0].outputs
+    assert [(o.output_type, o.get("name"), o.get("text")) for o in outs] == [
+        ("stream", "stdout", "loading\n"),
+        ("stream", "stderr", "zoo:  100%|\n"),
+        ("stream", "stdout", "trained\n"),
+        ("stream", "stderr", "protocols: 2/2\n"),
+        ("display_data", None, None),
+        ("stream", "stderr", "a warning\n"),
+    ]
+    nbformat.validate(nb)
