@@ -30,9 +30,27 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def load_profile(name: str) -> dict[str, Any]:
-    """The settings of profile ``name`` (``profiles/<name>.yaml``); unknown → ``ValueError``."""
+def load_profile(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings of profile ``name`` (``profiles/<name>.yaml``); unknown → ``ValueError``.
+    A profile with ``extends: <base>`` is the base profile with its own settings merged in,
+    mapping by mapping (a list or a value replaces the base's)."""
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown profile {name!r}; choose one of {available_profiles()}")
-    return yaml.load(path.read_text(), Loader=_Loader) or {}
+    if name in _seen:
+        raise ValueError(f"profiles extend each other in a cycle: {' -> '.join((*_seen, name))}")
+    settings = yaml.load(path.read_text(), Loader=_Loader) or {}
+    base = settings.pop("extends", None)
+    if base is None:
+        return settings
+    if not isinstance(base, str):
+        raise ValueError(f"profile {name!r}: extends must name one profile, got {base!r}")
+    return _merged(load_profile(base, (*_seen, name)), settings)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_mappings else value
+    return out

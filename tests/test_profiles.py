@@ -1,0 +1,61 @@
+"""Profiles (ffl.profiles): ``extends`` merges a profile over its base; paper_bf16 departs from the
+paper profile in the convolutional zoos' precision only."""
+import pytest
+
+import ffl.profiles
+from ffl.experiment import check_choices
+from ffl.profiles import load_profile
+from ffl.zoo import spec_from_profile
+
+
+def _without_precision(tree):
+    if isinstance(tree, dict):
+        return {k: _without_precision(v) for k, v in tree.items() if k != "precision"}
+    return tree
+
+
+def test_paper_bf16_is_the_paper_profile_with_bf16_convolutional_zoos():
+    paper, bf16 = load_profile("paper"), load_profile("paper_bf16")
+    assert _without_precision(bf16) == _without_precision(paper)
+    for section, archs in (("cifar100", ["cnn", "plainnet6", "resnet5"]), ("tiny_imagenet", ["cnn"]),
+                           ("factors", ["cnn", "plainnet6", "resnet5"])):
+        for arch in archs:
+            assert bf16[section]["zoo"]["arch"][arch]["precision"] == "bf16"
+            assert "precision" not in paper[section]["zoo"]["arch"][arch]
+    dataset = {"cifar100": "synthetic", "tiny_imagenet": "tiny_imagenet", "namedata": "namedata"}
+    for section, arch in (("cifar100", "mlp"), ("tiny_imagenet", "mlp"), ("namedata", "gru")):
+        same = [spec_from_profile(p, section, arch=arch, dataset=dataset[section]).identity()
+                for p in ("paper", "paper_bf16")]
+        assert same[0] == same[1]  # the same zoo, so the same cache entry
+    cnn = [spec_from_profile(p, "tiny_imagenet", arch="cnn", dataset="tiny_imagenet") for p in ("paper", "paper_bf16")]
+    assert (cnn[0].precision, cnn[1].precision) == ("fp32", "bf16") and cnn[0].identity() != cnn[1].identity()
+    check_choices(arch="cnn", dataset="tiny_imagenet", profile="paper_bf16", section="tiny_imagenet")
+
+
+@pytest.fixture
+def profile_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
+    return tmp_path
+
+
+def test_extends_merges_mappings_and_replaces_lists_and_values(profile_dir):
+    (profile_dir / "base.yaml").write_text(
+        "s:\n  zoo: {lr: 0.1, epochs: 50, steps: [30, 40]}\n  split: {seed: 1}\nt: {a: 1}\n")
+    (profile_dir / "child.yaml").write_text("extends: base\ns:\n  zoo: {lr: 0.05, steps: [10]}\nu: 2\n")
+    (profile_dir / "grandchild.yaml").write_text("extends: child\nt: 3\n")
+    assert load_profile("child") == {"s": {"zoo": {"lr": 0.05, "epochs": 50, "steps": [10]}, "split": {"seed": 1}},
+                                     "t": {"a": 1}, "u": 2}
+    assert load_profile("grandchild")["t"] == 3 and load_profile("grandchild")["s"]["zoo"]["lr"] == 0.05
+    assert load_profile("base")["s"]["zoo"]["lr"] == 0.1  # the base is not changed by loading a child
+
+
+@pytest.mark.parametrize("files,name,message", [
+    ({"a.yaml": "extends: nowhere\n"}, "a", r"unknown profile 'nowhere'; choose one of \['a'\]"),
+    ({"a.yaml": "extends: b\n", "b.yaml": "extends: a\n"}, "a", "in a cycle: a -> b -> a"),
+    ({"a.yaml": "extends: [b, c]\n"}, "a", "extends must name one profile"),
+])
+def test_bad_extends_is_refused_with_its_reason(profile_dir, files, name, message):
+    for file, text in files.items():
+        (profile_dir / file).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_profile(name)
