@@ -17,7 +17,8 @@
 #   layers  forward + backward TFLOP/s of the four convolution layers for K = 126 networks, bf16:
 #           grouped (cuDNN), implicit (Triton), dense (one ordinary convolution: the ceiling)
 #   zoo     PlainNet-5 zoo time at paper epochs, bf16, 2 chunks each: cuDNN + PyTorch BatchNorm,
-#           Triton convolution, Triton convolution + fused BatchNorm (python -m ffl.bench zoo-time)
+#           Triton convolution, Triton convolution + fused BatchNorm (python -m ffl.bench zoo-time);
+#           chunks of $ZOO_K networks (default: sized by memory; the README's table used 126)
 #   compile the same three through torch.compile
 #   profile where a training step's time goes with both kernels (torch.profiler table)
 #   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = 126 (about 90
@@ -65,13 +66,15 @@ if has profile; then
   timeout 150 "$PY" -m ffl.bench profile --device cuda --arch cnn --precision bf16 --conv-backend triton \
     --bn-backend triton 2>&1 | tee -a "$OUT/log.txt"
 fi
-for variant in "torch torch" "triton torch" "triton triton"; do
-  set -- $variant
+# $ZOO_VARIANTS: "convolution:BatchNorm" backends, e.g. "torch:torch triton:triton"
+for variant in ${ZOO_VARIANTS:-torch:torch triton:torch triton:triton}; do
+  set -- ${variant/:/ }
   for mode in zoo compile; do
     has "$mode" || continue
-    log "$mode: PlainNet-5, bf16, convolution $1, BatchNorm $2"
+    log "$mode: PlainNet-5, bf16, convolution $1, BatchNorm $2, chunks of ${ZOO_K:-memory-sized}"
     timeout 200 "$PY" -m ffl.bench zoo-time --device cuda --arch cnn --precision bf16 --max-chunks 2 --budget-s 150 \
-      --conv-backend "$1" --bn-backend "$2" $([ "$mode" = compile ] && echo --compile) 2>&1 | tee -a "$OUT/log.txt"
+      --conv-backend "$1" --bn-backend "$2" $([ "$mode" = compile ] && echo --compile) \
+      ${ZOO_K:+--batch-networks "$ZOO_K"} 2>&1 | tee -a "$OUT/log.txt"
   done
 done
 log "done"
