@@ -13,7 +13,8 @@
 #           against the grouped convolution on PlainNet-5's four layers (implicit_rel_err_* columns)
 #   engine  the batched engine with the kernels against the plain loop (PyTorch's operations),
 #           PlainNet-5 and ResNet-5 at small widths, FP32 and bf16: largest weight difference after
-#           9 steps; once with the convolution kernels, once with the fused BatchNorm as well
+#           9 steps; first with cuDNN in both (the baseline: how far rounding alone moves them),
+#           then with the convolution kernels, then with the fused BatchNorm as well
 #   layers  forward + backward TFLOP/s of the four convolution layers for K = 126 networks, bf16:
 #           grouped (cuDNN), implicit (Triton), dense (one ordinary convolution: the ceiling)
 #   zoo     PlainNet-5 zoo time at paper epochs, bf16, 2 chunks each: cuDNN + PyTorch BatchNorm,
@@ -48,6 +49,7 @@ fi
 if has engine; then
   log "engine: batched engine with the kernels vs plain loop"
   timeout 240 "$PY" -c 'import json; from ffl.bench import engine_agreement as e
+print(json.dumps(e("cuda", "torch", archs=("cnn",))))  # the baseline: cuDNN in both, rounding and algorithm choice only
 print(json.dumps(e("cuda", "triton"))); print(json.dumps(e("cuda", "triton", archs=("cnn",), bn_backend_name="triton")))' \
     2>&1 | tee -a "$OUT/log.txt"
 fi
