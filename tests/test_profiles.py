@@ -59,3 +59,21 @@ def test_bad_extends_is_refused_with_its_reason(profile_dir, files, name, messag
         (profile_dir / file).write_text(text)
     with pytest.raises(ValueError, match=message):
         load_profile(name)
+
+
+def _without(tree, keys):
+    if isinstance(tree, dict):
+        return {k: _without(v, keys) for k, v in tree.items() if k not in keys}
+    return tree
+
+
+def test_the_offline_profiles_change_only_tiny_imagenet_batches():
+    paper, bf16 = load_profile("paper"), load_profile("paper_bf16")
+    offline, offline_bf16 = load_profile("paper_offline"), load_profile("paper_offline_bf16")
+    for changed, base in ((offline, paper), (offline_bf16, bf16)):
+        assert {k: v for k, v in changed.items() if k != "tiny_imagenet"} == \
+            {k: v for k, v in base.items() if k != "tiny_imagenet"}
+        assert _without(changed["tiny_imagenet"], {"batch_size"}) == _without(base["tiny_imagenet"], {"batch_size"})
+        assert {a: s["batch_size"] for a, s in changed["tiny_imagenet"]["zoo"]["arch"].items()} == {"mlp": 100, "cnn": 100}
+    assert {a: s["batch_size"] for a, s in paper["tiny_imagenet"]["zoo"]["arch"].items()} == {"mlp": 128, "cnn": 128}
+    assert offline_bf16["tiny_imagenet"]["zoo"]["arch"]["cnn"]["precision"] == "bf16"
