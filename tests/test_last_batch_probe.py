@@ -19,7 +19,7 @@ def test_batches_of_100_train_better_than_128_on_the_offline_copy(tmp_path, monk
     spec.loader.exec_module(probe)
     rows = {}
     for name, overrides in probe.VARIANTS.items():
-        args = argparse.Namespace(tasks=5, runs=5, device="cpu", data_root=str(SHARED), quiet=True)
+        args = argparse.Namespace(arch="mlp", tasks=5, runs=5, device="cpu", data_root=str(SHARED), quiet=True)
         rows[name], table = probe.probe(name, overrides, args)
         assert rows[name]["networks"] == 25
         assert table.between(0, 100).all() and len(table) == 4 * 2 * 5  # index × feature × (top-1; rank-1, -5, -10, mAP)
