@@ -118,7 +118,7 @@ class BatchedConv2d(nn.Module):
         self.bias = nn.Parameter(b) if b is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend != "torch" and self._implicit_ok and (x.is_cuda or self.backend == "interpret"):
+        if self._implicit_ok and triton_support.runs_on(self.backend, x):
             return implicit_conv.batched_conv2d(x, self.weight, self.bias, padding=self.padding, backend=self.backend)
         if x.device.type == "cpu" and self.K > 1 and self.per_network_on_cpu:
             # oneDNN's grouped convolution measured slower on CPU than one convolution per
@@ -422,8 +422,6 @@ def _grunet_forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) 
     return self.fc(last.reshape(B, -1))
 
 
-#: model class → (batched forward, input folding: see :func:`fold_input`); other models keep their
-#: own forward in the ``"channel"`` folding
 def _convnet_forward(self, x: torch.Tensor) -> torch.Tensor:
     """ConvNet's forward on the folded layout; where :class:`BatchedBatchNorm`'s backend fuses and
     the unit allows it (training, ReLU or leaky ReLU, even sizes under a pool), BatchNorm, the
@@ -431,14 +429,15 @@ def _convnet_forward(self, x: torch.Tensor) -> torch.Tensor:
     h = x
     for l, (conv, bn) in enumerate(zip(self.convs, self.bns)):
         h, pool = conv(h), l < self.pools
-        if bn.backend != "torch" and (h.is_cuda or bn.backend == "interpret") and \
-                fused_bn.supported(h, self.act, pool, bn.training):
+        if triton_support.runs_on(bn.backend, h) and fused_bn.supported(h, self.act, pool, bn.training):
             h = fused_bn.bn_act_pool(h, bn, self.act, pool, backend=bn.backend)
         else:
             h = fused_bn.reference(h, bn, self.act, pool)
     return self.fc(h.mean(dim=(2, 3)))
 
 
+#: model class → (batched forward, input folding: see :func:`fold_input`); other models keep their
+#: own forward in the ``"channel"`` folding
 BATCHED_FORWARDS: dict[type[nn.Module], tuple[Callable, str]] = {
     MLP: (_mlp_forward, "network"), GRUNet: (_grunet_forward, "last"), ConvNet: (_convnet_forward, "channel")}
 

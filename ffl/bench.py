@@ -495,7 +495,6 @@ def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", pr
     return out
 
 
-
 def implicit_agreement(cin: int, cout: int, hw: int, backend: str, dtype: torch.dtype, device: torch.device,
                        K: int = 4, batch: int = 16) -> dict[str, float]:
     """Largest differences between :mod:`ffl.implicit_conv` and the grouped convolution on one
@@ -997,10 +996,10 @@ def _zoo_time_arguments(ap) -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--compile", action="store_true", help="train through torch.compile")
     ap.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks")
-    _conv_backend_argument(ap)
+    _backend_arguments(ap)
 
 
-def _conv_backend_argument(ap) -> None:
+def _backend_arguments(ap) -> None:
     ap.add_argument("--conv-backend", choices=triton_support.BACKENDS, default="torch",
                     help="convolutions: torch (grouped, cuDNN) or triton (ffl.implicit_conv)")
     ap.add_argument("--bn-backend", choices=triton_support.BACKENDS, default="torch",
@@ -1040,7 +1039,7 @@ def _profile_arguments(ap) -> None:
     ap.add_argument("--arch", default="mlp")
     ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
     ap.add_argument("--compile", action="store_true", help="train through torch.compile")
-    _conv_backend_argument(ap)
+    _backend_arguments(ap)
 
 
 def _profile(args) -> int:

@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ffl.triton_support import available, kernels, triton
+from ffl.triton_support import available, kernels, programs_to_fill, row_splits, triton
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["supported", "bn_act_pool"]
+__all__ = ["supported", "bn_act_pool", "reference"]
 
 
 def supported(y: torch.Tensor, activation: torch.nn.Module, pool: bool, training: bool) -> bool:
@@ -166,13 +166,10 @@ def _blocks(interpret: bool) -> dict[str, int]:
 
 def _splits(rows: int, channel_blocks: int, BR: int, interpret: bool, programs: int | None,
             device: torch.device) -> tuple[int, int]:
-    """(splits, rows per split): about ``programs`` programs (default 4 per multiprocessor; 1 per
-    channel block interpreted), each a whole number of BR-row blocks."""
-    if programs is None:
-        programs = channel_blocks if interpret else 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(triton.cdiv(rows, BR), triton.cdiv(programs, channel_blocks)))
-    per = triton.cdiv(triton.cdiv(rows, splits), BR) * BR
-    return triton.cdiv(rows, per), per
+    """(splits, rows per split) over ``channel_blocks`` column blocks of BR-row tiles
+    (:func:`ffl.triton_support.row_splits`; ``programs`` default: enough to fill the GPU)."""
+    programs = programs_to_fill(device, interpret) if programs is None else programs
+    return row_splits(rows, channel_blocks, BR, programs)
 
 
 def _batch_stats(y: torch.Tensor, interpret: bool, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ffl.triton_support import BACKENDS, available, kernels, triton
+from ffl.triton_support import BACKENDS, available, kernels, programs_to_fill, row_splits, triton
 
 if triton is not None:
     import triton.language as tl
@@ -259,8 +259,8 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     blocks = steps * triton.cdiv(O, tiles.BN)
     # enough programs to fill the GPU, each reducing a long run of rows; the splits are summed below
     if programs is None:
-        programs = 1 if interpret else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits, per_split = _row_splits(B * HO * WO, blocks * K, tiles.BM, programs)
+        programs = programs_to_fill(x.device, interpret)
+    splits, per_split = row_splits(B * HO * WO, blocks * K, tiles.BM, programs, min_blocks=8)
     dw = torch.empty((splits, K, kh, kw, C, O), dtype=torch.float32, device=x.device)
     _, weight_grad = _kernels(interpret)
     _launchable(weight_grad, interpret)[(blocks, K, splits)](
@@ -303,14 +303,6 @@ def _dweight(x, g, K: int, kh: int, kw: int, padding: tuple[int, int], interpret
     if interpret:
         return _weight_grad(x, g, K, kh, kw, padding, True)
     return _ops().implicit_conv_weight_grad(x, g, K, kh, kw, *padding)
-
-
-def _row_splits(rows: int, tiles: int, BM: int, programs: int) -> tuple[int, int]:
-    """(splits, rows per split) for the weight gradient: about ``programs`` programs in all, each
-    reducing at least 8 blocks of BM rows, a split a whole number of blocks."""
-    splits = max(1, min(triton.cdiv(rows, 8 * BM), triton.cdiv(programs, tiles)))
-    per_split = triton.cdiv(triton.cdiv(rows, splits), BM) * BM
-    return triton.cdiv(rows, per_split), per_split
 
 
 class _ImplicitConv(torch.autograd.Function):

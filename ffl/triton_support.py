@@ -17,7 +17,7 @@ try:  # Triton ships with PyTorch's CUDA wheels; a CPU-only install may lack it
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["BACKENDS", "available", "kernels", "ptx_for_hopper", "triton"]
+__all__ = ["BACKENDS", "available", "runs_on", "row_splits", "programs_to_fill", "kernels", "ptx_for_hopper", "triton"]
 
 BACKENDS = ("torch", "triton", "interpret")
 
@@ -30,6 +30,26 @@ def available(backend: str) -> bool:
     if backend == "torch":
         return True
     return triton is not None and (backend == "interpret" or torch.cuda.is_available())
+
+
+def runs_on(backend: str, t: torch.Tensor) -> bool:
+    """Whether ``backend`` runs its Triton kernels for tensor ``t``: ``triton`` on CUDA tensors,
+    ``interpret`` on any; ``torch`` never (PyTorch's own operations run instead)."""
+    return backend == "interpret" or (backend == "triton" and t.is_cuda)
+
+
+def programs_to_fill(device: torch.device, interpret: bool) -> int:
+    """Programs that keep the GPU busy: 4 per multiprocessor; 1 interpreted (one split)."""
+    return 1 if interpret else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_splits(rows: int, tiles: int, block: int, programs: int, min_blocks: int = 1) -> tuple[int, int]:
+    """(splits, rows per split) of a reduction over ``rows`` split across programs: about
+    ``programs`` programs in all (``tiles`` per split), each split a whole number of ``block``-row
+    blocks and at least ``min_blocks`` of them. The kernels sum the splits in a fixed order."""
+    splits = max(1, min(triton.cdiv(rows, min_blocks * block), triton.cdiv(programs, tiles)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), block) * block
+    return triton.cdiv(rows, per_split), per_split
 
 
 @functools.cache

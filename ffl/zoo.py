@@ -766,10 +766,6 @@ class _Progress:
             self.bar = tqdm(total=total, desc=desc, unit="net", dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n:.0f}/{total} nets [{elapsed}<{remaining}, {rate_fmt}]")
 
-    def update(self, n: float) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
     def advance_to(self, position: float) -> None:
         # Absolute, not a sum of fractional steps: summed float steps drift past the total
         # (tqdm then warns and shows a negative time left); at a chunk's end position is exact.
@@ -855,7 +851,7 @@ def train_zoo(
         dev = torch.device(device)
         desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
         bar = _Progress(n_mine, progress, desc)
-        bar.update(n_done)
+        bar.advance_to(n_done)
         # overlap: the next chunk's initial weights are built, and the finished chunk's shards
         # written, while a chunk trains (see _ChunkWrites and the fork below)
         overlap = dev.type == "cuda" if overlap is None else bool(overlap)

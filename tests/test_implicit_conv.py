@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from ffl import implicit_conv  # noqa: E402
+from ffl import implicit_conv, triton_support  # noqa: E402
 from ffl.batched import BatchedConv2d, conv_backend, stack_models  # noqa: E402
 from ffl.bench import conv_layers  # noqa: E402
 from ffl.models import build_model  # noqa: E402
@@ -73,8 +73,8 @@ def test_weight_gradient_split_over_rows():
     split = implicit_conv._weight_grad(x, g, 2, 3, 3, (1, 1), interpret=True, programs=10_000)
     assert _close(one, ref) and _close(split, ref)
     # 2·16·16 rows, 9 taps × 2 networks of one tile each, blocks of 16 rows (interpreted)
-    assert implicit_conv._row_splits(512, 18, 16, 1) == (1, 512)
-    assert implicit_conv._row_splits(512, 18, 16, 10_000) == (4, 128)
+    assert triton_support.row_splits(512, 18, 16, 1, min_blocks=8) == (1, 512)
+    assert triton_support.row_splits(512, 18, 16, 10_000, min_blocks=8) == (4, 128)
 
 
 def test_stacked_convnet_trains_alike_with_either_backend():
