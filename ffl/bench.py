@@ -816,11 +816,16 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
                 / f"{arch}-{tasks}x{runs}{'-quick' if quick else ''}")
     t0 = time.perf_counter()
     zoo = random_weight_zoo(arch, root, tasks=tasks, runs=runs, model_kwargs=shapes[arch])
+    # a zoo given by ``zoo_root`` may be a trained one (a chapter's): say which was timed
+    trained = "weights" not in zoo.spec.data_kwargs
+    weights = (f"trained: {zoo.spec.dataset}, {len(zoo.spec.tasks)} tasks x {zoo.spec.runs} runs" if trained
+               else "random, untrained (seeded; real zoo format)")
+    tasks, runs = len(zoo.spec.tasks), zoo.spec.runs
     out: dict[str, Any] = {"arch": arch, "networks": len(zoo), "tasks": tasks, "runs": runs, "device": device,
-                           "precision": precision, "weights": "random, untrained (seeded; real zoo format)",
+                           "precision": precision, "weights": weights,
                            "block_bytes": block_bytes, "slab_bytes": slab_bytes, "zoo_build_s": time.perf_counter() - t0,
                            "hardware": hardware(device), "threads": torch.get_num_threads()}
-    _log(f"{arch}: zoo of {len(zoo)} random-weight networks at {root} ({out['zoo_build_s']:.1f} s)")
+    _log(f"{arch}: zoo of {len(zoo)} networks ({weights}) at {root} ({out['zoo_build_s']:.1f} s)")
     source = ZooFeatures(zoo, FeatureConfig(), device=device, chunk_bytes=slab_bytes)
     kinds = ("chain",) if chains_only else ("chain", "layer")
     jobs = [(kind, index) for kind in kinds for index in source.indices(kind)]
@@ -1059,7 +1064,7 @@ def _ffl_arguments(ap) -> None:
     ap.add_argument("--memory-gib", type=float, default=2.0, help="weights + features per block (two are held)")
     ap.add_argument("--slab-mib", type=float, default=256.0, help="one Gram slab / implicit tile")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip indices projected to overrun this")
-    ap.add_argument("--zoo-root", default=None, help="where the random-weight zoo lives (default under $FFL_CACHE)")
+    ap.add_argument("--zoo-root", default=None, help="DIR/<arch>: the zoo to time, e.g. a link to a chapter's trained one; random weights are written there if it holds none (default under $FFL_CACHE)")
     ap.add_argument("--project-to", type=int, default=5000)
     ap.add_argument("--chains-only", action="store_true")
     ap.add_argument("--passes", choices=("one", "per_index"), default=None,

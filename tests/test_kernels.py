@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from ffl.bench import main as bench_main
-from ffl.bench import random_weight_zoo
+from ffl.bench import bench_ffl, random_weight_zoo
 from ffl.chain import chain_gram
 from ffl.experiment import evaluate_zoo
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, streamed_inner
 from ffl.protocols import ProtocolSplit
+from ffl.zoo import ZooSpec, train_zoo
 
 
 @pytest.mark.parametrize("shape", [(6, 2), (4, 30), (9,)])  # implicit, explicit (slabs), vectors
@@ -186,3 +187,14 @@ def test_bench_ffl_json(tmp_path, capsys):
     full = json.loads(next(l for l in lines if l.startswith('{"arch": "cnn"')))
     assert set(full["per_index"]) == {f"chain {i}" for i in range(1, 6)} | {f"layer {i}" for i in range(1, 6)}
     assert full["plan"]["chain 4"]["macs"] > 0 and full["per_index"]["chain 4"]["blocks"] > 1
+
+
+def test_bench_ffl_says_whether_it_timed_trained_or_random_weights(tmp_path, fixture_zoo):
+    spec = ZooSpec(arch="mlp", dataset="synthetic", tasks=list(range(5)), runs=4, model_kwargs={"hidden": [6, 6]},
+                   epochs=1, lr=0.05, batch_size=32, data_kwargs={"n_train": 64, "n_test": 32})
+    train_zoo(spec, tmp_path / "trained", progress=False)
+    trained = bench_ffl("mlp", 20, zoo_root=tmp_path / "trained", block_bytes=1 << 20, project_to=40)
+    assert trained["weights"] == "trained: synthetic, 5 tasks x 4 runs"
+    assert (trained["networks"], trained["tasks"], trained["runs"]) == (20, 5, 4)
+    random = bench_ffl("mlp", 100, zoo_root=fixture_zoo["mlp"].root, block_bytes=1 << 20, project_to=40)
+    assert random["weights"].startswith("random, untrained")
