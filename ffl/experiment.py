@@ -32,7 +32,7 @@ from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, cross_condition_protocol,
                            retrieval_protocol, retrieval_split)
 from ffl.files import clean_stale_temp, write_bytes_atomic, write_json_atomic
-from ffl.zoo import Zoo, ZooSpec, spec_from_profile, train_zoo
+from ffl.zoo import Zoo, ZooSpec, cuda_engine_from_profile, spec_from_profile, train_zoo
 
 FEATURE_KINDS = ("layer", "chain")
 
@@ -271,7 +271,9 @@ def run_experiment(
     seconds: dict[str, float | str] = {}
     start = time.perf_counter()
     zoo_was_cached = (zoo_root / "manifest.json").is_file()  # complete zoos only have one
-    zoo = train_zoo(spec, zoo_root, device=device, progress=progress)
+    # how the zoo trains on a GPU (chunk size, kernels): the profile's zoo.cuda settings
+    engine = cuda_engine_from_profile(profile, section, arch=arch) if torch.device(device).type == "cuda" else {}
+    zoo = train_zoo(spec, zoo_root, device=device, progress=progress, **engine)
     seconds["zoo"] = "cached" if zoo_was_cached else round(time.perf_counter() - start, 1)
 
     made_by = {"zoo": spec_dict, "projection": dataclasses.asdict(projection),

@@ -37,6 +37,21 @@ def _training(spec) -> str:
             + ", ".join(e for e in extras if e))
 
 
+KERNEL_NAMES = {"torch": "PyTorch's", "triton": "Triton (ffl)", "interpret": "Triton's interpreter"}
+
+
+def _engine_rows(exp: Experiment) -> list[tuple[str, str]]:
+    """How the zoo was trained when it was not PyTorch's own operations: its provenance's kernels
+    and chunk size (none for a zoo trained before they were recorded)."""
+    prov = _zoo_provenance(exp) or {}
+    kernels = prov.get("kernels") or {}
+    if not any(v != "torch" for v in kernels.values()):
+        return []
+    return [("training engine", f"{prov.get('batch_networks', '?')} networks per batch; convolution: "
+             f"{KERNEL_NAMES[kernels.get('conv', 'torch')]}, BatchNorm + activation + pooling: "
+             f"{KERNEL_NAMES[kernels.get('bn', 'torch')]}{' (fused)' if kernels.get('bn', 'torch') != 'torch' else ''}")]
+
+
 def run_table(exp: Experiment) -> str:
     """The zoo and protocol sizes behind the chapter's numbers (Markdown)."""
     zoo, spec, split = exp.zoo, exp.zoo.spec, exp.split
@@ -49,6 +64,7 @@ def run_table(exp: Experiment) -> str:
     return _markdown([
         ("zoo", f"{spec.arch} ({model}) on {spec.dataset}: {n_tasks} tasks × {spec.runs} runs = {len(zoo):,} networks"),
         ("training", _training(spec)),
+        *_engine_rows(exp),
         ("test accuracy on own task", f"mean {acc.mean():.1f} %, min {acc.min():.1f} %, max {acc.max():.1f} %"),
         ("classification", f"Θ learned on {len(cls_train):,} networks, {len(cls_test):,} classified into {n_tasks} tasks"),
         ("retrieval", f"Θ learned on the {len(seen):,} networks of {n_seen} tasks; {n_tasks - n_seen} unseen tasks give "
@@ -69,9 +85,10 @@ def paper_beside_ours(results: pd.DataFrame, paper: pd.DataFrame, *, index: int 
         for metric, label in METRIC_NAMES.items():
             for source, frame in (("paper", paper), ("ours", ours)):
                 value = frame[(frame["feature"] == feature) & (frame["metric"] == metric)]["value"]
-                row[(label, source)] = round(100 * float(value.iloc[0]), 1) if len(value) else None
+                row[(label, source)] = 100 * float(value.iloc[0]) if len(value) else None
         rows.append(row)
-    table = pd.DataFrame(rows).set_index("feature")
+    # rounded as the chapters' other tables are (pandas), so one number reads the same in both
+    table = pd.DataFrame(rows).set_index("feature").astype(float).round(1)
     table.columns = pd.MultiIndex.from_tuples(table.columns)
     return table
 

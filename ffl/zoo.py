@@ -37,6 +37,7 @@ Specs: :func:`spec_from_profile` builds one from a profile section (the paper's 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -64,6 +65,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ffl import __version__
+from ffl import batched
 from ffl.cli import Command, run_command_line
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import TaskData, load_task
@@ -75,6 +77,7 @@ from ffl.models import ARCHS, build_model
 from ffl.profiles import load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
+from ffl.triton_support import BACKENDS, available, triton
 
 FORMAT = "ffl-zoo"
 FORMAT_VERSION = 1
@@ -241,6 +244,49 @@ def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, se
         **zoo["arch"][arch], **overrides,
     }
     return ZooSpec.from_dict(fields)
+
+
+#: keys of a profile's ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA, not what it trains
+CUDA_ENGINE_KEYS = ("batch_networks", "conv_backend", "bn_backend")
+
+
+def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[str, Any]:
+    """The keywords of :func:`train_zoo` that ``<section>.zoo.cuda.<arch>`` of profile ``profile``
+    sets for training on CUDA: ``batch_networks`` (networks per engine batch) and the convolution /
+    BatchNorm backends (:func:`ffl.batched.conv_backend`, :func:`ffl.batched.bn_backend`). They change
+    speed and rounding, not the zoo's spec (as the GPU model does), so they are not part of its
+    identity; the zoo's ``provenance.json`` records what ran. Empty when the profile sets none."""
+    settings = (load_profile(profile).get(section) or {}).get("zoo", {}).get("cuda") or {}
+    engine = settings.get(arch) or {}
+    where = f"profile {profile!r}, {section}.zoo.cuda.{arch}"
+    if not isinstance(engine, dict):
+        raise ValueError(f"{where} must be a mapping of {', '.join(CUDA_ENGINE_KEYS)}, got {engine!r}")
+    unknown = sorted(set(engine) - set(CUDA_ENGINE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(CUDA_ENGINE_KEYS)}")
+    out = dict(engine)
+    if "batch_networks" in out:
+        out["batch_networks"] = as_int(f"{where}: batch_networks", out["batch_networks"], minimum=1)
+    for key in ("conv_backend", "bn_backend"):
+        if key in out and out[key] not in BACKENDS:
+            raise ValueError(f"{where}: {key} {out[key]!r} is not one of {', '.join(BACKENDS)}")
+    return out
+
+
+def kernels_used(arch: str, device: str | torch.device) -> dict[str, str]:
+    """Which code the convolutions and BatchNorms of a zoo of ``arch`` run on ``device`` under the
+    current :mod:`ffl.batched` backends (provenance): ``torch`` (PyTorch's, cuDNN on CUDA),
+    ``triton`` or ``interpret``; BatchNorm fusion exists for the plain ConvNets only. Empty for
+    architectures without convolutions."""
+    if arch not in ("cnn", "plainnet6", "resnet5"):
+        return {}
+    cuda = torch.device(device).type == "cuda"
+
+    def runs(backend: str) -> str:
+        return backend if backend == "interpret" or (backend == "triton" and cuda) else "torch"
+
+    return {"conv": runs(batched.BatchedConv2d.backend),
+            "bn": runs(batched.BatchedBatchNorm.backend) if arch != "resnet5" else "torch"}
 
 
 def run_seed(seed: int, task: int, run: int) -> int:
@@ -787,6 +833,8 @@ def train_zoo(
     batch_networks: int | None = None,
     compile: bool = False,
     overlap: bool | None = None,
+    conv_backend: str | None = None,
+    bn_backend: str | None = None,
 ) -> Zoo | None:
     """Train (or load, or resume) the zoo of ``spec`` in directory ``root`` (§4).
 
@@ -802,6 +850,8 @@ def train_zoo(
     ``overlap``: build the next chunk's initial weights (forked workers) and write the finished
     chunk's shards (a thread) while a chunk trains; same bytes as without. Default: on CUDA only
     (on a CPU those workers would take the cores the training uses).
+    ``conv_backend``, ``bn_backend``: the :mod:`ffl.batched` backends to train with (default: as
+    set; see :func:`cuda_engine_from_profile`); ``provenance.json`` records what ran.
     """
     root = Path(root)
     if not isinstance(spec, ZooSpec):
@@ -809,6 +859,11 @@ def train_zoo(
     device = as_device(device)
     if batch_networks is not None:
         batch_networks = as_int("batch_networks", batch_networks, minimum=1)
+    for what, backend in (("conv_backend", conv_backend), ("bn_backend", bn_backend)):
+        # before anything is written: a backend that cannot run here fails now, not in a chunk
+        if backend is not None and not available(backend):
+            raise ValueError(f"{what} {backend!r} cannot run here (Triton installed: {triton is not None}, "
+                             f"CUDA: {torch.cuda.is_available()})")
     if shard is not None:
         world = as_int("world size", shard[1], minimum=1)
         shard = (as_int("rank", shard[0], minimum=0), world)
@@ -846,76 +901,85 @@ def train_zoo(
     if not spec_exists:
         _write_spec(root, spec, k)
     t_start = time.time()
-    if todo:
-        cfg = spec.train_config()
-        dev = torch.device(device)
-        desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
-        bar = _Progress(n_mine, progress, desc)
-        bar.advance_to(n_done)
-        # overlap: the next chunk's initial weights are built, and the finished chunk's shards
-        # written, while a chunk trains (see _ChunkWrites and the fork below)
-        overlap = dev.type == "cuda" if overlap is None else bool(overlap)
-        writes = _ChunkWrites(background=overlap)
-        ahead: PendingInit | None = None  # the next chunk's initial weights, being built
-        finished = None  # a trained chunk whose shards are still to be submitted
-        try:
-            for ci, chunk in enumerate(todo):
-                try:
-                    inp = chunk_inputs(spec, chunk, task_data, dev)
-                    stacked = ahead.result() if ahead is not None else init_stacked(inp.build, inp.seeds)
-                    ahead = None
-                    if overlap and ci + 1 < len(todo):
-                        # Forked here, on the main thread, between two trainings and while no writer
-                        # thread exists (the last one was joined; the next is started just below):
-                        # fork copies only the calling thread, and a lock another thread held at
-                        # that moment would stay locked in the child. The workers only fill shared
-                        # memory; this thread trains meanwhile and joins them at the next chunk.
-                        # Training draws no numbers from the global RNG that the builds reseed
-                        # (the template's weights are replaced by the stacked ones).
-                        build = _chunk_model(spec, todo[ci + 1], task_data)[2]
-                        ahead = start_init_stacked(build, _chunk_seeds(spec, todo[ci + 1]), workers=_prefetch_workers())
-                finally:
-                    if finished is not None:
+    backends = contextlib.ExitStack()  # the backends asked for, for this training only
+    if conv_backend is not None:
+        backends.enter_context(batched.conv_backend(conv_backend))
+    if bn_backend is not None:
+        backends.enter_context(batched.bn_backend(bn_backend))
+    with backends:
+        kernels = kernels_used(spec.arch, device)
+        if todo:
+            cfg = spec.train_config()
+            dev = torch.device(device)
+            desc = f"zoo {spec.arch}/{spec.dataset}" + (f" [rank {rank}/{world}]" if world > 1 else "")
+            bar = _Progress(n_mine, progress, desc)
+            bar.advance_to(n_done)
+            # overlap: the next chunk's initial weights are built, and the finished chunk's shards
+            # written, while a chunk trains (see _ChunkWrites and the fork below)
+            overlap = dev.type == "cuda" if overlap is None else bool(overlap)
+            writes = _ChunkWrites(background=overlap)
+            ahead: PendingInit | None = None  # the next chunk's initial weights, being built
+            finished = None  # a trained chunk whose shards are still to be submitted
+            try:
+                for ci, chunk in enumerate(todo):
+                    try:
+                        inp = chunk_inputs(spec, chunk, task_data, dev)
+                        stacked = ahead.result() if ahead is not None else init_stacked(inp.build, inp.seeds)
+                        ahead = None
+                        if overlap and ci + 1 < len(todo):
+                            # Forked here, on the main thread, between two trainings and while no writer
+                            # thread exists (the last one was joined; the next is started just below):
+                            # fork copies only the calling thread, and a lock another thread held at
+                            # that moment would stay locked in the child. The workers only fill shared
+                            # memory; this thread trains meanwhile and joins them at the next chunk.
+                            # Training draws no numbers from the global RNG that the builds reseed
+                            # (the template's weights are replaced by the stacked ones).
+                            build = _chunk_model(spec, todo[ci + 1], task_data)[2]
+                            ahead = start_init_stacked(build, _chunk_seeds(spec, todo[ci + 1]), workers=_prefetch_workers())
+                    finally:
+                        if finished is not None:
+                            writes.submit(finished)
+                            finished = None
+                    runs = [(p, r) for p in chunk for r in range(p.r0, p.r1)]
+                    nets_meta = [{"task": p.task, "run": r, "seed": s, "data_seed": ds, "num_classes": inp.num_classes,
+                                  "classes": list(map(str, task_data[p.task].classes)),
+                                  "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
+                                 for (p, r), s, ds in zip(runs, inp.seeds, inp.data_seeds)]
+                    K = len(inp.seeds)
+
+                    def on_step(step: int, total: int, K=K, start=n_done) -> None:
+                        bar.advance_to(start + K * step / total)
+
+                    res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg,
+                                        device=dev, on_step=on_step, compile=compile)
+                    n_done += K
+                    del stacked
+                    writes.wait()  # the previous chunk's shards are durable
+                    if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
+                        bar.close()
+                        raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
+                    finished = functools.partial(_write_chunk, root, spec, chunk, res, nets_meta, inp.build_kwargs)
+                    del res, inp
+                    if not overlap:
                         writes.submit(finished)
                         finished = None
-                runs = [(p, r) for p in chunk for r in range(p.r0, p.r1)]
-                nets_meta = [{"task": p.task, "run": r, "seed": s, "data_seed": ds, "num_classes": inp.num_classes,
-                              "classes": list(map(str, task_data[p.task].classes)),
-                              "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
-                             for (p, r), s, ds in zip(runs, inp.seeds, inp.data_seeds)]
-                K = len(inp.seeds)
-
-                def on_step(step: int, total: int, K=K, start=n_done) -> None:
-                    bar.advance_to(start + K * step / total)
-
-                res = train_batched((inp.build(), stacked), inp.data, inp.task_index, inp.data_seeds, cfg,
-                                    device=dev, on_step=on_step, compile=compile)
-                n_done += K
-                del stacked
-                writes.wait()  # the previous chunk's shards are durable
-                if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
-                    bar.close()
-                    raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
-                finished = functools.partial(_write_chunk, root, spec, chunk, res, nets_meta, inp.build_kwargs)
-                del res, inp
-                if not overlap:
+                if finished is not None:
                     writes.submit(finished)
                     finished = None
-            if finished is not None:
-                writes.submit(finished)
-                finished = None
-            writes.wait()
-        except BaseException as err:
-            if ahead is not None:
-                ahead.cancel()
-            try:  # chunks trained before the error still land
                 writes.wait()
-            except Exception as also:  # noqa: BLE001 - the first error propagates, this one is noted
-                err.add_note(f"writing an earlier chunk's shards failed too: {type(also).__name__}: {also}")
-            raise
-        bar.close()
+            except BaseException as err:
+                if ahead is not None:
+                    ahead.cancel()
+                try:  # chunks trained before the error still land
+                    writes.wait()
+                except Exception as also:  # noqa: BLE001 - the first error propagates, this one is noted
+                    err.add_note(f"writing an earlier chunk's shards failed too: {type(also).__name__}: {also}")
+                raise
+            bar.close()
     prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
-            "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c)}
+            "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c), "batch_networks": k}
+    if kernels:
+        prov["kernels"] = kernels
     try:
         prov["hardware"] = hardware(str(device))
     except Exception:  # noqa: BLE001 - provenance is best effort
@@ -1029,7 +1093,8 @@ def _train_arguments(ap) -> None:
     _add_spec_source(ap)
     ap.add_argument("--root", required=True, help="the zoo's folder")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-networks", type=int, default=None)
+    ap.add_argument("--batch-networks", type=int, default=None,
+                    help="networks per engine batch (default: the profile's zoo.cuda setting on CUDA, else by memory)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--compile", action="store_true", help="train through torch.compile (GPU throughput)")
 
@@ -1038,9 +1103,13 @@ def _train(args) -> int:
     spec = _spec_of(args)
     tune_malloc()  # this process exists to train: keep large buffers in the heap
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    engine = {}
+    if args.profile and args.device.startswith("cuda"):  # the profile's zoo.cuda settings
+        engine = cuda_engine_from_profile(args.profile, args.section, arch=args.arch)
+    if args.batch_networks is not None:
+        engine["batch_networks"] = args.batch_networks
     if world == 1:
-        print(train_zoo(spec, args.root, device=args.device, progress=not args.quiet,
-                        batch_networks=args.batch_networks, compile=args.compile))
+        print(train_zoo(spec, args.root, device=args.device, progress=not args.quiet, compile=args.compile, **engine))
         return 0
     rank = int(os.environ.get("RANK", "0"))
     device = args.device
@@ -1048,10 +1117,10 @@ def _train(args) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if rank == 0:  # write spec.json (and check an existing one) before the other ranks start
-        prepare_zoo(spec, args.root, batch_networks=args.batch_networks, device=device)
+        prepare_zoo(spec, args.root, batch_networks=engine.get("batch_networks"), device=device)
     dist.barrier()
     train_zoo(spec, args.root, device=device, progress=not args.quiet and rank == 0,
-              shard=(rank, world), batch_networks=args.batch_networks, compile=args.compile)
+              shard=(rank, world), compile=args.compile, **engine)
     dist.barrier()
     status = 0
     if rank == 0:

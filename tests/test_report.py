@@ -45,7 +45,16 @@ def test_paper_beside_ours_places_an_unindexed_table():
     assert table.loc["aligned (chain 1)", ("classification top-1 (%)", "paper")] == 100.0
     assert table.loc["aligned (chain 1)", ("classification top-1 (%)", "ours")] == 90.0
     assert table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "ours")] == 30.0
-    assert table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "paper")] is None
+    assert pd.isna(table.loc["unaligned (layer 1)", ("retrieval rank-1 (%)", "paper")])
+
+
+def test_paper_beside_ours_rounds_as_the_chapters_tables_do():
+    # 783 of 2,000 = 39.15 %: Python's round() gives 39.1, pandas' 39.2; one number, one reading
+    ours = pd.DataFrame([{"index": 1, "feature": f, "protocol": "classification", "metric": "top1", "value": 783 / 2000}
+                         for f in ("chain", "layer")])
+    table = report.paper_beside_ours(ours, ours.iloc[:0])
+    chapter_table = (100 * ours["value"]).round(1)
+    assert table.loc["unaligned (layer 1)", ("classification top-1 (%)", "ours")] == chapter_table[1] == 39.2
 
 
 @pytest.mark.parametrize("profile", ["smoke", "laptop", "paper"])

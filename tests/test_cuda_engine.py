@@ -1,0 +1,90 @@
+"""How a zoo trains on a GPU (chunk size, convolution and BatchNorm kernels): the profile's
+``zoo.cuda`` settings, ``train_zoo``'s backends, and what its provenance and the chapter's run table
+say. On CPU the Triton kernels run in Triton's interpreter."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import ffl.profiles
+from ffl import batched, report
+from ffl.experiment import Experiment
+from ffl.features import FeatureConfig
+from ffl.protocols import ProtocolSplit
+from ffl.zoo import ZooSpec, cuda_engine_from_profile, kernels_used, train_zoo
+
+# four tasks of two runs: the run table's retrieval split needs two seen and two unseen tasks
+TINY_CNN = dict(arch="cnn", dataset="synthetic", tasks=[0, 1, 2, 3], runs=2, model_kwargs={"widths": [2, 2, 2, 2]},
+                epochs=1, lr=0.05, batch_size=4, augment=False, data_kwargs={"n_train": 8, "n_test": 4})
+
+
+def test_profiles_set_the_measured_engine_for_plainnet5_in_bf16_only():
+    fast = {"batch_networks": 252, "conv_backend": "triton", "bn_backend": "triton"}
+    for profile in ("paper_bf16", "paper_offline_bf16"):
+        for section in ("cifar100", "tiny_imagenet", "factors"):
+            assert cuda_engine_from_profile(profile, section, arch="cnn") == fast
+            assert cuda_engine_from_profile(profile, section, arch="resnet5") == {}
+    assert cuda_engine_from_profile("paper", "tiny_imagenet", arch="cnn") == {}
+    assert cuda_engine_from_profile("paper_offline_bf16", "tiny_imagenet", arch="mlp") == {}
+
+
+@pytest.mark.parametrize("engine, message", [
+    ({"chunk": 3}, "unknown key(s) chunk; it takes batch_networks, conv_backend, bn_backend"),
+    ({"conv_backend": "cudnn"}, "conv_backend 'cudnn' is not one of torch, triton, interpret"),
+    ({"batch_networks": 0}, "batch_networks"),
+    ("fast", "must be a mapping"),
+])
+def test_a_bad_cuda_engine_setting_is_named(tmp_path, monkeypatch, engine, message):
+    (tmp_path / "bad.yaml").write_text(json.dumps({"tiny_imagenet": {"zoo": {"cuda": {"cnn": engine}}}}))
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
+    with pytest.raises(ValueError, match="profile 'bad', tiny_imagenet.zoo.cuda.cnn") as err:
+        cuda_engine_from_profile("bad", "tiny_imagenet", arch="cnn")
+    assert message in str(err.value)
+
+
+def test_kernels_used_says_what_runs_where():
+    with batched.conv_backend("triton"), batched.bn_backend("triton"):
+        assert kernels_used("cnn", "cpu") == {"conv": "torch", "bn": "torch"}  # no GPU: PyTorch's ops run
+        assert kernels_used("cnn", "cuda") == {"conv": "triton", "bn": "triton"}
+        assert kernels_used("resnet5", "cuda") == {"conv": "triton", "bn": "torch"}  # fusion: plain ConvNets only
+        assert kernels_used("mlp", "cuda") == {}
+
+
+def test_a_backend_that_cannot_run_here_fails_before_anything_is_written(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ValueError, match="conv_backend 'triton' cannot run here"):
+        train_zoo(ZooSpec.from_dict(TINY_CNN), tmp_path / "zoo", progress=False, conv_backend="triton")
+    assert not (tmp_path / "zoo").exists()
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        train_zoo(ZooSpec.from_dict(TINY_CNN), tmp_path / "zoo", progress=False, bn_backend="fast")
+    assert not (tmp_path / "zoo").exists()
+
+
+def test_train_zoo_trains_with_the_kernels_asked_for_and_records_them(tmp_path):
+    pytest.importorskip("triton")
+    spec = ZooSpec.from_dict(TINY_CNN)
+    plain = train_zoo(spec, tmp_path / "plain", progress=False)
+    # the fused BatchNorm interpreted (seconds); the interpreted convolution takes half a minute
+    # here, and tests/test_implicit_conv.py and test_fused_bn.py check it in the engine
+    fused = train_zoo(spec, tmp_path / "fused", progress=False, conv_backend="torch", bn_backend="interpret",
+                      batch_networks=4)
+    # the class-wide backends are back to what they were
+    assert (batched.BatchedConv2d.backend, batched.BatchedBatchNorm.backend) == ("torch", "torch")
+    prov = json.loads((tmp_path / "fused" / "provenance.json").read_text())
+    assert prov["kernels"] == {"conv": "torch", "bn": "interpret"} and prov["batch_networks"] == 4
+    assert json.loads((tmp_path / "plain" / "provenance.json").read_text())["kernels"] == {"conv": "torch", "bn": "torch"}
+    # the same networks, up to the kernels' rounding (FP32)
+    for i in range(len(plain)):
+        a, b = plain.state_dict(i), fused.state_dict(i)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the chapter's run table names the engine of the zoo that used Triton, and only of that one
+    def table(zoo):
+        return report.run_table(Experiment(zoo=zoo, results=pd.DataFrame(), settings={},
+                                           split=ProtocolSplit(train_run_fraction=0.5, query_fraction=0.5),
+                                           features=FeatureConfig(), seconds={}))
+    assert ("| training engine | 4 networks per batch; convolution: PyTorch's, BatchNorm + activation "
+            "+ pooling: Triton's interpreter (fused) |") in table(fused)
+    assert "training engine" not in table(plain)
