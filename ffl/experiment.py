@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -32,14 +31,10 @@ from ffl.profiles import available_profiles, load_profile
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, cross_condition_protocol,
                            retrieval_protocol, retrieval_split)
 from ffl.files import clean_stale_temp, write_bytes_atomic, write_json_atomic
-from ffl.zoo import Zoo, ZooSpec, cuda_engine_from_profile, spec_from_profile, train_zoo
+from ffl.zoo import (Zoo, ZooSpec, cached_zoo_root, cuda_engine_from_profile, default_cache_dir, spec_from_profile,
+                     train_zoo)
 
 FEATURE_KINDS = ("layer", "chain")
-
-
-def default_cache_dir() -> Path:
-    """``$FFL_CACHE`` or ``./cache``: where zoos and results land."""
-    return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
 
 
 _UNSET: Any = object()
@@ -266,8 +261,8 @@ def run_experiment(
     features = features_for_arch(settings.get("features"), arch)
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    spec_dict = spec.identity()  # where the data lives does not change the zoo
-    zoo_root = cache / "zoos" / f"{arch}-{dataset}-{_key(spec_dict)}"
+    spec_dict = spec.identity()
+    zoo_root = cached_zoo_root(spec, cache)
     seconds: dict[str, float | str] = {}
     start = time.perf_counter()
     zoo_was_cached = (zoo_root / "manifest.json").is_file()  # complete zoos only have one

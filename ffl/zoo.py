@@ -246,6 +246,19 @@ def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, se
     return ZooSpec.from_dict(fields)
 
 
+def default_cache_dir() -> Path:
+    """``$FFL_CACHE`` or ``./cache``: where zoos and results land."""
+    return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
+
+
+def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Path:
+    """Where the chapters keep the zoo of ``spec`` under ``cache`` (default :func:`default_cache_dir`):
+    ``zoos/<arch>-<dataset>-<hash of the spec's identity>``, so where the data lives does not
+    change it. ``python -m ffl.zoo train`` without ``--root`` trains there."""
+    key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache if cache is not None else default_cache_dir()) / "zoos" / f"{spec.arch}-{spec.dataset}-{key}"
+
+
 #: keys of a profile's ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA, not what it trains
 CUDA_ENGINE_KEYS = ("batch_networks", "conv_backend", "bn_backend")
 
@@ -1091,7 +1104,7 @@ def _spec_of(args) -> ZooSpec:
 
 def _train_arguments(ap) -> None:
     _add_spec_source(ap)
-    ap.add_argument("--root", required=True, help="the zoo's folder")
+    ap.add_argument("--root", help="the zoo's folder (default: where the chapters look for it, under $FFL_CACHE)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-networks", type=int, default=None,
                     help="networks per engine batch (default: the profile's zoo.cuda setting on CUDA, else by memory)")
@@ -1101,6 +1114,9 @@ def _train_arguments(ap) -> None:
 
 def _train(args) -> int:
     spec = _spec_of(args)
+    if args.root is None:
+        args.root = cached_zoo_root(spec)
+        print(f"zoo folder: {args.root}", file=sys.stderr)
     tune_malloc()  # this process exists to train: keep large buffers in the heap
     world = int(os.environ.get("WORLD_SIZE", "1"))
     engine = {}

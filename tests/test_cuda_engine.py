@@ -1,6 +1,7 @@
 """How a zoo trains on a GPU (chunk size, convolution and BatchNorm kernels): the profile's
 ``zoo.cuda`` settings, ``train_zoo``'s backends, and what its provenance and the chapter's run table
-say. On CPU the Triton kernels run in Triton's interpreter."""
+say; and training a chapter's zoo ahead of the chapter. On CPU the Triton kernels run in Triton's
+interpreter."""
 import json
 
 import pandas as pd
@@ -88,3 +89,17 @@ def test_train_zoo_trains_with_the_kernels_asked_for_and_records_them(tmp_path):
     assert ("| training engine | 4 networks per batch; convolution: PyTorch's, BatchNorm + activation "
             "+ pooling: Triton's interpreter (fused) |") in table(fused)
     assert "training engine" not in table(plain)
+
+
+def test_zoo_train_without_root_trains_the_zoo_the_chapters_read(tmp_path, monkeypatch, capsys):
+    # a GPU session can train a chapter's zoo in one call and run the chapter in the next
+    from ffl.experiment import run_experiment
+    from ffl.zoo import main as zoo_main
+
+    monkeypatch.setenv("FFL_CACHE", str(tmp_path))
+    assert zoo_main(["train", "--profile", "smoke", "--section", "cifar100", "--arch", "mlp", "--dataset", "synthetic",
+                     "--quiet"]) == 0
+    said = capsys.readouterr().err
+    assert f"zoo folder: {tmp_path}/zoos/mlp-synthetic-" in said
+    exp = run_experiment("cifar100", arch="mlp", profile="smoke", dataset="synthetic", progress=False)
+    assert exp.seconds["zoo"] == "cached" and str(exp.zoo.root) in said
