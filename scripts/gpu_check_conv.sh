@@ -21,7 +21,7 @@
 #           Triton convolution, Triton convolution + fused BatchNorm (python -m ffl.bench zoo-time);
 #           chunks of $ZOO_K networks (default: sized by memory; the README's table used 126)
 #   compile the same three through torch.compile
-#   profile where a training step's time goes with both kernels (torch.profiler table)
+#   profile where a training step's time goes with both kernels (torch.profiler table; K = $ZOO_K, default 126)
 #   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = 126 (about 90
 #           compilations), each checked against the default blocking: to choose default_tiles by
 set -uo pipefail
@@ -64,9 +64,9 @@ if has sweep; then
     2>&1 | tee -a "$OUT/log.txt"
 fi
 if has profile; then
-  log "profile: a training step with both kernels, bf16, K=126"
+  log "profile: a training step with both kernels, bf16, K=${ZOO_K:-126}"
   timeout 150 "$PY" -m ffl.bench profile --device cuda --arch cnn --precision bf16 --conv-backend triton \
-    --bn-backend triton 2>&1 | tee -a "$OUT/log.txt"
+    --bn-backend triton --batch-networks "${ZOO_K:-126}" 2>&1 | tee -a "$OUT/log.txt"
 fi
 # $ZOO_VARIANTS: "convolution:BatchNorm" backends, e.g. "torch:torch triton:triton"
 for variant in ${ZOO_VARIANTS:-torch:torch triton:torch triton:triton}; do
