@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ffl.chain import chain_factors, chain_gram, gram_distance, gram_inner, layer_features, measure
-from ffl.models import ResNet, build_model, input_shape
+from ffl.models import CONV_ARCHS, ResNet, build_model, input_shape
 from ffl.permute import hidden_sizes, permute_hidden, permute_one_side, random_hidden_permutations
 
 #: the networks of the chapter: every architecture, with ReLU and leaky ReLU where it has a choice
@@ -150,7 +150,7 @@ def _chain_options(arch: str, gru_lags: int) -> list[tuple[str, dict[str, Any]]]
         return [("chain normalization", {"normalize": True, "gru_lags": gru_lags}),
                 ("official feature (no lags)", {"gru_lags": 0})]
     options: list[tuple[str, dict[str, Any]]] = [("chain normalization", {"normalize": True})]
-    if arch in ("cnn", "plainnet6", "resnet5"):
+    if arch in CONV_ARCHS:
         options.append(("BatchNorm not folded (official)", {"fold_bn": False}))
     if arch == "resnet5":
         options.append(("3×3 kernels only, not folded (official)", {"fold_bn": False, "skips": False}))

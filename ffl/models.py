@@ -32,6 +32,9 @@ from torch.nn import functional as F
 from ffl.data.namedata import ALL_LETTERS, N_LETTERS  # GRU-2 reads NameData's letters one-hot
 
 ARCHS: tuple[str, ...] = ("mlp", "cnn", "plainnet6", "resnet5", "gru")
+#: the architectures with convolutions, and those of them that are plain ConvNets (no shortcuts)
+CONV_ARCHS: tuple[str, ...] = ("cnn", "plainnet6", "resnet5")
+PLAIN_CONV_ARCHS: tuple[str, ...] = ("cnn", "plainnet6")
 ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu")
 LEAKY_SLOPE = 0.01
 

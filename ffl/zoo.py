@@ -73,7 +73,7 @@ from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
                         start_init_stacked, train_batched, tune_malloc)
 from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
-from ffl.models import ARCHS, build_model
+from ffl.models import ARCHS, CONV_ARCHS, PLAIN_CONV_ARCHS, build_model
 from ffl.profiles import load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
@@ -291,7 +291,7 @@ def kernels_used(arch: str, device: str | torch.device) -> dict[str, str]:
     current :mod:`ffl.batched` backends (provenance): ``torch`` (PyTorch's, cuDNN on CUDA),
     ``triton`` or ``interpret``; BatchNorm fusion exists for the plain ConvNets only. Empty for
     architectures without convolutions."""
-    if arch not in ("cnn", "plainnet6", "resnet5"):
+    if arch not in CONV_ARCHS:
         return {}
     cuda = torch.device(device).type == "cuda"
 
@@ -299,7 +299,7 @@ def kernels_used(arch: str, device: str | torch.device) -> dict[str, str]:
         return backend if backend == "interpret" or (backend == "triton" and cuda) else "torch"
 
     return {"conv": runs(batched.BatchedConv2d.backend),
-            "bn": runs(batched.BatchedBatchNorm.backend) if arch != "resnet5" else "torch"}
+            "bn": runs(batched.BatchedBatchNorm.backend) if arch in PLAIN_CONV_ARCHS else "torch"}
 
 
 def run_seed(seed: int, task: int, run: int) -> int:
