@@ -3,6 +3,9 @@
 say; and training a chapter's zoo ahead of the chapter. On CPU the Triton kernels run in Triton's
 interpreter."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +16,7 @@ from ffl import batched, report
 from ffl.experiment import Experiment
 from ffl.features import FeatureConfig
 from ffl.protocols import ProtocolSplit
-from ffl.zoo import ZooSpec, cuda_engine_from_profile, kernels_used, train_zoo
+from ffl.zoo import ZooSpec, cached_zoo_root, cuda_engine_from_profile, kernels_used, spec_from_profile, train_zoo
 
 # four tasks of two runs: the run table's retrieval split needs two seen and two unseen tasks
 TINY_CNN = dict(arch="cnn", dataset="synthetic", tasks=[0, 1, 2, 3], runs=2, model_kwargs={"widths": [2, 2, 2, 2]},
@@ -103,3 +106,16 @@ def test_zoo_train_without_root_trains_the_zoo_the_chapters_read(tmp_path, monke
     assert f"zoo folder: {tmp_path}/zoos/mlp-synthetic-" in said
     exp = run_experiment("cifar100", arch="mlp", profile="smoke", dataset="synthetic", progress=False)
     assert exp.seconds["zoo"] == "cached" and str(exp.zoo.root) in said
+
+
+def test_gpu_zoo_script_trains_into_the_chapters_cache(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path / "out"), FFL_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run(["bash", "scripts/gpu_zoo.sh", "smoke", "cifar100", "mlp", "synthetic"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "[gpu_zoo] exit 0 after" in (tmp_path / "out" / "zoo_log.txt").read_text()
+    spec = spec_from_profile("smoke", "cifar100", arch="mlp", dataset="synthetic")
+    assert (cached_zoo_root(spec, tmp_path / "cache") / "manifest.json").is_file()
+    usage = subprocess.run(["bash", "scripts/gpu_zoo.sh", "smoke"], cwd=repo, env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: " in usage.stderr
