@@ -8,7 +8,8 @@
 #   e.g. bash scripts/gpu_zoo.sh paper_offline_bf16 tiny_imagenet cnn tiny_imagenet
 #
 # Output: $OUT/zoo_log.txt (the device runner's folder, else ./gpu_results). A zoo cut off by the
-# call's time limit resumes at its first unfinished chunk when run again. DEVICE=cpu: a smoke test.
+# call's time limit resumes at its first unfinished chunk when run again. DEVICE=cpu: a smoke test;
+# PYTHON: the interpreter (default: python3 on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 4 ] || { echo "usage: $0 PROFILE SECTION ARCH DATASET" >&2; exit 2; }
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export FFL_DATA_ROOT="${FFL_DATA_ROOT:-$PWD/.gpu/data}" FFL_CACHE="${FFL_CACHE:-$PWD/cache}"
 start=$(date +%s)
-"$(command -v python3 || command -v python)" -m ffl.zoo train --profile "$1" --section "$2" --arch "$3" \
+"${PYTHON:-$(command -v python3 || command -v python)}" -m ffl.zoo train --profile "$1" --section "$2" --arch "$3" \
   --dataset "$4" --device "${DEVICE:-cuda}" 2>&1 | tee "$OUT/zoo_log.txt"
 status=${PIPESTATUS[0]}
 echo "[gpu_zoo] exit $status after $(( $(date +%s) - start )) s" | tee -a "$OUT/zoo_log.txt"

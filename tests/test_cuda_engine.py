@@ -5,6 +5,7 @@ interpreter."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -110,7 +111,8 @@ def test_zoo_train_without_root_trains_the_zoo_the_chapters_read(tmp_path, monke
 
 def test_gpu_zoo_script_trains_into_the_chapters_cache(tmp_path):
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path / "out"), FFL_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, DEVICE="cpu", PYTHON=sys.executable, OUT=str(tmp_path / "out"),
+               FFL_CACHE=str(tmp_path / "cache"))
     run = subprocess.run(["bash", "scripts/gpu_zoo.sh", "smoke", "cifar100", "mlp", "synthetic"], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
