@@ -32,10 +32,13 @@ def available(backend: str) -> bool:
     return triton is not None and (backend == "interpret" or torch.cuda.is_available())
 
 
-def runs_on(backend: str, t: torch.Tensor) -> bool:
-    """Whether ``backend`` runs its Triton kernels for tensor ``t``: ``triton`` on CUDA tensors,
-    ``interpret`` on any; ``torch`` never (PyTorch's own operations run instead)."""
-    return backend == "interpret" or (backend == "triton" and t.is_cuda)
+def runs_on(backend: str, where: torch.Tensor | torch.device | str) -> bool:
+    """Whether ``backend`` runs its Triton kernels for a tensor (or on a device) ``where``:
+    ``triton`` on CUDA, ``interpret`` anywhere; ``torch`` never (PyTorch's own operations run
+    instead)."""
+    if backend != "triton":
+        return backend == "interpret"
+    return where.is_cuda if isinstance(where, torch.Tensor) else torch.device(where).type == "cuda"
 
 
 def programs_to_fill(device: torch.device, interpret: bool) -> int:

@@ -77,7 +77,7 @@ from ffl.models import ARCHS, CONV_ARCHS, PLAIN_CONV_ARCHS, build_model
 from ffl.profiles import load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
-from ffl.triton_support import BACKENDS, available, triton
+from ffl.triton_support import BACKENDS, available, runs_on, triton
 
 FORMAT = "ffl-zoo"
 FORMAT_VERSION = 1
@@ -255,7 +255,7 @@ def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Pa
     """Where the chapters keep the zoo of ``spec`` under ``cache`` (default :func:`default_cache_dir`):
     ``zoos/<arch>-<dataset>-<hash of the spec's identity>``, so where the data lives does not
     change it. ``python -m ffl.zoo train`` without ``--root`` trains there."""
-    key = hashlib.sha256(json.dumps(spec.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = spec_sha256(spec.identity())[:16]
     return Path(cache if cache is not None else default_cache_dir()) / "zoos" / f"{spec.arch}-{spec.dataset}-{key}"
 
 
@@ -293,10 +293,9 @@ def kernels_used(arch: str, device: str | torch.device) -> dict[str, str]:
     architectures without convolutions."""
     if arch not in CONV_ARCHS:
         return {}
-    cuda = torch.device(device).type == "cuda"
 
     def runs(backend: str) -> str:
-        return backend if backend == "interpret" or (backend == "triton" and cuda) else "torch"
+        return backend if runs_on(backend, device) else "torch"
 
     return {"conv": runs(batched.BatchedConv2d.backend),
             "bn": runs(batched.BatchedBatchNorm.backend) if arch in PLAIN_CONV_ARCHS else "torch"}
