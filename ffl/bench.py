@@ -30,6 +30,7 @@ overrun, the plan with its multiply-adds is printed before the long work).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -59,7 +60,7 @@ from ffl.protocols import ProtocolSplit
 from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
                         train_batched, train_loop, tune_malloc)
 from ffl.models import build_model
-from ffl.provenance import hardware
+from ffl.provenance import hardware, run_info
 from ffl.zoo import (Zoo, ZooSpec, chunk_inputs, chunks, default_batch_networks, finalize_zoo,
                      prepare_zoo, run_seed, data_seed, spec_from_profile, write_piece)
 
@@ -446,11 +447,13 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
                 del passes["input_grad"]  # the images need no gradient
             for name, (c_in, c_out, run) in passes.items():
                 kind = "weight_grad" if name == "weight_grad" else "forward"
-                default = implicit_conv.default_tiles(kind, c_in, c_out, 3, 3, interpret)
+                default = implicit_conv.default_tiles(kind, c_in, c_out, 3, 3, interpret, dt)
                 reference = run(default).float()
                 for tiles in [default] + [t for t in _sweep_candidates(kind, c_in, c_out, c_in < 16) if t != default]:
                     row = {"layer": li + 1, "pass": name, "in": cin, "out": cout, "hw": hw, "K": K,
-                           "tiles": dataclasses.asdict(tiles), "default": tiles == default}
+                           "key": [kind, str(dt).removeprefix("torch."), c_in, c_out, 3, 3],
+                           "tiles": dataclasses.asdict(tiles),
+                           "default": tiles == default}
                     try:
                         row["tflops"] = flop / _timeit(lambda: run(tiles), dev, repeat) / 1e12
                         # the same sums in another blocking: differences are rounding only
@@ -461,6 +464,36 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
                     rows.append(row)
                     print(json.dumps(row, sort_keys=True), flush=True)
     return rows
+
+
+#: largest difference from the default blocking's result (relative to its largest entry) that a
+#: blocking may show and still be chosen: summation order alone, rounded to the output's dtype
+SWEEP_TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 2e-2}
+
+
+def best_tiles(rows: list[dict[str, Any]], precision: str, min_gain: float = 0.05) -> list[dict[str, Any]]:
+    """Per convolution shape of a :func:`conv_sweep`, the fastest blocking that computed the same
+    convolution (within :data:`SWEEP_TOLERANCE`), kept only if it beats the default blocking by
+    ``min_gain`` (a smaller lead is timing noise): entries for
+    :func:`ffl.implicit_conv.write_tile_table`, with both TFLOP/s. Shapes whose default stays are
+    left out."""
+    by_key: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(tuple(r["key"]), []).append(r)
+    out = []
+    for key, group in by_key.items():
+        default = next((r for r in group if r["default"] and "tflops" in r), None)
+        ok = [r for r in group if "tflops" in r and r["rel_diff_vs_default"] <= SWEEP_TOLERANCE[precision]]
+        if default is None or not ok:
+            continue
+        best = max(ok, key=lambda r: r["tflops"])
+        if best["default"] or best["tflops"] < (1 + min_gain) * default["tflops"]:
+            continue
+        kind, dtype, C, O, kh, kw = key
+        out.append({"kind": kind, "dtype": dtype, "C": C, "O": O, "kh": kh, "kw": kw, **best["tiles"],
+                    "tflops": round(best["tflops"], 2), "default_tflops": round(default["tflops"], 2),
+                    "layer": best["layer"], "pass": best["pass"]})
+    return out
 
 
 def engine_agreement(device: str = "cuda", conv_backend_name: str = "triton", precisions=("fp32", "bf16"),
@@ -1009,15 +1042,27 @@ def _backend_arguments(ap) -> None:
                     help="convolutions: torch (grouped, cuDNN) or triton (ffl.implicit_conv)")
     ap.add_argument("--bn-backend", choices=triton_support.BACKENDS, default="torch",
                     help="PlainNet's BatchNorm + activation + max-pool: torch or triton (ffl.fused_bn)")
+    ap.add_argument("--conv-tiles", default=None, metavar="FILE",
+                    help="the Triton convolution's blockings from a table (conv --sweep --tiles-out FILE)")
+
+
+def _kernel_settings(args) -> contextlib.ExitStack:
+    """The backends and blockings a command's arguments ask for, set for the ``with`` block. A bad
+    tile table fails here, before anything runs."""
+    table = implicit_conv.read_tile_table(args.conv_tiles) if args.conv_tiles else {}
+    stack = contextlib.ExitStack()
+    for setting in (conv_backend(args.conv_backend), bn_backend(args.bn_backend), implicit_conv.measured_tiles(table)):
+        stack.enter_context(setting)
+    return stack
 
 
 def _zoo_time(args) -> int:
     _setup(args)
-    with conv_backend(args.conv_backend), bn_backend(args.bn_backend):
+    with _kernel_settings(args):
         res = zoo_time(args.arch, args.device, tasks=args.tasks, runs=args.runs, budget_s=args.budget_s,
                        batch_networks=args.batch_networks, data_root=args.data_root, epochs=args.epochs,
                        precision=args.precision, compile=args.compile, max_chunks=args.max_chunks)
-    res.update(conv_backend=args.conv_backend, bn_backend=args.bn_backend)
+    res.update(conv_backend=args.conv_backend, bn_backend=args.bn_backend, conv_tiles=args.conv_tiles)
     print(json.dumps(res, sort_keys=True))
     return 0
 
@@ -1027,12 +1072,25 @@ def _conv_arguments(ap) -> None:
     ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
     ap.add_argument("--sweep", action="store_true",
                     help="time ffl.implicit_conv's kernels under a grid of blockings instead (one JSON line each)")
+    ap.add_argument("--tiles-out", default=None, metavar="FILE",
+                    help="with --sweep: write the blockings that beat the default by 5%% as a tile table")
 
 
 def _conv(args) -> int:
     _setup(args)
+    if args.tiles_out and not args.sweep:
+        raise SystemExit("--tiles-out needs --sweep")
+    if args.tiles_out and not Path(args.tiles_out).resolve().parent.is_dir():
+        raise SystemExit(f"--tiles-out {args.tiles_out}: its folder does not exist (checked before the sweep)")
     if args.sweep:
-        conv_sweep(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3)
+        rows = conv_sweep(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3)
+        if args.tiles_out:
+            chosen = best_tiles(rows, args.precision)
+            implicit_conv.write_tile_table(args.tiles_out, chosen, run_info(
+                args.device, K=args.batch_networks, batch=128, precision=args.precision,
+                triton=getattr(triton_support.triton, "__version__", None),
+                measured="python -m ffl.bench conv --sweep"))
+            print(f"{len(chosen)} blocking(s) beat the default by 5% or more: written to {args.tiles_out}", flush=True)
         return 0
     for row in conv_layers(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3):
         print(json.dumps(row, sort_keys=True), flush=True)
@@ -1049,7 +1107,7 @@ def _profile_arguments(ap) -> None:
 
 def _profile(args) -> int:
     _setup(args)
-    with conv_backend(args.conv_backend), bn_backend(args.bn_backend):
+    with _kernel_settings(args):
         print(profile_step(args.arch, args.device, K=args.batch_networks, precision=args.precision,
                            compile=args.compile, augment=args.arch != "mlp"))
     return 0

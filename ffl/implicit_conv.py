@@ -23,18 +23,24 @@ Only stride 1, dilation 1 and zero padding are covered, which are the paper's CN
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ffl.files import write_json_atomic
 from ffl.triton_support import BACKENDS, available, kernels, programs_to_fill, row_splits, triton
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BACKENDS", "Tiles", "available", "supported", "batched_conv2d", "default_tiles"]
+__all__ = ["BACKENDS", "Tiles", "TileKey", "available", "supported", "batched_conv2d", "default_tiles",
+           "measured_tiles", "read_tile_table", "write_tile_table"]
 
 
 def supported(stride, dilation, groups, padding_mode: str = "zeros") -> bool:
@@ -217,15 +223,103 @@ class Tiles:
                 **({} if interpret else {"num_warps": self.warps, "num_stages": self.stages})}
 
 
-def default_tiles(kind: str, C: int, O: int, kh: int, kw: int, interpret: bool = False) -> Tiles:
-    """The blocking used unless one is given (``kind``: ``forward`` or ``weight_grad``). Small in
-    the interpreter (speed); on the GPU chosen by reasoning, not yet by measurement (``python -m
-    ffl.bench conv --sweep`` measures alternatives)."""
+#: a convolution a blocking is measured for: (kind, dtype, C, O, kh, kw); ``kind`` ``forward``
+#: (also the input gradient, which is the forward kernel on the flipped weights) or ``weight_grad``,
+#: ``dtype`` the operands' (``bfloat16``, ``float16``, ``float32``): the fastest tile, even one that
+#: fits the GPU's shared memory, depends on it
+TileKey = tuple[str, str, int, int, int, int]
+KINDS = ("forward", "weight_grad")
+DTYPES = ("bfloat16", "float16", "float32")
+_WARPS = (1, 2, 4, 8, 16)
+_measured: dict[TileKey, Tiles] = {}
+
+
+def default_tiles(kind: str, C: int, O: int, kh: int, kw: int, interpret: bool = False,
+                  dtype: torch.dtype = torch.float32) -> Tiles:
+    """The blocking used unless one is given (``kind``: ``forward`` or ``weight_grad``; ``dtype``:
+    the operands'): the measured one for this convolution inside :func:`measured_tiles`, else one
+    chosen by reasoning, small in the interpreter (speed). ``python -m ffl.bench conv --sweep
+    --tiles-out FILE`` measures alternatives on a GPU and writes the fastest as a table."""
+    measured = _measured.get((kind, str(dtype).removeprefix("torch."), C, O, kh, kw))
+    if measured is not None:
+        return measured
     if interpret:
         BM, BN, BC = 16, _pow2(O, 16, 32), _pow2(C, 16, 32)
     else:
         BM, BN, BC = 64, _pow2(O, 16, 128 if kind == "forward" else 64), _pow2(C, 16, 64)
     return Tiles(BM, BN, _pow2(kh * kw * C, 16, 32) if _flat(C) else BC)
+
+
+@contextlib.contextmanager
+def measured_tiles(table: Mapping[TileKey, Tiles]) -> Iterator[None]:
+    """Use ``table``'s blockings (see :func:`read_tile_table`) for the shapes it has, inside the
+    block; other shapes keep :func:`default_tiles`' choice. Blockings change speed and the order
+    of the weight gradient's sums (rounding), never what is computed."""
+    global _measured
+    before, _measured = _measured, dict(table)
+    try:
+        yield
+    finally:
+        _measured = before
+
+
+def _tiles_entry(entry: object, where: str) -> tuple[TileKey, Tiles]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a mapping, got {entry!r}")
+    missing = [k for k in ("kind", "dtype", "C", "O", "kh", "kw", "BM", "BN", "BC") if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    if entry["kind"] not in KINDS:
+        raise ValueError(f"{where}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
+    if entry["dtype"] not in DTYPES:
+        raise ValueError(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(DTYPES)}")
+    ints = {k: entry.get(k, d) for k, d in (("C", None), ("O", None), ("kh", None), ("kw", None), ("BM", None),
+                                            ("BN", None), ("BC", None), ("warps", 4), ("stages", 3))}
+    bad = [k for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(bad)} must be positive integers")
+    blocks = [k for k in ("BM", "BN", "BC") if ints[k] < 16 or ints[k] & (ints[k] - 1)]
+    if blocks:  # tl.dot takes power-of-two tiles of at least 16
+        raise ValueError(f"{where}: {', '.join(blocks)} must be powers of two, at least 16")
+    if ints["warps"] not in _WARPS:
+        raise ValueError(f"{where}: warps must be one of {_WARPS}")
+    key = (entry["kind"], entry["dtype"], ints["C"], ints["O"], ints["kh"], ints["kw"])
+    return key, Tiles(ints["BM"], ints["BN"], ints["BC"], ints["warps"], ints["stages"])
+
+
+def read_tile_table(path: str | Path) -> dict[TileKey, Tiles]:
+    """The blockings of a table written by :func:`write_tile_table` (JSON: ``{"about": {...},
+    "tiles": [{"kind", "dtype", "C", "O", "kh", "kw", "BM", "BN", "BC", "warps", "stages", ...}]}``; other
+    fields of an entry, such as the measured TFLOP/s, are ignored). A malformed table is an error
+    naming the file and the entry."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the tile table {path}: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("tiles"), list):
+        raise ValueError(f"{path}: expected an object with a list 'tiles'")
+    table: dict[TileKey, Tiles] = {}
+    for i, entry in enumerate(doc["tiles"]):
+        key, tiles = _tiles_entry(entry, f"{path}, tiles[{i}]")
+        if key in table:
+            raise ValueError(f"{path}, tiles[{i}]: a second blocking for {key}")
+        table[key] = tiles
+    return table
+
+
+def write_tile_table(path: str | Path, entries: list[dict], about: Mapping[str, object]) -> Path:
+    """Write a tile table: ``entries`` as :func:`read_tile_table` reads them (checked first, so
+    nothing is written for a bad one), ``about`` says where and how they were measured."""
+    path = Path(path)
+    seen = set()
+    for i, entry in enumerate(entries):
+        key, _ = _tiles_entry(entry, f"entry {i}")
+        if key in seen:
+            raise ValueError(f"entry {i}: a second blocking for {key}")
+        seen.add(key)
+    write_json_atomic(path, {"about": dict(about), "tiles": entries})
+    return path
 
 
 def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: int, padding: tuple[int, int],
@@ -236,7 +330,7 @@ def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: in
     ph, pw = padding
     HO, WO = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
     y = torch.empty((B, K * O, HO, WO), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    tiles = tiles or default_tiles("forward", C, O, kh, kw, interpret)
+    tiles = tiles or default_tiles("forward", C, O, kh, kw, interpret, x.dtype)
     grid = (triton.cdiv(B * HO * WO, tiles.BM) * triton.cdiv(O, tiles.BN), K)
     forward, _ = _kernels(interpret)
     _launchable(forward, interpret)[grid](
@@ -254,7 +348,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     B, KC, H, W = x.shape
     C, O = KC // K, g.shape[1] // K
     HO, WO = g.shape[2], g.shape[3]
-    tiles = tiles or default_tiles("weight_grad", C, O, kh, kw, interpret)
+    tiles = tiles or default_tiles("weight_grad", C, O, kh, kw, interpret, x.dtype)
     steps = triton.cdiv(kh * kw * C, tiles.BC) if _flat(C) else kh * kw * triton.cdiv(C, tiles.BC)
     blocks = steps * triton.cdiv(O, tiles.BN)
     # enough programs to fill the GPU, each reducing a long run of rows; the splits are summed below

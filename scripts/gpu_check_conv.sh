@@ -6,9 +6,9 @@
 #   bash scripts/gpu_check_conv.sh [STAGES]    # default "agree engine layers zoo"; results in $OUT or ./gpu_results
 #
 # Nothing is installed: the machine's python/torch/triton and this checkout via PYTHONPATH. Each
-# stage has its own timeout; everything goes to $OUT/log.txt as it happens (one file: the device
-# runner brings back 8 at most), so a cut-off run still returns what it measured (about 5 minutes
-# for the default stages, Triton's compilation included).
+# stage has its own timeout; everything goes to $OUT/log.txt as it happens (the sweep's table to
+# $OUT/conv_tiles.json; the device runner brings back 8 files at most), so a cut-off run still
+# returns what it measured (about 5 minutes for the default stages, Triton's compilation included).
 #   agree   FP32 (IEEE) and TF32: output, input and weight gradients of the convolution kernels
 #           against the grouped convolution on PlainNet-5's four layers (implicit_rel_err_* columns)
 #   engine  the batched engine with the kernels against the plain loop (PyTorch's operations),
@@ -22,8 +22,14 @@
 #           chunks of $ZOO_K networks (default: sized by memory; the README's table used 126)
 #   compile the same three through torch.compile
 #   profile where a training step's time goes with both kernels (torch.profiler table; K = $ZOO_K, default 126)
-#   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = 126 (about 90
-#           compilations), each checked against the default blocking: to choose default_tiles by
+#   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = $ZOO_K (default
+#           126; about 80 compilations), each checked against the default blocking; the blockings
+#           that beat the default by 5% go to $OUT/conv_tiles.json (a tile table)
+#   tuned   after zoo (and sweep): the zoo time of each Triton variant again with that table
+#           (zoo-time --conv-tiles), to set beside the zoo stage's default blockings
+#
+# The plan for item 1 (one call; the sweep's timeout is 6 minutes, each zoo stage about 1):
+#   ZOO_K=252 ZOO_VARIANTS="triton:triton" bash scripts/gpu_check_conv.sh "profile sweep zoo tuned"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -58,10 +64,11 @@ if has layers; then
   timeout 180 "$PY" -m ffl.bench conv --device cuda --precision bf16 --batch-networks 126 --repeat 5 \
     2>&1 | tee -a "$OUT/log.txt"
 fi
+TILES="$OUT/conv_tiles.json"
 if has sweep; then
-  log "sweep: blockings, bf16, K=126"
-  timeout 300 "$PY" -m ffl.bench conv --sweep --device cuda --precision bf16 --batch-networks 126 --repeat 3 \
-    2>&1 | tee -a "$OUT/log.txt"
+  log "sweep: blockings, bf16, K=${ZOO_K:-126}"
+  timeout 360 "$PY" -m ffl.bench conv --sweep --device cuda --precision bf16 --batch-networks "${ZOO_K:-126}" \
+    --repeat 3 --tiles-out "$TILES" 2>&1 | tee -a "$OUT/log.txt"
 fi
 if has profile; then
   log "profile: a training step with both kernels, bf16, K=${ZOO_K:-126}"
@@ -78,5 +85,15 @@ for variant in ${ZOO_VARIANTS:-torch:torch triton:torch triton:triton}; do
       --conv-backend "$1" --bn-backend "$2" $([ "$mode" = compile ] && echo --compile) \
       ${ZOO_K:+--batch-networks "$ZOO_K"} 2>&1 | tee -a "$OUT/log.txt"
   done
+  if has tuned && [ "$1" = triton ]; then
+    if [ -s "$TILES" ]; then
+      log "tuned: PlainNet-5, bf16, convolution $1 with $TILES, BatchNorm $2, chunks of ${ZOO_K:-memory-sized}"
+      timeout 200 "$PY" -m ffl.bench zoo-time --device cuda --arch cnn --precision bf16 --max-chunks 2 --budget-s 150 \
+        --conv-backend "$1" --bn-backend "$2" --conv-tiles "$TILES" \
+        ${ZOO_K:+--batch-networks "$ZOO_K"} 2>&1 | tee -a "$OUT/log.txt"
+    else
+      log "tuned: no tile table at $TILES (run the sweep stage first)"
+    fi
+  fi
 done
 log "done"

@@ -63,3 +63,22 @@ def test_conv_layers_reports_every_method():
     assert [r["layer"] for r in rows] == [1, 2]
     for r in rows:
         assert all(r[f"{m}_tflops"] > 0 for m in ("grouped", "im2col_bmm", "dense"))
+
+
+def test_tile_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    import ffl.bench as bench
+
+    def must_not_run(*a, **k):
+        raise AssertionError("ran despite a bad option")
+
+    for name in ("conv_sweep", "conv_layers", "zoo_time", "profile_step"):
+        monkeypatch.setattr(bench, name, must_not_run)
+    with pytest.raises(SystemExit, match="--tiles-out needs --sweep"):
+        bench.main(["conv", "--tiles-out", str(tmp_path / "t.json")])
+    with pytest.raises(SystemExit, match="its folder does not exist"):
+        bench.main(["conv", "--sweep", "--tiles-out", str(tmp_path / "no" / "t.json")])
+    (tmp_path / "bad.json").write_text('{"tiles": [{"kind": "forward"}]}')
+    for command in (["zoo-time", "--arch", "cnn"], ["profile", "--arch", "cnn"]):
+        with pytest.raises(ValueError, match=r"bad\.json, tiles\[0\]: missing dtype, C, O"):
+            bench.main([*command, "--conv-tiles", str(tmp_path / "bad.json")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]

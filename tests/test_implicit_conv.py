@@ -4,6 +4,10 @@ On CPU the Triton kernels run in Triton's interpreter (backend ``interpret``, FP
 CUDA kernels are checked by ``python -m ffl.bench conv --device cuda`` (its ``implicit_rel_err``
 columns) in scripts/gpu_check_conv.sh.
 """
+import dataclasses
+import json
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,3 +191,118 @@ def test_engine_with_the_kernels_trains_the_plain_loops_weights():
         assert res[f"{arch}_fp32"]["steps"] == 2
         assert res[f"{arch}_fp32"]["max_abs_weight_diff"] < 1e-4
         assert res[f"{arch}_fp32"]["test_acc_batched"] == res[f"{arch}_fp32"]["test_acc_loop"]
+
+
+def _entry(kind, C, O, BM, BN, BC, **more):
+    return {"kind": kind, "dtype": "float32", "C": C, "O": O, "kh": 3, "kw": 3, "BM": BM, "BN": BN, "BC": BC,
+            **more}
+
+
+def test_measured_tiles_are_used_for_their_shapes_only_and_compute_the_same(tmp_path, monkeypatch):
+    path = implicit_conv.write_tile_table(tmp_path / "tiles.json", [
+        _entry("forward", 16, 24, 32, 32, 16, warps=8, stages=2, tflops=99.0),  # measurements ride along
+        _entry("weight_grad", 16, 24, 32, 16, 16)], {"gpu": "test"})
+    table = implicit_conv.read_tile_table(path)
+    assert table == {("forward", "float32", 16, 24, 3, 3): implicit_conv.Tiles(32, 32, 16, 8, 2),
+                     ("weight_grad", "float32", 16, 24, 3, 3): implicit_conv.Tiles(32, 16, 16)}
+    before = implicit_conv.default_tiles("forward", 16, 24, 3, 3, interpret=True)
+    other = implicit_conv.default_tiles("forward", 24, 16, 3, 3, interpret=True)
+    launched = []
+    real_launch = implicit_conv.Tiles.launch
+    monkeypatch.setattr(implicit_conv.Tiles, "launch", lambda self, interpret: launched.append(self)
+                        or real_launch(self, interpret))
+    x, w, _ = _pair(2, 2, 16, 24, 4, 4, 3, 1, channels_last=True)
+    y_ref, grads_ref, g = _conv_and_grads(x, w, None, 1, "torch")
+    with implicit_conv.measured_tiles(table):
+        assert implicit_conv.default_tiles("forward", 16, 24, 3, 3) == implicit_conv.Tiles(32, 32, 16, 8, 2)
+        # measured for float32 operands: bf16 ones keep the reasoned default
+        assert implicit_conv.default_tiles("forward", 16, 24, 3, 3, dtype=torch.bfloat16) == \
+            implicit_conv.default_tiles("forward", 16, 24, 3, 3, dtype=torch.float16)
+        assert implicit_conv.default_tiles("forward", 24, 16, 3, 3, interpret=True) == other  # not in the table
+        y, grads, _ = _conv_and_grads(x, w, None, 1, "interpret", g)
+    # forward and weight gradient from the table; the input gradient (24 → 16 channels) kept its default
+    assert launched[0] == table[("forward", "float32", 16, 24, 3, 3)]
+    assert table[("weight_grad", "float32", 16, 24, 3, 3)] in launched
+    assert other in launched
+    assert _close(y, y_ref) and all(_close(a, b) for a, b in zip(grads, grads_ref))
+    assert implicit_conv.default_tiles("forward", 16, 24, 3, 3, interpret=True) == before  # restored
+
+
+@pytest.mark.parametrize("entry,message", [
+    (_entry("backward", 16, 24, 32, 32, 16), "kind 'backward' is not one of forward, weight_grad"),
+    (_entry("forward", 16, 24, 48, 32, 16), "BM must be powers of two, at least 16"),
+    (_entry("forward", 16, 24, 32, 8, 16), "BN must be powers of two, at least 16"),
+    (_entry("forward", 16, 24, 32, 32, 16, warps=3), "warps must be one of"),
+    (_entry("forward", 0, 24, 32, 32, 16), "C must be positive integers"),
+    (_entry("forward", 16, 24, 32, 32, 16, dtype="bf16"), "dtype 'bf16' is not one of bfloat16, float16"),
+    ({"kind": "forward", "C": 16}, "missing dtype, O, kh, kw, BM, BN, BC"),
+])
+def test_bad_tile_tables_are_refused_with_the_reason_and_nothing_is_written(tmp_path, entry, message):
+    with pytest.raises(ValueError, match=message):
+        implicit_conv.write_tile_table(tmp_path / "t.json", [entry], {})
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "t.json").write_text(json.dumps({"tiles": [entry]}))
+    with pytest.raises(ValueError, match=re.escape(f"t.json, tiles[0]: {message}")):
+        implicit_conv.read_tile_table(tmp_path / "t.json")
+
+
+def test_a_tile_table_with_two_blockings_for_one_shape_or_no_list_is_refused(tmp_path):
+    twice = [_entry("forward", 16, 24, 32, 32, 16), _entry("forward", 16, 24, 64, 32, 16)]
+    with pytest.raises(ValueError, match="a second blocking for"):
+        implicit_conv.write_tile_table(tmp_path / "t.json", twice, {})
+    (tmp_path / "u.json").write_text('{"about": {}}')
+    with pytest.raises(ValueError, match="expected an object with a list 'tiles'"):
+        implicit_conv.read_tile_table(tmp_path / "u.json")
+    with pytest.raises(ValueError, match="cannot read the tile table"):
+        implicit_conv.read_tile_table(tmp_path / "missing.json")
+
+
+def _row(key, BM, tflops, default=False, rel_diff=0.0, error=None):
+    row = {"key": list(key), "layer": 2, "pass": "forward", "default": default,
+           "tiles": {"BM": BM, "BN": 64, "BC": 32, "warps": 4, "stages": 3}}
+    if error:
+        row["error"] = error
+    else:
+        row.update(tflops=tflops, rel_diff_vs_default=rel_diff)
+    return row
+
+
+def test_best_tiles_keeps_the_fastest_same_result_blocking_that_clearly_beats_the_default():
+    from ffl.bench import best_tiles
+
+    a, b, c = (("forward", "bfloat16", 32, 64, 3, 3), ("weight_grad", "bfloat16", 32, 64, 3, 3),
+               ("forward", "bfloat16", 64, 128, 3, 3))
+    rows = [
+        _row(a, 64, 100.0, default=True), _row(a, 128, 130.0), _row(a, 32, 180.0, rel_diff=0.5),  # wrong sums
+        _row(a, 16, None, error="OutOfResources"),
+        _row(b, 64, 100.0, default=True), _row(b, 128, 104.0),  # 4 % faster: noise, the default stays
+        _row(c, 64, 100.0, default=True), _row(c, 128, 90.0),   # the default is fastest
+    ]
+    chosen = best_tiles(rows, "bf16")
+    assert chosen == [{"kind": "forward", "dtype": "bfloat16", "C": 32, "O": 64, "kh": 3, "kw": 3,
+                       "BM": 128, "BN": 64, "BC": 32,
+                       "warps": 4, "stages": 3, "tflops": 130.0, "default_tflops": 100.0, "layer": 2,
+                       "pass": "forward"}]
+    assert best_tiles(rows, "bf16", min_gain=0.0)[1]["kind"] == "weight_grad"
+    assert best_tiles(rows, "fp32", min_gain=0.0)[0]["BM"] == 128  # 0.5 relative difference never passes
+
+
+def test_a_sweeps_table_reads_back_and_its_blockings_compute_the_convolution(tmp_path):
+    from ffl.bench import best_tiles, conv_sweep
+
+    convs = ((3, 8, 4), (20, 24, 4))
+    rows = conv_sweep("cpu", K=2, batch=2, precision="fp32", repeat=1, convs=convs)
+    # interpreted timings mean nothing: the defaults are made slowest, so every shape with an
+    # alternative gets its fastest non-default blocking
+    chosen = best_tiles([dict(r, tflops=0.0) if r["default"] else r for r in rows], "fp32")
+    table = implicit_conv.read_tile_table(implicit_conv.write_tile_table(tmp_path / "t.json", chosen, {}))
+    keys = [tuple(r["key"]) for r in rows]
+    assert set(table) == {k for k in keys if keys.count(k) > 1} and len(table) >= 3
+    for key, tiles in table.items():
+        assert any(tuple(r["key"]) == key and r["tiles"] == dataclasses.asdict(tiles) and not r["default"]
+                   for r in rows)
+    x, w, _ = _pair(2, 2, 20, 24, 4, 4, 3, 1, channels_last=True)
+    y_ref, grads_ref, g = _conv_and_grads(x, w, None, 1, "torch")
+    with implicit_conv.measured_tiles(table):
+        y, grads, _ = _conv_and_grads(x, w, None, 1, "interpret", g)
+    assert _close(y, y_ref) and all(_close(p, q) for p, q in zip(grads, grads_ref))
