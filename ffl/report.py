@@ -45,10 +45,11 @@ def _engine_rows(exp: Experiment) -> list[tuple[str, str]]:
     and chunk size (none for a zoo trained before they were recorded)."""
     prov = _zoo_provenance(exp) or {}
     kernels = prov.get("kernels") or {}
-    if not any(v != "torch" for v in kernels.values()):
+    if all(kernels.get(part, "torch") == "torch" for part in ("conv", "bn")):
         return []
+    tiles = f" (measured blockings: {kernels['conv_tiles']})" if "conv_tiles" in kernels else ""
     return [("training engine", f"{prov.get('batch_networks', '?')} networks per batch; convolution: "
-             f"{KERNEL_NAMES[kernels.get('conv', 'torch')]}, BatchNorm + activation + pooling: "
+             f"{KERNEL_NAMES[kernels.get('conv', 'torch')]}{tiles}, BatchNorm + activation + pooling: "
              f"{KERNEL_NAMES[kernels.get('bn', 'torch')]}{' (fused)' if kernels.get('bn', 'torch') != 'torch' else ''}")]
 
 

@@ -65,7 +65,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ffl import __version__
-from ffl import batched
+from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
 from ffl.data import TaskData, load_task
@@ -74,7 +74,7 @@ from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, 
                         start_init_stacked, train_batched, tune_malloc)
 from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
 from ffl.models import ARCHS, CONV_ARCHS, PLAIN_CONV_ARCHS, build_model
-from ffl.profiles import load_profile
+from ffl.profiles import PROFILE_DIR, load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
 from ffl.triton_support import BACKENDS, available, runs_on, triton
@@ -260,15 +260,17 @@ def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Pa
 
 
 #: keys of a profile's ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA, not what it trains
-CUDA_ENGINE_KEYS = ("batch_networks", "conv_backend", "bn_backend")
+CUDA_ENGINE_KEYS = ("batch_networks", "conv_backend", "bn_backend", "conv_tiles")
 
 
 def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[str, Any]:
     """The keywords of :func:`train_zoo` that ``<section>.zoo.cuda.<arch>`` of profile ``profile``
     sets for training on CUDA: ``batch_networks`` (networks per engine batch) and the convolution /
-    BatchNorm backends (:func:`ffl.batched.conv_backend`, :func:`ffl.batched.bn_backend`). They change
-    speed and rounding, not the zoo's spec (as the GPU model does), so they are not part of its
-    identity; the zoo's ``provenance.json`` records what ran. Empty when the profile sets none."""
+    BatchNorm backends (:func:`ffl.batched.conv_backend`, :func:`ffl.batched.bn_backend`), and
+    ``conv_tiles``, a tile table of the Triton convolution's measured blockings (a file under
+    ``profiles/``, see :func:`ffl.implicit_conv.read_tile_table`; returned as its full path). They
+    change speed and rounding, not the zoo's spec (as the GPU model does), so they are not part of
+    its identity; the zoo's ``provenance.json`` records what ran. Empty when the profile sets none."""
     settings = (load_profile(profile).get(section) or {}).get("zoo", {}).get("cuda") or {}
     engine = settings.get(arch) or {}
     where = f"profile {profile!r}, {section}.zoo.cuda.{arch}"
@@ -283,6 +285,13 @@ def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[s
     for key in ("conv_backend", "bn_backend"):
         if key in out and out[key] not in BACKENDS:
             raise ValueError(f"{where}: {key} {out[key]!r} is not one of {', '.join(BACKENDS)}")
+    if "conv_tiles" in out:
+        path = PROFILE_DIR / str(out["conv_tiles"])
+        try:
+            implicit_conv.read_tile_table(path)
+        except ValueError as e:
+            raise ValueError(f"{where}: conv_tiles: {e}") from None
+        out["conv_tiles"] = str(path)
     return out
 
 
@@ -847,6 +856,7 @@ def train_zoo(
     overlap: bool | None = None,
     conv_backend: str | None = None,
     bn_backend: str | None = None,
+    conv_tiles: str | os.PathLike | None = None,
 ) -> Zoo | None:
     """Train (or load, or resume) the zoo of ``spec`` in directory ``root`` (§4).
 
@@ -863,7 +873,9 @@ def train_zoo(
     chunk's shards (a thread) while a chunk trains; same bytes as without. Default: on CUDA only
     (on a CPU those workers would take the cores the training uses).
     ``conv_backend``, ``bn_backend``: the :mod:`ffl.batched` backends to train with (default: as
-    set; see :func:`cuda_engine_from_profile`); ``provenance.json`` records what ran.
+    set; see :func:`cuda_engine_from_profile`); ``conv_tiles``: a tile table of measured blockings
+    for the Triton convolution (:func:`ffl.implicit_conv.read_tile_table`). ``provenance.json``
+    records what ran.
     """
     root = Path(root)
     if not isinstance(spec, ZooSpec):
@@ -876,6 +888,7 @@ def train_zoo(
         if backend is not None and not available(backend):
             raise ValueError(f"{what} {backend!r} cannot run here (Triton installed: {triton is not None}, "
                              f"CUDA: {torch.cuda.is_available()})")
+    tiles = implicit_conv.read_tile_table(conv_tiles) if conv_tiles is not None else None
     if shard is not None:
         world = as_int("world size", shard[1], minimum=1)
         shard = (as_int("rank", shard[0], minimum=0), world)
@@ -918,8 +931,12 @@ def train_zoo(
         backends.enter_context(batched.conv_backend(conv_backend))
     if bn_backend is not None:
         backends.enter_context(batched.bn_backend(bn_backend))
+    if tiles is not None:
+        backends.enter_context(implicit_conv.measured_tiles(tiles))
     with backends:
         kernels = kernels_used(spec.arch, device)
+        if tiles is not None and kernels.get("conv", "torch") != "torch":
+            kernels["conv_tiles"] = f"{Path(conv_tiles).name} (sha256 {sha256_file(conv_tiles)[:12]})"
         if todo:
             cfg = spec.train_config()
             dev = torch.device(device)

@@ -35,17 +35,78 @@ def test_profiles_set_the_measured_engine_for_plainnet5_in_bf16_only():
 
 
 @pytest.mark.parametrize("engine, message", [
-    ({"chunk": 3}, "unknown key(s) chunk; it takes batch_networks, conv_backend, bn_backend"),
+    ({"chunk": 3}, "unknown key(s) chunk; it takes batch_networks, conv_backend, bn_backend, conv_tiles"),
+    ({"conv_tiles": "tiles/none.json"}, "conv_tiles: cannot read the tile table"),
+    ({"conv_tiles": "bad_tiles.json"}, "conv_tiles: "),
     ({"conv_backend": "cudnn"}, "conv_backend 'cudnn' is not one of torch, triton, interpret"),
     ({"batch_networks": 0}, "batch_networks"),
     ("fast", "must be a mapping"),
 ])
 def test_a_bad_cuda_engine_setting_is_named(tmp_path, monkeypatch, engine, message):
     (tmp_path / "bad.yaml").write_text(json.dumps({"tiny_imagenet": {"zoo": {"cuda": {"cnn": engine}}}}))
+    (tmp_path / "bad_tiles.json").write_text(json.dumps({"tiles": [{"kind": "forward"}]}))
     monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
     with pytest.raises(ValueError, match="profile 'bad', tiny_imagenet.zoo.cuda.cnn") as err:
         cuda_engine_from_profile("bad", "tiny_imagenet", arch="cnn")
     assert message in str(err.value)
+
+
+def _tile_table(folder):
+    from ffl import implicit_conv
+
+    entry = {"kind": "forward", "dtype": "float32", "C": 2, "O": 2, "kh": 3, "kw": 3, "BM": 32, "BN": 16, "BC": 16}
+    return implicit_conv.write_tile_table(folder / "tiles.json", [entry], {"gpu": "test"})
+
+
+def test_a_profile_names_a_tile_table_under_profiles(tmp_path, monkeypatch):
+    table = _tile_table(tmp_path)
+    (tmp_path / "tuned.yaml").write_text(json.dumps(
+        {"cifar100": {"zoo": {"cuda": {"cnn": {"conv_backend": "triton", "conv_tiles": "tiles.json"}}}}}))
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
+    monkeypatch.setattr("ffl.zoo.PROFILE_DIR", tmp_path)
+    assert cuda_engine_from_profile("tuned", "cifar100", arch="cnn") == {"conv_backend": "triton",
+                                                                          "conv_tiles": str(table)}
+
+
+def test_a_bad_tile_table_fails_training_before_anything_is_written(tmp_path):
+    (tmp_path / "t.json").write_text('{"tiles": [{"kind": "forward", "dtype": "float32"}]}')
+    with pytest.raises(ValueError, match=r"t\.json, tiles\[0\]: missing C, O"):
+        train_zoo(ZooSpec.from_dict(TINY_CNN), tmp_path / "zoo", progress=False, conv_tiles=tmp_path / "t.json")
+    assert not (tmp_path / "zoo").exists()
+
+
+@pytest.mark.slow  # the interpreted convolution: about 10 s
+def test_a_zoo_trained_with_measured_blockings_uses_and_records_them(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from ffl import implicit_conv
+
+    spec = ZooSpec.from_dict(dict(TINY_CNN, tasks=[0, 1], runs=1, data_kwargs={"n_train": 4, "n_test": 2}))
+    table = _tile_table(tmp_path)
+    plain = train_zoo(spec, tmp_path / "plain", progress=False)
+    launched = set()
+    real_launch = implicit_conv.Tiles.launch
+    monkeypatch.setattr(implicit_conv.Tiles, "launch", lambda self, interpret: launched.add(self)
+                        or real_launch(self, interpret))
+    tuned = train_zoo(spec, tmp_path / "tuned", progress=False, conv_backend="interpret", conv_tiles=table)
+    assert implicit_conv.Tiles(32, 16, 16) in launched  # the 2 → 2 channel forwards (units 2–4)
+    kernels = json.loads((tmp_path / "tuned" / "provenance.json").read_text())["kernels"]
+    assert kernels["conv"] == "interpret" and kernels["conv_tiles"].startswith("tiles.json (sha256 ")
+    for i in range(len(plain)):  # another blocking, the same networks up to rounding
+        a, b = plain.state_dict(i), tuned.state_dict(i)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_run_table_names_measured_blockings(tmp_path):
+    zoo = train_zoo(ZooSpec.from_dict(TINY_CNN), tmp_path / "zoo", progress=False)
+    prov = json.loads((zoo.root / "provenance.json").read_text())
+    prov["kernels"] = {"conv": "triton", "bn": "triton", "conv_tiles": "h100.json (sha256 0123456789ab)"}
+    (zoo.root / "provenance.json").write_text(json.dumps(prov))
+    row = report.run_table(Experiment(zoo=zoo, results=pd.DataFrame(), settings={},
+                                      split=ProtocolSplit(train_run_fraction=0.5, query_fraction=0.5),
+                                      features=FeatureConfig(), seconds={}))
+    assert ("convolution: Triton (ffl) (measured blockings: h100.json (sha256 0123456789ab)), BatchNorm + "
+            "activation + pooling: Triton (ffl) (fused)") in row
 
 
 def test_kernels_used_says_what_runs_where():
