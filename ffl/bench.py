@@ -401,28 +401,38 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
 
 def _sweep_candidates(kind: str, C: int, O: int, flat: bool) -> list[implicit_conv.Tiles]:
     """A small grid of blockings around :func:`ffl.implicit_conv.default_tiles` (duplicates after
-    capping at the layer's channel counts removed)."""
+    capping at the layer's channel counts removed). With 16–64 channels the grid adds flat steps
+    of 64 and 128 (tap, channel) pairs, several taps per step (``Tiles.flat``)."""
     cap = lambda n, lim: max(16, min(lim, 1 << max(int(n) - 1, 0).bit_length()))  # noqa: E731
     rows = (64, 128) if kind == "forward" else (32, 64, 128)
     cols = (64, 128) if kind == "forward" else (32, 64)
-    steps = (32,) if flat else (32, 64)
     seen: dict[tuple, implicit_conv.Tiles] = {}
+
+    def add(bm: int, bn: int, bc: int, as_flat: bool | None) -> None:
+        bn_ = cap(O, bn)
+        warps = 8 if bm * bn_ >= 128 * 128 or (as_flat and bm * bc >= 128 * 128) else 4
+        seen.setdefault((bm, bn_, bc, as_flat), implicit_conv.Tiles(bm, bn_, bc, warps, flat=as_flat))
+
     for bm in rows:
         for bn in cols:
-            for bc in steps:
+            for bc in ((32,) if flat else (32, 64)):
                 # the weight gradient's tile is BC × BN: BC = 64 even for 32 channels can buy
                 # Hopper's wgmma (64-row tiles) with half of it masked, so it is not capped
-                bn_, bc_ = cap(O, bn), (bc if flat or kind == "weight_grad" else cap(C, bc))
-                warps = 8 if bm * bn_ >= 128 * 128 else 4
-                seen.setdefault((bm, bn_, bc_), implicit_conv.Tiles(bm, bn_, bc_, warps))
+                add(bm, bn, bc if flat or kind == "weight_grad" else cap(C, bc), None)
+            if not flat and C <= 64 and bm >= 64:
+                for bc in (64, 128):
+                    add(bm, bn, bc, True)
     return list(seen.values())
 
 
 def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: str = "bf16", repeat: int = 3,
-               convs=PLAINNET5_CONVS) -> list[dict[str, Any]]:
+               convs=PLAINNET5_CONVS, after_pass: Callable[[list[dict[str, Any]]], None] | None = None,
+               ) -> list[dict[str, Any]]:
     """TFLOP/s of :mod:`ffl.implicit_conv`'s kernels under a small grid of blockings, per layer of
     PlainNet-5 and per pass (forward; input gradient, which is the forward kernel on the flipped
-    weights; weight gradient), K networks: the measurements to choose ``default_tiles`` by."""
+    weights; weight gradient), K networks: the measurements to choose ``default_tiles`` by.
+    ``after_pass(rows so far)`` runs after each pass (a sweep cut off by a time limit still leaves
+    what it measured)."""
     dev = torch.device(device)
     dt = torch.bfloat16 if precision == "bf16" else torch.float32
     interpret = dev.type != "cuda"
@@ -463,6 +473,8 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
                         row["error"] = f"{type(e).__name__}: {e}"[:160]
                     rows.append(row)
                     print(json.dumps(row, sort_keys=True), flush=True)
+                if after_pass is not None:
+                    after_pass(rows)
     return rows
 
 
@@ -1083,14 +1095,18 @@ def _conv(args) -> int:
     if args.tiles_out and not Path(args.tiles_out).resolve().parent.is_dir():
         raise SystemExit(f"--tiles-out {args.tiles_out}: its folder does not exist (checked before the sweep)")
     if args.sweep:
-        rows = conv_sweep(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3)
-        if args.tiles_out:
+        about = run_info(args.device, K=args.batch_networks, batch=128, precision=args.precision,
+                         triton=getattr(triton_support.triton, "__version__", None),
+                         measured="python -m ffl.bench conv --sweep")
+
+        def write_table(rows: list[dict[str, Any]]) -> None:  # after every pass: a cut-off sweep keeps its table
             chosen = best_tiles(rows, args.precision)
-            implicit_conv.write_tile_table(args.tiles_out, chosen, run_info(
-                args.device, K=args.batch_networks, batch=128, precision=args.precision,
-                triton=getattr(triton_support.triton, "__version__", None),
-                measured="python -m ffl.bench conv --sweep"))
-            print(f"{len(chosen)} blocking(s) beat the default by 5% or more: written to {args.tiles_out}", flush=True)
+            implicit_conv.write_tile_table(args.tiles_out, chosen, {**about, "passes_measured": len(
+                {(r["layer"], r["pass"]) for r in rows})})
+            print(f"{len(chosen)} blocking(s) beat the default by 5% or more so far: {args.tiles_out}", flush=True)
+
+        conv_sweep(args.device, K=args.batch_networks, batch=128, precision=args.precision, repeat=args.repeat or 3,
+                   after_pass=write_table if args.tiles_out else None)
         return 0
     for row in conv_layers(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3):
         print(json.dumps(row, sort_keys=True), flush=True)

@@ -66,9 +66,9 @@ def _conv_forward_kernel(
     """One (BM rows × BN output channels) tile of network ``program_id(1)``'s output. ``WT`` is the
     weight as (K, KH, KW, C, O), contiguous; X and Y are addressed through their strides.
 
-    The reduction runs over (tap, channel). With many channels a block of BC channels of one tap
-    is one step (``FLAT`` off); with few (PlainNet's 3 input channels) a block of BC consecutive
-    (tap, channel) pairs is, so that 27 products fill one 32-wide step instead of nine 16-wide
+    The reduction runs over (tap, channel). A step is a block of BC channels of one tap (``FLAT``
+    off), or a block of BC consecutive (tap, channel) pairs (``FLAT``, see :class:`Tiles`): with
+    PlainNet's 3 input channels 27 products then fill one 32-wide step instead of nine 16-wide
     steps holding 3 each."""
     k = tl.program_id(1)
     num_n = (O + BN - 1) // BN
@@ -209,14 +209,21 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """A kernel launch's blocking: BM rows (pixels) × BN output channels per program, BC reduction
-    entries per step (channels, or (tap, channel) pairs), Triton's warps and pipeline stages; for
-    the weight gradient BM is the row block and the tile is BC × BN."""
+    entries per step, Triton's warps and pipeline stages; for the weight gradient BM is the row
+    block and the tile is BC × BN. ``flat``: the reduction steps over consecutive (tap, channel)
+    pairs (True) or over the channels of one tap (False); None: flat below 16 channels. Flat steps
+    fill a tile of 64 with 32 channels, which makes the weight gradient's tile Hopper's wgmma
+    shape without masking half of it."""
 
     BM: int
     BN: int
     BC: int
     warps: int = 4
     stages: int = 3
+    flat: bool | None = None
+
+    def is_flat(self, C: int) -> bool:
+        return _flat(C) if self.flat is None else self.flat
 
     def launch(self, interpret: bool) -> dict[str, int]:
         return {"BM": self.BM, "BN": self.BN, "BC": self.BC,
@@ -283,13 +290,16 @@ def _tiles_entry(entry: object, where: str) -> tuple[TileKey, Tiles]:
         raise ValueError(f"{where}: {', '.join(blocks)} must be powers of two, at least 16")
     if ints["warps"] not in _WARPS:
         raise ValueError(f"{where}: warps must be one of {_WARPS}")
+    flat = entry.get("flat")
+    if flat not in (None, True, False):
+        raise ValueError(f"{where}: flat must be true, false or null, got {flat!r}")
     key = (entry["kind"], entry["dtype"], ints["C"], ints["O"], ints["kh"], ints["kw"])
-    return key, Tiles(ints["BM"], ints["BN"], ints["BC"], ints["warps"], ints["stages"])
+    return key, Tiles(ints["BM"], ints["BN"], ints["BC"], ints["warps"], ints["stages"], flat)
 
 
 def read_tile_table(path: str | Path) -> dict[TileKey, Tiles]:
     """The blockings of a table written by :func:`write_tile_table` (JSON: ``{"about": {...},
-    "tiles": [{"kind", "dtype", "C", "O", "kh", "kw", "BM", "BN", "BC", "warps", "stages", ...}]}``; other
+    "tiles": [{"kind", "dtype", "C", "O", "kh", "kw", "BM", "BN", "BC", "warps", "stages", "flat", ...}]}``; other
     fields of an entry, such as the measured TFLOP/s, are ignored). A malformed table is an error
     naming the file and the entry."""
     path = Path(path)
@@ -336,7 +346,8 @@ def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: in
     _launchable(forward, interpret)[grid](
         x, wt, bias if bias is not None else wt, y,
         B, H, W, HO, WO, C, O, *_strides(x), *_strides(y), ph, pw,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), FLAT=_flat(C), **tiles.launch(interpret),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), FLAT=tiles.is_flat(C),
+        **tiles.launch(interpret),
     )
     return y
 
@@ -349,7 +360,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     C, O = KC // K, g.shape[1] // K
     HO, WO = g.shape[2], g.shape[3]
     tiles = tiles or default_tiles("weight_grad", C, O, kh, kw, interpret, x.dtype)
-    steps = triton.cdiv(kh * kw * C, tiles.BC) if _flat(C) else kh * kw * triton.cdiv(C, tiles.BC)
+    steps = triton.cdiv(kh * kw * C, tiles.BC) if tiles.is_flat(C) else kh * kw * triton.cdiv(C, tiles.BC)
     blocks = steps * triton.cdiv(O, tiles.BN)
     # enough programs to fill the GPU, each reducing a long run of rows; the splits are summed below
     if programs is None:
@@ -359,7 +370,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, K: int, kh: int, kw: int, pad
     _, weight_grad = _kernels(interpret)
     _launchable(weight_grad, interpret)[(blocks, K, splits)](
         x, g, dw, B, H, W, HO, WO, C, O, *_strides(x), *_strides(g), padding[0], padding[1], per_split,
-        KH=kh, KW=kw, PRECISION=_precision(x.dtype), FLAT=_flat(C), **tiles.launch(interpret),
+        KH=kh, KW=kw, PRECISION=_precision(x.dtype), FLAT=tiles.is_flat(C), **tiles.launch(interpret),
     )
     return dw.sum(0).permute(0, 4, 3, 1, 2).contiguous()
 

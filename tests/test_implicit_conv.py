@@ -81,6 +81,20 @@ def test_weight_gradient_split_over_rows():
     assert triton_support.row_splits(512, 18, 16, 10_000, min_blocks=8) == (4, 128)
 
 
+@pytest.mark.parametrize("C,tiles", [
+    (16, implicit_conv.Tiles(16, 16, 32, flat=True)),   # two taps per step
+    (20, implicit_conv.Tiles(16, 32, 64, flat=True)),   # steps that end inside a tap
+    (3, implicit_conv.Tiles(16, 16, 16, flat=False)),   # 3 channels a tap at a time, 13 of 16 masked
+])
+def test_either_reduction_order_computes_the_convolution(C, tiles):
+    x, w, _ = _pair(2, 2, C, 24, 5, 4, 3, 1, channels_last=True)
+    y_ref, (dx_ref, dw_ref), g = _conv_and_grads(x, w, None, 1, "torch")
+    y = implicit_conv._forward(x, w.permute(0, 3, 4, 2, 1).contiguous(), None, 2, (1, 1), True, tiles)
+    dw = implicit_conv._weight_grad(x, g.contiguous(memory_format=torch.channels_last), 2, 3, 3, (1, 1), True,
+                                    tiles=tiles)
+    assert _close(y, y_ref) and _close(dw, dw_ref)
+
+
 def test_stacked_convnet_trains_alike_with_either_backend():
     """A stacked PlainNet (tiny widths) through the engine's BatchedConv2d: outputs and every
     parameter gradient of one step agree between the interpreted kernels and the grouped conv."""
@@ -167,6 +181,25 @@ def test_kernels_compile_for_the_h100_with_tensor_cores_and_pipelined_loads(flat
     assert "mma" in ptx and "cp.async" in ptx
 
 
+@pytest.mark.slow
+def test_flat_steps_give_the_32_channel_weight_gradient_wgmma_tensor_cores():
+    """PlainNet-5's second unit (32 input channels): steps over one tap's 32 channels make the
+    weight gradient's tile 32 rows, which Hopper multiplies with mma.sync; flat steps of 64
+    (tap, channel) pairs make it wgmma's 64 rows with nothing masked but the last step's half."""
+    _, weight_grad = implicit_conv._kernels(False)
+    shapes = ["NB", "H", "W", "HO", "WO", "C", "O"]
+
+    def ptx(flat, BC):
+        return ptx_for_hopper(
+            weight_grad, {"X": "*bf16", "G": "*bf16", "DW": "*fp32"},
+            dict(KH=3, KW=3, PRECISION="ieee", FLAT=flat, sxc=1, sgc=1, BM=64, BN=64, BC=BC),
+            ["X", "G", "DW", *shapes, "sxb", "sxh", "sxw", "sgb", "sgh", "sgw", "ROWS_PER_SPLIT"])
+
+    one_tap, flat = ptx(False, 32), ptx(True, 64)
+    assert "mma.sync" in one_tap and "wgmma" not in one_tap
+    assert "wgmma.mma_async" in flat and "cp.async" in flat
+
+
 def test_bench_sweep_times_every_blocking_and_each_gives_the_same_convolution():
     from ffl.bench import conv_sweep
 
@@ -174,6 +207,8 @@ def test_bench_sweep_times_every_blocking_and_each_gives_the_same_convolution():
     assert {(r["layer"], r["pass"]) for r in rows} == {
         (1, "forward"), (1, "weight_grad"), (2, "forward"), (2, "input_grad"), (2, "weight_grad")}
     assert sum(r["default"] for r in rows) == 5 and len(rows) > 5
+    # 20 channels: flat steps of 64 and 128 pairs are tried too
+    assert {r["tiles"]["BC"] for r in rows if r["tiles"]["flat"] and r["key"][2] == 20} == {64, 128}
     for r in rows:
         assert "error" not in r, r
         assert r["tflops"] > 0 and r["rel_diff_vs_default"] < 1e-5, r
@@ -201,10 +236,10 @@ def _entry(kind, C, O, BM, BN, BC, **more):
 def test_measured_tiles_are_used_for_their_shapes_only_and_compute_the_same(tmp_path, monkeypatch):
     path = implicit_conv.write_tile_table(tmp_path / "tiles.json", [
         _entry("forward", 16, 24, 32, 32, 16, warps=8, stages=2, tflops=99.0),  # measurements ride along
-        _entry("weight_grad", 16, 24, 32, 16, 16)], {"gpu": "test"})
+        _entry("weight_grad", 16, 24, 32, 16, 16, flat=True)], {"gpu": "test"})
     table = implicit_conv.read_tile_table(path)
     assert table == {("forward", "float32", 16, 24, 3, 3): implicit_conv.Tiles(32, 32, 16, 8, 2),
-                     ("weight_grad", "float32", 16, 24, 3, 3): implicit_conv.Tiles(32, 16, 16)}
+                     ("weight_grad", "float32", 16, 24, 3, 3): implicit_conv.Tiles(32, 16, 16, flat=True)}
     before = implicit_conv.default_tiles("forward", 16, 24, 3, 3, interpret=True)
     other = implicit_conv.default_tiles("forward", 24, 16, 3, 3, interpret=True)
     launched = []
@@ -236,6 +271,7 @@ def test_measured_tiles_are_used_for_their_shapes_only_and_compute_the_same(tmp_
     (_entry("forward", 0, 24, 32, 32, 16), "C must be positive integers"),
     (_entry("forward", 16, 24, 32, 32, 16, dtype="bf16"), "dtype 'bf16' is not one of bfloat16, float16"),
     ({"kind": "forward", "C": 16}, "missing dtype, O, kh, kw, BM, BN, BC"),
+    (_entry("forward", 16, 24, 32, 32, 16, flat="yes"), "flat must be true, false or null, got 'yes'"),
 ])
 def test_bad_tile_tables_are_refused_with_the_reason_and_nothing_is_written(tmp_path, entry, message):
     with pytest.raises(ValueError, match=message):
@@ -291,7 +327,10 @@ def test_a_sweeps_table_reads_back_and_its_blockings_compute_the_convolution(tmp
     from ffl.bench import best_tiles, conv_sweep
 
     convs = ((3, 8, 4), (20, 24, 4))
-    rows = conv_sweep("cpu", K=2, batch=2, precision="fp32", repeat=1, convs=convs)
+    seen = []  # after each pass, the rows so far (a table can be written from them then)
+    rows = conv_sweep("cpu", K=2, batch=2, precision="fp32", repeat=1, convs=convs,
+                      after_pass=lambda so_far: seen.append(len(so_far)))
+    assert len(seen) == 5 and seen == sorted(seen) and seen[-1] == len(rows)
     # interpreted timings mean nothing: the defaults are made slowest, so every shape with an
     # alternative gets its fastest non-default blocking
     chosen = best_tiles([dict(r, tflops=0.0) if r["default"] else r for r in rows], "fp32")
