@@ -325,7 +325,11 @@ class PendingInit:
     def result(self) -> dict[str, torch.Tensor]:
         if self.shared is None:  # serial: built now, in this process (as a plain loop would)
             out = {n: torch.empty((len(self.seeds), *shape), dtype=dtype) for n, (shape, dtype) in self.shapes.items()}
-            _init_worker((self.build, self.seeds, 0, len(self.seeds), out, None))
+            threads = torch.get_num_threads()  # the worker's one thread is for the init only
+            try:
+                _init_worker((self.build, self.seeds, 0, len(self.seeds), out, None))
+            finally:
+                torch.set_num_threads(threads)
             return out
         for p in self.procs:
             p.join()

@@ -1007,6 +1007,8 @@ def train_zoo(
             bar.close()
     prov = {"device": str(device), "rank": rank, "world": world, "seconds": time.time() - t_start,
             "networks_trained": sum(p.r1 - p.r0 for c in todo for p in c), "batch_networks": k}
+    if torch.device(device).type == "cpu":  # CPU matrix products round by their thread count
+        prov["cpu_threads"] = torch.get_num_threads()
     if kernels:
         prov["kernels"] = kernels
     try:

@@ -282,6 +282,23 @@ def test_parallel_init_is_the_serial_init():
             assert torch.equal(par[name][k], v)
 
 
+def test_a_serial_init_leaves_the_callers_thread_count_alone():
+    """The serial path builds in this process with one thread (the workers' setting); the caller's
+    training afterwards keeps its own thread count (it ran single-threaded before)."""
+    import functools
+
+    build = functools.partial(build_model, "cnn", 2, widths=(2, 2, 2, 2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        serial = init_stacked(build, [5, 6], workers=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.manual_seed(6)
+    assert all(torch.equal(serial[name][1], v) for name, v in build().state_dict().items())
+
+
 def test_started_init_runs_in_workers_while_the_caller_goes_on():
     """start_init_stacked returns while its forked workers still build (they wait for the caller
     to go on); the result is the serial loop's bytes."""
