@@ -461,7 +461,7 @@ def conv_sweep(device: str = "cuda", K: int = 126, batch: int = 128, precision: 
                 reference = run(default).float()
                 for tiles in [default] + [t for t in _sweep_candidates(kind, c_in, c_out, c_in < 16) if t != default]:
                     row = {"layer": li + 1, "pass": name, "in": cin, "out": cout, "hw": hw, "K": K,
-                           "key": [kind, str(dt).removeprefix("torch."), c_in, c_out, 3, 3],
+                           "key": [kind, implicit_conv.dtype_name(dt), c_in, c_out, 3, 3],
                            "tiles": dataclasses.asdict(tiles),
                            "default": tiles == default}
                     try:
@@ -1095,7 +1095,8 @@ def _conv(args) -> int:
     if args.tiles_out and not Path(args.tiles_out).resolve().parent.is_dir():
         raise SystemExit(f"--tiles-out {args.tiles_out}: its folder does not exist (checked before the sweep)")
     if args.sweep:
-        about = run_info(args.device, K=args.batch_networks, batch=128, precision=args.precision,
+        batch = 128  # PlainNet-5's training batch
+        about = run_info(args.device, K=args.batch_networks, batch=batch, precision=args.precision,
                          triton=getattr(triton_support.triton, "__version__", None),
                          measured="python -m ffl.bench conv --sweep")
 
@@ -1105,7 +1106,7 @@ def _conv(args) -> int:
                 {(r["layer"], r["pass"]) for r in rows})})
             print(f"{len(chosen)} blocking(s) beat the default by 5% or more so far: {args.tiles_out}", flush=True)
 
-        conv_sweep(args.device, K=args.batch_networks, batch=128, precision=args.precision, repeat=args.repeat or 3,
+        conv_sweep(args.device, K=args.batch_networks, batch=batch, precision=args.precision, repeat=args.repeat or 3,
                    after_pass=write_table if args.tiles_out else None)
         return 0
     for row in conv_layers(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3):

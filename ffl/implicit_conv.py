@@ -247,7 +247,7 @@ def default_tiles(kind: str, C: int, O: int, kh: int, kw: int, interpret: bool =
     the operands'): the measured one for this convolution inside :func:`measured_tiles`, else one
     chosen by reasoning, small in the interpreter (speed). ``python -m ffl.bench conv --sweep
     --tiles-out FILE`` measures alternatives on a GPU and writes the fastest as a table."""
-    measured = _measured.get((kind, str(dtype).removeprefix("torch."), C, O, kh, kw))
+    measured = _measured.get((kind, dtype_name(dtype), C, O, kh, kw))
     if measured is not None:
         return measured
     if interpret:
@@ -270,6 +270,11 @@ def measured_tiles(table: Mapping[TileKey, Tiles]) -> Iterator[None]:
         _measured = before
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A tile table's name of an operand dtype: ``bfloat16``, ``float16``, ``float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _tiles_entry(entry: object, where: str) -> tuple[TileKey, Tiles]:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected a mapping, got {entry!r}")
@@ -280,8 +285,8 @@ def _tiles_entry(entry: object, where: str) -> tuple[TileKey, Tiles]:
         raise ValueError(f"{where}: kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
     if entry["dtype"] not in DTYPES:
         raise ValueError(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(DTYPES)}")
-    ints = {k: entry.get(k, d) for k, d in (("C", None), ("O", None), ("kh", None), ("kw", None), ("BM", None),
-                                            ("BN", None), ("BC", None), ("warps", 4), ("stages", 3))}
+    ints = {k: entry[k] for k in ("C", "O", "kh", "kw", "BM", "BN", "BC")}
+    ints.update(warps=entry.get("warps", 4), stages=entry.get("stages", 3))
     bad = [k for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
         raise ValueError(f"{where}: {', '.join(bad)} must be positive integers")
@@ -297,11 +302,22 @@ def _tiles_entry(entry: object, where: str) -> tuple[TileKey, Tiles]:
     return key, Tiles(ints["BM"], ints["BN"], ints["BC"], ints["warps"], ints["stages"], flat)
 
 
+def _tile_table(entries: list, where: str) -> dict[TileKey, Tiles]:
+    """Entries of a tile table, checked one by one (``where``: how an error names the table)."""
+    table: dict[TileKey, Tiles] = {}
+    for i, entry in enumerate(entries):
+        key, tiles = _tiles_entry(entry, f"{where}tiles[{i}]")
+        if key in table:
+            raise ValueError(f"{where}tiles[{i}]: a second blocking for {key}")
+        table[key] = tiles
+    return table
+
+
 def read_tile_table(path: str | Path) -> dict[TileKey, Tiles]:
     """The blockings of a table written by :func:`write_tile_table` (JSON: ``{"about": {...},
-    "tiles": [{"kind", "dtype", "C", "O", "kh", "kw", "BM", "BN", "BC", "warps", "stages", "flat", ...}]}``; other
-    fields of an entry, such as the measured TFLOP/s, are ignored). A malformed table is an error
-    naming the file and the entry."""
+    "tiles": [{"kind", "dtype", "C", "O", "kh", "kw", "BM", "BN", "BC", "warps", "stages",
+    "flat", ...}]}``; other fields of an entry, such as the measured TFLOP/s, are ignored). A
+    malformed table is an error naming the file and the entry."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -309,27 +325,15 @@ def read_tile_table(path: str | Path) -> dict[TileKey, Tiles]:
         raise ValueError(f"cannot read the tile table {path}: {e}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("tiles"), list):
         raise ValueError(f"{path}: expected an object with a list 'tiles'")
-    table: dict[TileKey, Tiles] = {}
-    for i, entry in enumerate(doc["tiles"]):
-        key, tiles = _tiles_entry(entry, f"{path}, tiles[{i}]")
-        if key in table:
-            raise ValueError(f"{path}, tiles[{i}]: a second blocking for {key}")
-        table[key] = tiles
-    return table
+    return _tile_table(doc["tiles"], f"{path}, ")
 
 
 def write_tile_table(path: str | Path, entries: list[dict], about: Mapping[str, object]) -> Path:
     """Write a tile table: ``entries`` as :func:`read_tile_table` reads them (checked first, so
     nothing is written for a bad one), ``about`` says where and how they were measured."""
-    path = Path(path)
-    seen = set()
-    for i, entry in enumerate(entries):
-        key, _ = _tiles_entry(entry, f"entry {i}")
-        if key in seen:
-            raise ValueError(f"entry {i}: a second blocking for {key}")
-        seen.add(key)
+    _tile_table(entries, "")
     write_json_atomic(path, {"about": dict(about), "tiles": entries})
-    return path
+    return Path(path)
 
 
 def _forward(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, K: int, padding: tuple[int, int],

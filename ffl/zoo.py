@@ -571,14 +571,20 @@ class Zoo:
 # --------------------------------------------------------------------------------------------
 
 
+#: most networks per engine batch of a convolutional zoo on CUDA: on one H100, PlainNet-5 chunks of
+#: 585–750 trained at about half the networks per second of chunks of 126–252 (README)
+CONV_CHUNK_CAP = 252
+
+
 def default_batch_networks(spec: ZooSpec, device: str | torch.device) -> int:
     """Networks per engine batch: 64 on CPU; on CUDA as many as fit (:func:`ffl.engine.probe_capacity`),
-    at most 2048."""
+    at most 2048, and at most :data:`CONV_CHUNK_CAP` for architectures with convolutions."""
     N = spec.num_networks
     dev = torch.device(device)
     if dev.type != "cuda":
         return min(N, 64)
-    return max(1, min(N, 2048, probe_capacity(spec.arch, spec.model_kwargs, spec.train_config(), dev)))
+    cap = CONV_CHUNK_CAP if spec.arch in CONV_ARCHS else 2048
+    return max(1, min(N, cap, probe_capacity(spec.arch, spec.model_kwargs, spec.train_config(), dev)))
 
 
 def _load_tasks(spec: ZooSpec, tasks: Sequence[int]) -> dict[int, TaskData]:

@@ -19,7 +19,7 @@
 #           grouped (cuDNN), implicit (Triton), dense (one ordinary convolution: the ceiling)
 #   zoo     PlainNet-5 zoo time at paper epochs, bf16, 2 chunks each: cuDNN + PyTorch BatchNorm,
 #           Triton convolution, Triton convolution + fused BatchNorm (python -m ffl.bench zoo-time);
-#           chunks of $ZOO_K networks (default: sized by memory; the README's table used 126)
+#           chunks of $ZOO_K networks (default: sized by memory, at most 252; the README's table used 126)
 #   compile the same three through torch.compile
 #   profile where a training step's time goes with both kernels (torch.profiler table; K = $ZOO_K, default 126)
 #   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = $ZOO_K (default
@@ -80,14 +80,14 @@ for variant in ${ZOO_VARIANTS:-torch:torch triton:torch triton:triton}; do
   set -- ${variant/:/ }
   for mode in zoo compile; do
     has "$mode" || continue
-    log "$mode: PlainNet-5, bf16, convolution $1, BatchNorm $2, chunks of ${ZOO_K:-memory-sized}"
+    log "$mode: PlainNet-5, bf16, convolution $1, BatchNorm $2, chunks of ${ZOO_K:-memory-sized, at most 252}"
     timeout 200 "$PY" -m ffl.bench zoo-time --device cuda --arch cnn --precision bf16 --max-chunks 2 --budget-s 150 \
       --conv-backend "$1" --bn-backend "$2" $([ "$mode" = compile ] && echo --compile) \
       ${ZOO_K:+--batch-networks "$ZOO_K"} 2>&1 | tee -a "$OUT/log.txt"
   done
   if has tuned && [ "$1" = triton ]; then
     if [ -s "$TILES" ]; then
-      log "tuned: PlainNet-5, bf16, convolution $1 with $TILES, BatchNorm $2, chunks of ${ZOO_K:-memory-sized}"
+      log "tuned: PlainNet-5, bf16, convolution $1 with $TILES, BatchNorm $2, chunks of ${ZOO_K:-memory-sized, at most 252}"
       timeout 200 "$PY" -m ffl.bench zoo-time --device cuda --arch cnn --precision bf16 --max-chunks 2 --budget-s 150 \
         --conv-backend "$1" --bn-backend "$2" --conv-tiles "$TILES" \
         ${ZOO_K:+--batch-networks "$ZOO_K"} 2>&1 | tee -a "$OUT/log.txt"

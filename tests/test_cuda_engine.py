@@ -109,6 +109,18 @@ def test_the_run_table_names_measured_blockings(tmp_path):
             "activation + pooling: Triton (ffl) (fused)") in row
 
 
+def test_convolutional_zoos_train_in_chunks_of_at_most_252_on_cuda(monkeypatch):
+    import ffl.zoo as zoo_module
+
+    monkeypatch.setattr(zoo_module, "probe_capacity", lambda *a, **k: 700)  # what would fit in memory
+    spec = lambda arch: ZooSpec.from_dict(dict(TINY_CNN, arch=arch, tasks=list(range(10)), runs=100,  # noqa: E731
+                                               model_kwargs={}))
+    for arch in ("cnn", "plainnet6", "resnet5"):
+        assert zoo_module.default_batch_networks(spec(arch), "cuda") == 252
+    assert zoo_module.default_batch_networks(spec("mlp"), "cuda") == 700
+    assert zoo_module.default_batch_networks(spec("cnn"), "cpu") == 64
+
+
 def test_kernels_used_says_what_runs_where():
     with batched.conv_backend("triton"), batched.bn_backend("triton"):
         assert kernels_used("cnn", "cpu") == {"conv": "torch", "bn": "torch"}  # no GPU: PyTorch's ops run
