@@ -161,6 +161,16 @@ def bn_backend(backend: str):
     return _class_setting(BatchedBatchNorm, "BatchNorm", backend)
 
 
+def kernel_settings(conv: str | None = None, bn: str | None = None, tiles=None) -> contextlib.ExitStack:
+    """:func:`conv_backend`, :func:`bn_backend` and :func:`ffl.implicit_conv.measured_tiles` (a
+    tile table) for one ``with`` block; each left as it is where None."""
+    stack = contextlib.ExitStack()
+    for setting, value in ((conv_backend, conv), (bn_backend, bn), (implicit_conv.measured_tiles, tiles)):
+        if value is not None:
+            stack.enter_context(setting(value))
+    return stack
+
+
 class BatchedBatchNorm(nn.Module):
     """K BatchNorm layers (1d or 2d): a BatchNorm over K*C channels is per-network BatchNorm.
     ``backend`` (class-wide; :func:`bn_backend`): in a stacked ConvNet, ``triton``/``interpret``

@@ -49,7 +49,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
 from ffl import implicit_conv, triton_support
-from ffl.batched import bn_backend, conv_backend
+from ffl.batched import bn_backend, conv_backend, kernel_settings
 from ffl.cli import Command, run_command_line
 from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
@@ -1061,11 +1061,8 @@ def _backend_arguments(ap) -> None:
 def _kernel_settings(args) -> contextlib.ExitStack:
     """The backends and blockings a command's arguments ask for, set for the ``with`` block. A bad
     tile table fails here, before anything runs."""
-    table = implicit_conv.read_tile_table(args.conv_tiles) if args.conv_tiles else {}
-    stack = contextlib.ExitStack()
-    for setting in (conv_backend(args.conv_backend), bn_backend(args.bn_backend), implicit_conv.measured_tiles(table)):
-        stack.enter_context(setting)
-    return stack
+    table = implicit_conv.read_tile_table(args.conv_tiles) if args.conv_tiles else None
+    return kernel_settings(args.conv_backend, args.bn_backend, table)
 
 
 def _zoo_time(args) -> int:

@@ -37,7 +37,6 @@ Specs: :func:`spec_from_profile` builds one from a profile section (the paper's 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -932,14 +931,7 @@ def train_zoo(
     if not spec_exists:
         _write_spec(root, spec, k)
     t_start = time.time()
-    backends = contextlib.ExitStack()  # the backends asked for, for this training only
-    if conv_backend is not None:
-        backends.enter_context(batched.conv_backend(conv_backend))
-    if bn_backend is not None:
-        backends.enter_context(batched.bn_backend(bn_backend))
-    if tiles is not None:
-        backends.enter_context(implicit_conv.measured_tiles(tiles))
-    with backends:
+    with batched.kernel_settings(conv_backend, bn_backend, tiles):  # for this training only
         kernels = kernels_used(spec.arch, device)
         if tiles is not None and kernels.get("conv", "torch") != "torch":
             kernels["conv_tiles"] = f"{Path(conv_tiles).name} (sha256 {sha256_file(conv_tiles)[:12]})"
