@@ -31,6 +31,9 @@ class Difference:
     why: str
 
 
+_DATA = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "synthetic": "the synthetic stand-in"}
+
+
 def _on(flag: bool, yes: str, no: str) -> str:
     return yes if flag else no
 
@@ -46,6 +49,8 @@ def rows(profile: str = "paper") -> list[Difference]:
     theta = ProjectionConfig.from_dict(p["cifar100"].get("projection"))
     ours = FeatureConfig()
     tiny = p.get("tiny_imagenet", {}).get("zoo", {}).get("arch", {})
+    laptop_cifar = sorted({c.get("parameters", {}).get("dataset", "cifar100")
+                           for c in load_profile("laptop")["chapters"] if c["notebook"] == "cifar100"})
 
     def epochs(spec: dict) -> str:
         return f"{spec['epochs']} epochs, lr/10 after {', '.join(map(str, spec['lr_step_epochs']))}"
@@ -111,6 +116,15 @@ def rows(profile: str = "paper") -> list[Difference]:
                    "wnid (ImageFolder), task r = classes 4r … 4r+3; the CNN's printed test accuracy on "
                    "64×64 val images", "see the tiny ImageNet chapter (ffl/data/tiny_imagenet.py)",
                    "the paper's resize, the code's order"),
+        Difference("zoos", "CIFAR-100 data", "50 tasks: fine classes 2r, 2r+1 (§4)",
+                   "the same, 500 training and 100 test images per class (datasets/cifar100.py:29)",
+                   "the same where CIFAR-100 is under the data root; the committed (laptop) book's CIFAR-100 "
+                   f"pages run on {' and '.join(_DATA.get(d, d) for d in laptop_cifar)}"
+                   + (": real CIFAR-10 images (an offline JPEG copy), two-class tasks from its 45 class pairs in "
+                      "round-robin order, 500 training and 100 test images per class (ffl/data/cifar10.py)"
+                      if "cifar10" in laptop_cifar else ""),
+                   "CIFAR-100 cannot be had on the machine that builds the book; CIFAR-10 comes from the same "
+                   "source in the same format, and each page's title names the data it shows"),
         # ---- NameData
         Difference("NameData", "GRU-2 learning rate", "0.1, lr/10 after 7,000 of 10,000 batches (§4.3)",
                    "0.005 and never decayed: the scheduler steps only every 5,000 iterations "

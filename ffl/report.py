@@ -53,8 +53,41 @@ def _engine_rows(exp: Experiment) -> list[tuple[str, str]]:
              f"{KERNEL_NAMES[kernels.get('bn', 'torch')]}{' (fused)' if kernels.get('bn', 'torch') != 'torch' else ''}")]
 
 
-def run_table(exp: Experiment) -> str:
-    """The zoo and protocol sizes behind the chapter's numbers (Markdown)."""
+def _per_class(counts: list[int]) -> str:
+    lo, hi = min(counts), max(counts)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def data_note(spec, *, data_root: str | None = None, stands_for: str | None = None) -> str:
+    """What an image zoo was trained on, read from the data itself (its first task): the dataset,
+    images per class, and the file it came from; for a stand-in, that it is one (``stands_for``:
+    the dataset the chapter is about, whose reported numbers are then not drawn)."""
+    from ffl.book import DATA_NAMES, data_label
+    from ffl.data import cifar10, load_task, resolve_root, tiny_imagenet
+
+    first = load_task(spec.dataset, spec.tasks[0], data_root=data_root, seed=spec.seed, **spec.data_kwargs)
+    train, test = _per_class(first.y_train.bincount().tolist()), _per_class(first.y_test.bincount().tolist())
+    paper_data = DATA_NAMES.get(stands_for, "the paper's data")
+    if spec.dataset == "synthetic":
+        return (f"the synthetic stand-in ({first.num_classes} classes per task, {train} training images per "
+                f"class), not {paper_data}: the paper's numbers are not drawn beside it")
+    root = resolve_root(data_root)
+    if spec.dataset == "tiny_imagenet":
+        source = tiny_imagenet.tiny_imagenet_source(root).name
+        return (f"tiny ImageNet, {train} training images per class ({test} validation images per class as "
+                f"the test set), read from `{source}`")
+    if spec.dataset == "cifar10":
+        source = cifar10.cifar10_source(root)
+        copy = " (JPEG re-encodings of the images, quality 75)" if source.suffix == ".npz" else ""
+        return (f"{data_label('cifar10', stands_for)}: real CIFAR-10 images, not {paper_data}, so the paper's "
+                f"numbers are not drawn beside it; two-class tasks from the 45 class pairs, {train} training and "
+                f"{test} test images per class, read from `{source.name}`{copy}")
+    return f"{DATA_NAMES[spec.dataset]}, {train} training and {test} test images per class"
+
+
+def run_table(exp: Experiment, *, data: str | None = None) -> str:
+    """The zoo and protocol sizes behind the chapter's numbers (Markdown); ``data``, a
+    :func:`data_note`, is its last row."""
     zoo, spec, split = exp.zoo, exp.zoo.spec, exp.split
     n_tasks = int(zoo.tasks.unique().numel())
     acc = 100 * zoo.accuracy["test"].double()
@@ -71,6 +104,7 @@ def run_table(exp: Experiment) -> str:
         ("retrieval", f"Θ learned on the {len(seen):,} networks of {n_seen} tasks; {n_tasks - n_seen} unseen tasks give "
                       f"{len(query):,} queries against a gallery of {len(gallery):,}"),
         ("features", ", ".join(f"{k}={v}" for k, v in vars(exp.features).items())),
+        *([("data", data)] if data else []),
     ])
 
 

@@ -86,7 +86,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 fx = ffl.experiment.run_factors(profile=profile, dataset=dataset, data_root=data_root,
                                 download=download, seed=seed, device=device, progress=False)
 base = fx.experiments[ffl.experiment.BASELINE]
-display(Markdown(ffl.report.run_table(base)))
+display(Markdown(ffl.report.run_table(base, data=ffl.report.data_note(base.zoo.spec, data_root=data_root,
+                                                                     stands_for="cifar100"))))
 
 
 def _changes(name: str) -> str:

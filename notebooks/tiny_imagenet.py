@@ -80,26 +80,15 @@ exp = ffl.experiment.run_experiment(
 )
 zoo, results = exp.zoo, exp.results
 n_tasks = int(zoo.tasks.unique().numel())
-spec = zoo.spec
 # What the networks were trained on, read from the data itself (the offline copy has 100 of the
 # 500 training images per class).
-first = ffl.data.load_task(dataset, spec.tasks[0], data_root=data_root, seed=seed, **spec.data_kwargs)
-per_class = sorted(set(first.y_train.bincount().tolist()))
-test_per_class = sorted(set(first.y_test.bincount().tolist()))
-count = lambda c: "–".join(map(str, (c[0], c[-1]) if len(c) > 1 else c))  # noqa: E731
-if dataset == "tiny_imagenet":
-    source = ffl.data.tiny_imagenet.tiny_imagenet_source(ffl.data.resolve_root(data_root))
-    data_note = (f"tiny ImageNet, {count(per_class)} training images per class ({count(test_per_class)} "
-                 f"validation images per class as the test set), read from `{source.name}`")
-else:
-    data_note = (f"the synthetic stand-in ({first.num_classes} classes per task, {count(per_class)} training "
-                 "images per class), not tiny ImageNet: the paper's numbers are not drawn beside it")
+data_note = ffl.report.data_note(zoo.spec, data_root=data_root, stands_for="tiny_imagenet")
 glue("data_note", Markdown(data_note), display=False)
 glue("n_networks", len(zoo), display=False)
 glue("n_tasks", n_tasks, display=False)
 glue("n_runs", len(zoo) // n_tasks, display=False)
 glue("test_acc", 100 * float(zoo.accuracy["test"].mean()), display=False)
-display(Markdown(ffl.report.run_table(exp) + f"\n| data | {data_note} |"))
+display(Markdown(ffl.report.run_table(exp, data=data_note)))
 
 # %% [markdown]
 # Data: {glue:md}`data_note`. The zoo holds {glue:text}`n_networks` networks

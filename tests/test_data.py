@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import ffl.data as data
+import ffl.data.cifar10 as cifar10
 import ffl.data.cifar100 as cifar100
+import ffl.data.cifar_pickles as cifar_pickles
 import ffl.data.tiny_imagenet as tiny_imagenet
 from ffl.data import DATASETS, TaskData, load_task, num_tasks, task_classes
 
@@ -109,8 +111,9 @@ def fake_cifar100(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # --------------------------------------------------------------------------------------------
 
 def test_datasets_and_task_counts():
-    assert DATASETS == ("synthetic", "cifar100", "tiny_imagenet", "namedata")
+    assert DATASETS == ("synthetic", "cifar100", "cifar10", "tiny_imagenet", "namedata")
     assert num_tasks("cifar100") == 50
+    assert num_tasks("cifar10") == 45
     assert num_tasks("tiny_imagenet") == 50
     assert num_tasks("namedata") == 9
     assert num_tasks("synthetic") == 50
@@ -135,7 +138,7 @@ def test_unknown_dataset_lists_datasets():
         num_tasks("mnist")
 
 
-@pytest.mark.parametrize("dataset,task", [("cifar100", 50), ("cifar100", -1), ("namedata", 9),
+@pytest.mark.parametrize("dataset,task", [("cifar100", 50), ("cifar10", 45), ("cifar100", -1), ("namedata", 9),
                                           ("tiny_imagenet", 50), ("synthetic", 50)])
 def test_task_out_of_range(dataset, task, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
@@ -264,7 +267,7 @@ def test_cifar100_task_split(fake_cifar100):
 def test_cifar100_limits_and_cache(fake_cifar100):
     t = load_task("cifar100", 2, data_root=fake_cifar100, max_train_per_class=1, max_test_per_class=1)
     assert t.y_train.tolist() == [0, 1] and t.y_test.tolist() == [0, 1]
-    assert any(k[0] == str(fake_cifar100.resolve()) for k in cifar100._CACHE)
+    assert any(k[:2] == ("cifar-100-python", str(fake_cifar100.resolve())) for k in cifar_pickles._CACHE)
 
 
 def test_cifar100_download_goes_through_torchvision_atomically(tmp_path, monkeypatch):
@@ -300,6 +303,139 @@ def test_cifar100_real_md5_check_rejects_fake(tmp_path):
     write_fake_cifar100(tmp_path)
     with pytest.raises(RuntimeError, match="md5"):
         load_task("cifar100", 0, data_root=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 in place of CIFAR-100: the official pickles and the offline JPEG copy
+# --------------------------------------------------------------------------------------------
+
+def test_cifar10_tasks_are_every_pair_in_round_robin_order():
+    pairs = [tuple(task_classes("cifar10", t)) for t in range(num_tasks("cifar10"))]
+    assert sorted(pairs) == [(a, b) for a in range(10) for b in range(a + 1, 10)]  # each pair once
+    for k in range(9):  # every round of 5 tasks uses each class exactly once
+        assert sorted(c for p in pairs[5 * k:5 * k + 5] for c in p) == list(range(10))
+    assert pairs[:5] == [(0, 9), (1, 8), (2, 7), (3, 6), (4, 5)]
+
+
+def write_fake_cifar10_pickles(root: Path, n_train: int = 3, n_test: int = 2) -> dict[str, str]:
+    """``root/cifar-10-batches-py/`` in the official format (5 train batches, a test batch, meta),
+    ``n_train`` images per class spread over the batches; return the files' md5 sums."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    S = _Py2Str
+    labels = [c for k in range(n_train) for c in range(10)]
+    ks = [k for k in range(n_train) for _ in range(10)]
+    batches = np.array_split(np.arange(len(labels)), 5)
+    for i, idx in enumerate(batches, 1):
+        pix = np.array([_fake_pixel(labels[j], ks[j], True) for j in idx], dtype=np.uint8)
+        _py2_pickle({S(b"batch_label"): S(b"training batch %d of 5" % i), S(b"labels"): [labels[j] for j in idx],
+                     S(b"data"): np.repeat(pix[:, None], 3072, axis=1).reshape(len(idx), 3072),
+                     S(b"filenames"): [S(b"img_%d.png" % j) for j in idx]}, base / f"data_batch_{i}")
+    test_labels = [c for k in range(n_test) for c in range(10)]
+    pix = np.array([_fake_pixel(c, k, False) for k in range(n_test) for c in range(10)], dtype=np.uint8)
+    _py2_pickle({S(b"batch_label"): S(b"testing batch 1 of 1"), S(b"labels"): test_labels,
+                 S(b"data"): np.repeat(pix[:, None], 3072, axis=1),
+                 S(b"filenames"): [S(b"t_%d.png" % j) for j in range(len(test_labels))]}, base / "test_batch")
+    _py2_pickle({S(b"label_names"): [S(b"name%d" % c) for c in range(10)], S(b"num_cases_per_batch"): 10,
+                 S(b"num_vis"): 3072}, base / "batches.meta")
+    return {f: hashlib.md5((base / f).read_bytes()).hexdigest() for f in data.cifar10.CIFAR10_FILES}
+
+
+def write_fake_cifar10_npz(path: Path, n_train: int = 3, n_test: int = 2) -> None:
+    """A small .npz in the format of /work/shared/data/cifar10_substitute: JPEG bytes + offsets,
+    class-major, files ``<class>/0000.jpg``."""
+    import io
+
+    from PIL import Image
+
+    classes = np.array([f"name{c}" for c in range(10)])
+    arrays = {"classes": classes}
+    for split, n in (("train", n_train), ("test", n_test)):
+        blobs, labels, files = [], [], []
+        for c in range(10):
+            for k in range(n):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), _colour(c % 5)).save(buf, format="JPEG", quality=95)
+                blobs.append(buf.getvalue())
+                labels.append(c)
+                files.append(f"{classes[c]}/{k:04d}.jpg")
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        arrays[f"{split}_labels"] = np.array(labels, dtype=np.int16)
+        arrays[f"{split}_files"] = np.array(files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def test_cifar10_official_pickles_through_torchvision(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    md5 = write_fake_cifar10_pickles(tmp_path)
+
+    class FakeSumsCIFAR10(CIFAR10):
+        train_list = [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)]
+        test_list = [["test_batch", md5["test_batch"]]]
+        meta = {**CIFAR10.meta, "md5": md5["batches.meta"]}
+
+    monkeypatch.setattr(cifar10, "_cifar10_class", lambda: FakeSumsCIFAR10)
+    assert cifar10.cifar10_source(tmp_path) == tmp_path / "cifar-10-batches-py"
+    t = load_task("cifar10", 1, data_root=tmp_path, max_train_per_class=2)
+    c0, c1 = task_classes("cifar10", 1)
+    assert t.classes == [f"name{c0}", f"name{c1}"]
+    assert t.y_train.tolist() == [0, 1, 0, 1] and t.y_test.tolist() == [0, 1, 0, 1]  # dataset order
+    mean, std = torch.tensor(data.CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(data.CIFAR10_STD).view(1, 3, 1, 1)
+    pix = ((t.x_train * std + mean) * 255).round()[:, 0, 0, 0].long().tolist()
+    assert pix == [_fake_pixel([c0, c1][y], k, True) for k in range(2) for y in (0, 1)]
+    # the official folder wins over an .npz copy beside it
+    write_fake_cifar10_npz(tmp_path / data.CIFAR10_NPZ)
+    assert cifar10.cifar10_source(tmp_path) == tmp_path / "cifar-10-batches-py"
+
+
+def test_cifar10_reads_the_npz_copy_directly(tmp_path):
+    write_fake_cifar10_npz(tmp_path / data.CIFAR10_NPZ, n_train=3, n_test=2)
+    assert cifar10.cifar10_source(tmp_path) == tmp_path / data.CIFAR10_NPZ
+    t = load_task("cifar10", 2, data_root=tmp_path, max_test_per_class=1)
+    c0, c1 = task_classes("cifar10", 2)
+    assert t.classes == [f"name{c0}", f"name{c1}"]
+    assert t.x_train.shape == (6, 3, 32, 32) and t.y_train.bincount().tolist() == [3, 3]
+    assert t.y_test.bincount().tolist() == [1, 1]
+    rgb = _unnormalize(t.x_train, data.CIFAR10_MEAN, data.CIFAR10_STD).mean((2, 3))
+    for x, y in zip(rgb, t.y_train):  # each image is its class's colour (JPEG rounding aside)
+        assert torch.allclose(x, torch.tensor(_colour([c0, c1][y] % 5), dtype=torch.float), atol=3)
+
+
+def test_cifar10_missing_names_both_sources_and_writes_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_task("cifar10", 0, data_root=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "cifar-10-batches-py" / "data_batch_1") in msg and "cifar-10-python.tar.gz" in msg
+    assert str(data.CIFAR10_NPZ) in msg and "-p dataset synthetic" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cifar10_damaged_jpeg_names_the_copy(tmp_path):
+    npz = tmp_path / data.CIFAR10_NPZ
+    write_fake_cifar10_npz(npz)
+    with np.load(npz) as z:
+        arrays = dict(z)
+    arrays["train_jpeg"] = arrays["train_jpeg"].copy()
+    arrays["train_jpeg"][: arrays["train_offsets"][1]] = 0  # the first airplane is no JPEG any more
+    np.savez(npz, **arrays)
+    with pytest.raises(OSError, match="cannot decode the image .*fetch cifar10_yoongikim_jpeg.npz again"):
+        load_task("cifar10", 0, data_root=tmp_path)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10_substitute").is_dir(), reason="no shared real data")
+def test_real_cifar10_task_is_the_size_of_a_cifar100_task():
+    t = load_task("cifar10", 0, data_root=SHARED, max_train_per_class=500, max_test_per_class=100)
+    assert t.classes == ["airplane", "truck"]
+    assert t.x_train.shape == (1000, 3, 32, 32) and t.y_train.bincount().tolist() == [500, 500]
+    assert t.x_test.shape == (200, 3, 32, 32) and t.y_test.bincount().tolist() == [100, 100]
+    # normalized with CIFAR-10's statistics: roughly zero mean, unit-ish spread
+    assert t.x_train.mean().abs() < 0.3 and 0.7 < t.x_train.std() < 1.3
+    full = load_task("cifar10", 0, data_root=SHARED)
+    assert full.y_train.bincount().tolist() == [5000, 5000] and full.y_test.bincount().tolist() == [1000, 1000]
+    assert torch.equal(full.x_train[:500], t.x_train[:500])  # the limit keeps the first images in file order
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ def test_markdown_escapes_pipes():
 
 
 @pytest.mark.parametrize("dataset,title", [("synthetic", "Synthetic stand-in for CIFAR-100 with MLP-4: x"),
-                                           ("cifar100", "CIFAR-100 with MLP-4: x")])
+                                           ("cifar100", "CIFAR-100 with MLP-4: x"),
+                                           ("cifar10", "CIFAR-10 (in place of CIFAR-100) with MLP-4: x")])
 def test_chapter_titles_name_the_data_used(dataset, title):
     from ffl import book
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("synthetic", "cifar100", "tiny_imagenet", "namedata")
+DATASETS = ("synthetic", "cifar100", "cifar10", "tiny_imagenet", "namedata")
 
 SYNTHETIC_NUM_TASKS = 50
 CIFAR100_NUM_TASKS = 50
+CIFAR10_CLASSES = 10
+CIFAR10_NUM_TASKS = CIFAR10_CLASSES * (CIFAR10_CLASSES - 1) // 2  # every pair of classes
 TINY_IMAGENET_NUM_TASKS = 50
 TINY_IMAGENET_CLASSES_PER_TASK = 4
 NAMEDATA_NUM_TASKS = 9
@@ -50,7 +52,7 @@ def check_dataset(dataset: str) -> None:
 
 
 def num_tasks(dataset: str, *, n_tasks: int | None = None) -> int:
-    """Number of tasks of ``dataset`` (§4): cifar100 50, tiny_imagenet 50, namedata 9.
+    """Number of tasks of ``dataset`` (§4): cifar100 50, cifar10 45, tiny_imagenet 50, namedata 9.
 
     ``synthetic`` has ``n_tasks`` tasks (default :data:`SYNTHETIC_NUM_TASKS` = 50); ``n_tasks``
     is ignored for the real datasets, whose split is fixed.
@@ -61,7 +63,7 @@ def num_tasks(dataset: str, *, n_tasks: int | None = None) -> int:
         if n < 1:
             raise ValueError(f"n_tasks must be >= 1, got {n}")
         return n
-    return {"cifar100": CIFAR100_NUM_TASKS, "tiny_imagenet": TINY_IMAGENET_NUM_TASKS,
+    return {"cifar100": CIFAR100_NUM_TASKS, "cifar10": CIFAR10_NUM_TASKS, "tiny_imagenet": TINY_IMAGENET_NUM_TASKS,
             "namedata": NAMEDATA_NUM_TASKS}[dataset]
 
 
@@ -83,12 +85,28 @@ def task_classes(dataset: str, task: int, *, n_tasks: int | None = None) -> list
     """Global class indices of ``task`` (§4); label ``i`` within the task is entry ``i``.
 
     cifar100: ``[2r, 2r+1]`` (fine labels; the paper's split into 50 binary tasks);
+    cifar10 (not in the paper): the ``r``-th pair of :func:`cifar10_pairs`;
     tiny_imagenet: ``[4r, …, 4r+3]`` (indices into the sorted wnids); namedata: ``[2r, 2r+1]`` (indices
     into :data:`NAMEDATA_LANGUAGES`); synthetic: ``[2r, 2r+1]`` (labels of the generator's classes).
     """
     task = check_task(dataset, task, n_tasks)
+    if dataset == "cifar10":
+        return list(cifar10_pairs()[task])
     k = TINY_IMAGENET_CLASSES_PER_TASK if dataset == "tiny_imagenet" else 2
     return list(range(k * task, k * task + k))
+
+
+def cifar10_pairs() -> list[tuple[int, int]]:
+    """All 45 pairs of CIFAR-10's classes as two-class tasks, in round-robin order (the circle
+    method): tasks ``5k … 5k+4`` are disjoint and use every class once, so the first 5 tasks split
+    the classes as the paper splits CIFAR-100's, and any first ``5k`` tasks use each class ``k``
+    times. Within a pair the smaller class index is label 0."""
+    n = CIFAR10_CLASSES
+    rounds = []
+    for r in range(n - 1):  # class n-1 stays put; the others turn one place each round
+        pairs = [(r, n - 1)] + [((r + i) % (n - 1), (r - i) % (n - 1)) for i in range(1, n // 2)]
+        rounds += sorted(tuple(sorted(p)) for p in pairs)
+    return rounds
 
 
 def resolve_root(data_root: str | os.PathLike | None) -> Path:

@@ -14,7 +14,6 @@ Decoded classes are cached in memory (and, for the folder layout, on disk).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets import utils as tv_utils  # module attribute: tests stub the download
-from torchvision.transforms.v2 import functional as TF
 
+from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs
 from ffl.data.tasks import TaskData, normalize_images, task_classes
 from ffl.files import atomic_path, clean_stale_temp
 
@@ -36,6 +34,7 @@ TINY_IMAGENET_DIR = "tiny-imagenet-200"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 _NO_BOX = "0\t0\t63\t63"  # whole 64×64 image, when the npz comes without val boxes
+_REPAIR = "restore it (unzip the archive again, or rewrite the layout with materialize_tiny_imagenet)"
 _CACHE_DIR = ".ffl_cache"  # decoded 32×32 arrays, inside tiny-imagenet-200/
 #: the offline JPEG copy, relative to data_root
 TINY_IMAGENET_NPZ = Path("tiny_imagenet") / "tiny_imagenet_200_jpeg.npz"
@@ -101,27 +100,6 @@ def _natural_key(name: str) -> tuple[str, int]:
     return (head, int(num)) if num.isdigit() else (stem, -1)
 
 
-def _decode_resize(paths: Sequence[Path | io.BytesIO], size: int = 32) -> torch.Tensor:
-    """Decode JPEGs (files or in-memory bytes) to RGB (Tiny ImageNet has grayscale ones) and resize
-    the whole image to ``size``×``size`` with antialiased bilinear interpolation (bit-identical to
-    PIL's ``resize(BILINEAR)``, which the official ``transforms.Resize((32, 32))`` calls)."""
-    arrays = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                arrays.append(np.array(im.convert("RGB")))  # copy: a writable, owned array
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or not an image, no file name
-            raise OSError(f"cannot decode the image {p} ({e}): the file is damaged; restore it (unzip "
-                          "the archive again, or rewrite the layout with materialize_tiny_imagenet)") from e
-    if not arrays:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8)
-    if len({a.shape for a in arrays}) == 1:  # the official data: all 64×64, one batched call
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return TF.resize(batch, [size, size], antialias=True).contiguous()
-    return torch.stack([TF.resize(torch.from_numpy(a).permute(2, 0, 1), [size, size],
-                                  antialias=True) for a in arrays])
-
-
 def _file_stamps(folder: Path, files: Sequence[str]) -> np.ndarray:
     """(size, mtime in ns) of each file: the decoded cache is valid only for exactly these."""
     stats = [(folder / f).stat() for f in files]
@@ -149,7 +127,7 @@ def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder:
                           "decoding the JPEGs again and rewriting it", stacklevel=2)
             images = None
     if images is None:
-        images = _decode_resize([folder / f for f in files])
+        images = decode_resize([folder / f for f in files], repair=_REPAIR)
         if disk_cache:
             try:  # best effort (data_root may be read-only)
                 clean_stale_temp(cache.parent)
@@ -165,13 +143,8 @@ def _tiny_class(base: Path, split: str, wnid: str, files: Sequence[str], folder:
 _NPZ: dict[str, tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {}
 
 
-def _npz_stamp(path: Path) -> str:
-    st = path.stat()  # a rewritten copy is read again, never served from memory
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def _read_npz(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    key = _npz_stamp(path)
+    key = file_stamp(path)
     if key not in _NPZ:
         with np.load(path) as z:
             official = [str(w) for w in z["wnids"]]
@@ -185,12 +158,11 @@ def _read_npz(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.nda
 
 def _npz_class(path: Path, split: str, class_index: int, wnid: str) -> torch.Tensor:
     """Decoded 32×32 images of one class and split of the ``.npz`` copy, in stored order."""
-    key = (str(path.resolve()), split, wnid, _npz_stamp(path))
+    key = (str(path.resolve()), split, wnid, file_stamp(path))
     if key not in _CACHE:
         jpeg, offsets, labels = _read_npz(path)[1][split]
-        blobs = [io.BytesIO(jpeg[offsets[k]:offsets[k + 1]].tobytes())
-                 for k in np.flatnonzero(labels == class_index)]
-        _CACHE[key] = _decode_resize(blobs)
+        _CACHE[key] = decode_resize(npz_blobs(jpeg, offsets, np.flatnonzero(labels == class_index)),
+                                    repair=_REPAIR)
     return _CACHE[key]
 
 
