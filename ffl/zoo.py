@@ -69,7 +69,7 @@ from ffl import __version__
 from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
-from ffl.data import TaskData, load_task
+from ffl.data import DATASETS, TaskData, load_task, num_tasks
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
                         start_init_stacked, train_batched, tune_malloc)
@@ -227,8 +227,8 @@ def spec_diff(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
 def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, seed: int = 0,
                       data_root: str | None = None, download: bool = False, **overrides: Any) -> ZooSpec:
     """The :class:`ZooSpec` that section ``section`` of profile ``profile`` (``profiles/<name>.yaml``)
-    asks for: ``zoo.tasks`` (the first n tasks) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the
-    training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
+    asks for: ``zoo.tasks`` (the first n tasks, or every task of a real dataset that has fewer: CIFAR-10's
+    45 in place of CIFAR-100's 50) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
     ``runs=``, ``precision=``). The one road from a profile to a zoo: the notebooks
     (:mod:`ffl.experiment`), ``python -m ffl.zoo`` and ``python -m ffl.bench`` all take it; the
     paper's settings (§4) are the ``paper`` profile."""
@@ -238,8 +238,11 @@ def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, se
     zoo = settings["zoo"]
     if arch not in zoo["arch"]:
         raise ValueError(f"profile {profile!r} defines no {arch!r} zoo for {section!r}; it has {sorted(zoo['arch'])}")
+    n_tasks = zoo["tasks"]
+    if dataset in DATASETS and dataset != "synthetic" and isinstance(n_tasks, int):
+        n_tasks = min(n_tasks, num_tasks(dataset))
     fields = {
-        "arch": arch, "dataset": dataset, "tasks": list(range(zoo["tasks"])), "runs": zoo["runs"],
+        "arch": arch, "dataset": dataset, "tasks": list(range(n_tasks)), "runs": zoo["runs"],
         "seed": seed, "data_root": data_root, "download": download,
         "data_kwargs": dict(zoo.get("data_kwargs", {}).get(dataset, {})),
         **zoo["arch"][arch], **overrides,
