@@ -21,7 +21,9 @@ the same chunking (on CPU). A truncated or tampered shard raises an error naming
 Identity: ``spec.json``, every shard's sidecar and the manifest record the spec's hash
 (:func:`spec_sha256`), so shards of another spec are never adopted (not even with ``spec.json``
 lost), and every load checks the manifest's networks (count, order, task, run, seeds, shard, row)
-against its spec. A chunk with a diverged network (NaN/inf weights) is not saved:
+against its spec. Every shard also records the SHA-256 of its task's data (:meth:`TaskData.sha256`):
+reading a finished zoo, or resuming one, on data that hashes otherwise (another copy of the dataset,
+changed files) raises :class:`StaleDataError`. A chunk with a diverged network (NaN/inf weights) is not saved:
 :class:`TrainingDivergedError` names the networks, and the zoo stays incomplete.
 
 Seeds: network (task t, run r) is initialized from ``run_seed(spec.seed, t, r)`` and draws its
@@ -67,7 +69,7 @@ from ffl import __version__
 from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
-from ffl.data import TaskData, load_task
+from ffl.data import DATASETS, TaskData, load_task, num_tasks
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
                         start_init_stacked, train_batched, tune_malloc)
@@ -225,8 +227,8 @@ def spec_diff(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
 def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, seed: int = 0,
                       data_root: str | None = None, download: bool = False, **overrides: Any) -> ZooSpec:
     """The :class:`ZooSpec` that section ``section`` of profile ``profile`` (``profiles/<name>.yaml``)
-    asks for: ``zoo.tasks`` (the first n tasks) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the
-    training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
+    asks for: ``zoo.tasks`` (the first n tasks, or every task of a real dataset that has fewer: CIFAR-10's
+    45 in place of CIFAR-100's 50) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
     ``runs=``, ``precision=``). The one road from a profile to a zoo: the notebooks
     (:mod:`ffl.experiment`), ``python -m ffl.zoo`` and ``python -m ffl.bench`` all take it; the
     paper's settings (§4) are the ``paper`` profile."""
@@ -236,8 +238,11 @@ def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, se
     zoo = settings["zoo"]
     if arch not in zoo["arch"]:
         raise ValueError(f"profile {profile!r} defines no {arch!r} zoo for {section!r}; it has {sorted(zoo['arch'])}")
+    n_tasks = zoo["tasks"]
+    if dataset in DATASETS and dataset != "synthetic" and isinstance(n_tasks, int):
+        n_tasks = min(n_tasks, num_tasks(dataset))
     fields = {
-        "arch": arch, "dataset": dataset, "tasks": list(range(zoo["tasks"])), "runs": zoo["runs"],
+        "arch": arch, "dataset": dataset, "tasks": list(range(n_tasks)), "runs": zoo["runs"],
         "seed": seed, "data_root": data_root, "download": download,
         "data_kwargs": dict(zoo.get("data_kwargs", {}).get(dataset, {})),
         **zoo["arch"][arch], **overrides,
@@ -326,6 +331,36 @@ def data_seed(seed: int, task: int, run: int) -> int:
 
 class ZooCorruptError(ValueError):
     """A zoo file is truncated, tampered with or unreadable (the message names the file)."""
+
+
+class StaleDataError(ValueError):
+    """A zoo was trained on other data than its dataset now gives for the same tasks (another copy,
+    other images per class): reading or resuming it would label its networks with the wrong data."""
+
+    def __init__(self, root: Path, spec: "ZooSpec", stale: Sequence[tuple[int, str, str]]) -> None:
+        self.tasks = [t for t, _, _ in stale]
+        named = ", ".join(f"task {t} (trained on {was[:12]}…, now {now[:12]}…)" for t, was, now in stale[:5])
+        super().__init__(
+            f"the zoo at {root} was trained on other {spec.dataset} data than "
+            f"{spec.data_root or '$FFL_DATA_ROOT (else ./data)'} holds now: {named}"
+            + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            + " (SHA-256 of each task's tensors). The dataset's files changed since, or another copy of it is "
+            "read (e.g. the full dataset where the zoo was trained on an offline copy with fewer images). "
+            f"Point data_root at the data it was trained on, or delete {root} to train it on this data.")
+
+
+def check_task_data(root: Path, spec: "ZooSpec", recorded: dict[int, str], task_data: dict[int, TaskData]) -> None:
+    """``StaleDataError`` unless every task of ``task_data`` with a ``recorded`` digest still hashes
+    to it (:meth:`TaskData.sha256`). Tasks without a record (zoos from before it) pass."""
+    stale = [(t, recorded[t], d.sha256()) for t, d in sorted(task_data.items())
+             if t in recorded and recorded[t] != d.sha256()]
+    if stale:
+        raise StaleDataError(root, spec, stale)
+
+
+def recorded_task_data(manifest_or_sidecars: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """task -> the data digest recorded by shards' sidecars (or a manifest's ``shards``)."""
+    return {int(m["task"]): m["data_sha256"] for m in manifest_or_sidecars if m.get("data_sha256")}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -743,7 +778,8 @@ def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
         if meta.get("spec_sha256", ours) != ours:
             raise ZooCorruptError(f"{side} belongs to another spec (hash {meta['spec_sha256'][:12]}…)")
         shards.append({"file": meta["file"], "bytes": meta["bytes"], "sha256": meta["sha256"],
-                       "task": meta["task"], "runs": [meta["r0"], meta["r1"]]})
+                       "task": meta["task"], "runs": [meta["r0"], meta["r1"]],
+                       **({"data_sha256": meta["data_sha256"]} if "data_sha256" in meta else {})})
         networks.extend(meta["networks"])
     check_networks(networks, spec, k, root / "shards")
     for i, n in enumerate(networks):
@@ -759,9 +795,10 @@ def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
 
 
 def write_piece(root: Path, spec: ZooSpec, piece: Piece, state: dict[str, torch.Tensor], rows: slice,
-                nets: list[dict[str, Any]], build_kwargs: dict[str, Any]) -> None:
+                nets: list[dict[str, Any]], build_kwargs: dict[str, Any], data_sha256: str | None = None) -> None:
     """One shard of ``root``: rows ``rows`` of the stacked ``state`` for ``piece``'s networks
-    (records ``nets``), with its sidecar bound to ``spec`` (atomic, the sidecar last)."""
+    (records ``nets``), with its sidecar bound to ``spec`` (atomic, the sidecar last); ``data_sha256``:
+    the digest of the task's data they were trained on (:meth:`TaskData.sha256`)."""
     spec_hash = spec_sha256(spec.identity())
     tensors = {name: t[rows].contiguous() for name, t in state.items()}
     data = save(tensors, metadata={"format": "pt"})
@@ -770,11 +807,13 @@ def write_piece(root: Path, spec: ZooSpec, piece: Piece, state: dict[str, torch.
     meta = {"file": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "task": piece.task, "r0": piece.r0, "r1": piece.r1, "build_kwargs": build_kwargs,
             "networks": nets, "spec_sha256": spec_hash}
+    if data_sha256 is not None:
+        meta["data_sha256"] = data_sha256
     write_json_atomic(root / "shards" / f"{piece.name}.json", meta)
 
 
 def _write_chunk(root: Path, spec: ZooSpec, chunk: Sequence[Piece], res, nets_meta: list[dict[str, Any]],
-                 build_kwargs: dict[str, Any]) -> None:
+                 build_kwargs: dict[str, Any], digests: dict[int, str]) -> None:
     """The shards of one trained chunk (``res``: its :class:`ffl.engine.BatchResult`), a few at a
     time: serializing, hashing and writing one shard runs at well under the disk's rate (hashing
     and file writes release the GIL). Every thread is joined before this returns."""
@@ -786,7 +825,7 @@ def _write_chunk(root: Path, spec: ZooSpec, chunk: Sequence[Piece], res, nets_me
         jobs.append((p, slice(i, i + n), metas))
         i += n
     with ThreadPoolExecutor(max_workers=min(_SHARD_WRITERS, len(jobs)), thread_name_prefix="ffl-zoo-shard") as pool:
-        for done in [pool.submit(write_piece, root, spec, p, res.state, rows, metas, build_kwargs)
+        for done in [pool.submit(write_piece, root, spec, p, res.state, rows, metas, build_kwargs, digests[p.task])
                      for p, rows, metas in jobs]:
             done.result()
 
@@ -906,6 +945,13 @@ def train_zoo(
         if diff:
             raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
                              + "\nUse another root (or delete it) to train this spec.")
+        recorded = recorded_task_data(zoo.manifest["shards"])
+        if recorded:
+            try:
+                task_data = _load_tasks(spec, sorted(recorded))
+            except FileNotFoundError:  # the data is not here: nothing to compare the zoo with
+                return zoo
+            check_task_data(root, spec, recorded, task_data)
         return zoo
     check_precision(spec.precision, device)  # only training needs it: a finished TF32 zoo loads anywhere
     k, spec_exists = _chunk_size(root, spec, batch_networks, device)
@@ -916,13 +962,17 @@ def train_zoo(
     # is joined before any init worker is forked
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         pieces = [p for c in mine for p in c]
-        intact = dict(zip((p.name for p in pieces), pool.map(lambda p: _read_sidecar(root, p) is not None, pieces)))
-    todo = [c for c in mine if not all(intact[p.name] for p in c)]
+        sidecars = dict(zip((p.name for p in pieces), pool.map(lambda p: _read_sidecar(root, p), pieces)))
+    todo = [c for c in mine if not all(sidecars[p.name] is not None for p in c)]
     n_done = sum(p.r1 - p.r0 for c in mine if c not in todo for p in c)
     n_mine = sum(p.r1 - p.r0 for c in mine for p in c)
     # Data first: a missing dataset fails before anything is written under root.
     needed = sorted({p.task for c in todo for p in c})
     task_data = _load_tasks(spec, needed)
+    # and the same data: a resumed zoo's finished shards name the data they were trained on
+    recorded = recorded_task_data([m for m in sidecars.values() if m is not None])
+    check_task_data(root, spec, recorded, {**_load_tasks(spec, sorted(set(recorded) - set(needed))), **task_data})
+    digests = {t: d.sha256() for t, d in task_data.items()}
     _check_shards_belong(root, spec, spec_exists)
     root.mkdir(parents=True, exist_ok=True)
     (root / "shards").mkdir(exist_ok=True)
@@ -985,7 +1035,8 @@ def train_zoo(
                     if res.diverged:  # nothing of this chunk is saved: the zoo stays incomplete
                         bar.close()
                         raise TrainingDivergedError(root, spec, [runs[k] for k in res.diverged], len(runs))
-                    finished = functools.partial(_write_chunk, root, spec, chunk, res, nets_meta, inp.build_kwargs)
+                    finished = functools.partial(_write_chunk, root, spec, chunk, res, nets_meta, inp.build_kwargs,
+                                                 digests)
                     del res, inp
                     if not overlap:
                         writes.submit(finished)

@@ -78,3 +78,14 @@ def test_the_offline_profiles_change_only_tiny_imagenet_batches():
         assert {a: s["batch_size"] for a, s in changed["tiny_imagenet"]["zoo"]["arch"].items()} == {"mlp": 100, "cnn": 100}
     assert {a: s["batch_size"] for a, s in paper["tiny_imagenet"]["zoo"]["arch"].items()} == {"mlp": 128, "cnn": 128}
     assert offline_bf16["tiny_imagenet"]["zoo"]["arch"]["cnn"]["precision"] == "bf16"
+
+
+def test_a_dataset_with_fewer_tasks_than_the_profile_asks_gives_all_it_has():
+    """The paper profile's 50 CIFAR-100 tasks become all 45 of CIFAR-10 in its place (the run table
+    prints the count); other datasets keep the first n."""
+    from ffl.zoo import spec_from_profile
+
+    assert spec_from_profile("paper", "cifar100", arch="mlp", dataset="cifar10").tasks == list(range(45))
+    assert spec_from_profile("paper", "cifar100", arch="mlp", dataset="cifar100").tasks == list(range(50))
+    assert spec_from_profile("laptop", "cifar100", arch="cnn", dataset="cifar10").tasks == list(range(20))
+    assert len(spec_from_profile("paper", "cifar100", arch="mlp", dataset="synthetic").tasks) == 50

@@ -63,3 +63,29 @@ def test_every_namedata_zoo_draws_names_as_the_official_trainer(profile):
 
     spec = spec_from_profile(profile, "namedata", arch="gru", dataset="namedata")
     assert spec.sampling == "balanced" and spec.batch_size == 1 and spec.momentum == 0
+
+
+def test_data_note_names_the_data_read_from_the_data_itself(tmp_path):
+    """The run table's data row: counts per class read from the first task, the file read, and for
+    data other than the chapter's own that the paper's numbers are not drawn."""
+    from tests.test_data import write_fake_cifar10_npz, write_fake_tiny_npz
+
+    from ffl.data import CIFAR10_NPZ, TINY_IMAGENET_NPZ
+
+    write_fake_cifar10_npz(tmp_path / CIFAR10_NPZ, n_train=3, n_test=2)
+    spec = ZooSpec.from_dict(dict(arch="mlp", dataset="cifar10", tasks=[1], runs=1, epochs=1,
+                                  data_kwargs={"max_train_per_class": 2}))
+    note = report.data_note(spec, data_root=str(tmp_path), stands_for="cifar100")
+    assert note.startswith("CIFAR-10 (in place of CIFAR-100): real CIFAR-10 images, not CIFAR-100, so the paper's")
+    assert "2 training and 2 test images per class, read from `cifar10_yoongikim_jpeg.npz` (JPEG re-encodings" in note
+    (tmp_path / TINY_IMAGENET_NPZ).parent.mkdir(parents=True)
+    write_fake_tiny_npz(tmp_path / TINY_IMAGENET_NPZ, n_classes=4, n_train=3, n_val=2)
+    tiny = ZooSpec.from_dict(dict(arch="mlp", dataset="tiny_imagenet", tasks=[0], runs=1, epochs=1))
+    assert report.data_note(tiny, data_root=str(tmp_path), stands_for="tiny_imagenet") == (
+        "tiny ImageNet, 3 training images per class (2 validation images per class as the test set), "
+        "read from `tiny_imagenet_200_jpeg.npz`")
+    synthetic = ZooSpec.from_dict(dict(arch="mlp", dataset="synthetic", tasks=[0], runs=1, epochs=1,
+                                       data_kwargs={"n_train": 10, "n_test": 4}))
+    assert report.data_note(synthetic, stands_for="cifar100") == (
+        "the synthetic stand-in (2 classes per task, 5 training images per class), not CIFAR-100: the "
+        "paper's numbers are not drawn beside it")

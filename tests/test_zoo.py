@@ -525,3 +525,92 @@ def test_progress_bar_ends_at_the_number_of_networks_exactly(tmp_path, monkeypat
         warnings.simplefilter("error")
         train_zoo(tiny_spec(runs=5), tmp_path / "z", progress=True, batch_networks=7)
     assert ends and set(ends) == {(15, 15)}  # tqdm may close a bar twice (close, then __del__)
+
+
+# --------------------------------------------------------------------------------------------
+# A zoo names the data it was trained on, and is never read as trained on other data
+# --------------------------------------------------------------------------------------------
+
+def _cifar10_copy(root: Path, shade: int) -> None:
+    """A CIFAR-10 ``.npz`` copy under ``root`` in the real format (see tests/test_data.py), its images
+    one colour per class shifted by ``shade``: two shades are two different copies of the data."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ffl.data import CIFAR10_NPZ
+
+    arrays = {"classes": np.array([f"class{c}" for c in range(10)])}
+    for split, n in (("train", 8), ("test", 4)):
+        blobs = []
+        for c in range(10):
+            for k in range(n):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), (20 * c + shade, 200 - 15 * c, 7 * k)).save(buf, format="JPEG")
+                blobs.append(buf.getvalue())
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        arrays[f"{split}_labels"] = np.repeat(np.arange(10), n).astype(np.int16)
+        arrays[f"{split}_files"] = np.array([f"class{c}/{k:04d}.jpg" for c in range(10) for k in range(n)])
+    (root / CIFAR10_NPZ).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(root / CIFAR10_NPZ, **arrays)
+
+
+def _cifar10_spec(data_root: Path) -> ZooSpec:
+    return tiny_spec(dataset="cifar10", tasks=[0, 3], runs=2, epochs=1, lr_step_epochs=[],
+                     data_kwargs={}, data_root=str(data_root))
+
+
+def test_zoo_records_each_tasks_data_and_refuses_other_data(tmp_path):
+    """Every shard (and the manifest) records the SHA-256 of its task's data, equal to the digest of
+    the task loaded afresh; after the data changed, reading the finished zoo and resuming a partial
+    one both stop with StaleDataError naming the tasks, and nothing is written."""
+    import shutil
+
+    from ffl.data import load_task
+    from ffl.zoo import StaleDataError
+
+    data_root, root = tmp_path / "data", tmp_path / "z"
+    _cifar10_copy(data_root, shade=0)
+    spec = _cifar10_spec(data_root)
+    zoo = train_zoo(spec, root, progress=False, batch_networks=2)
+    want = {t: load_task("cifar10", t, data_root=data_root).sha256() for t in (0, 3)}
+    assert {s["task"]: s["data_sha256"] for s in zoo.manifest["shards"]} == want
+    for side in (root / "shards").glob("*.json"):
+        meta = json.loads(side.read_text())
+        assert meta["data_sha256"] == want[meta["task"]]
+    assert train_zoo(spec, root, progress=False).manifest == zoo.manifest  # same data: read as it is
+
+    partial = tmp_path / "partial"
+    shutil.copytree(root, partial)
+    (partial / "manifest.json").unlink()
+    sorted((partial / "shards").glob("*.safetensors"))[-1].unlink()  # task 3's chunk to retrain, task 0's kept
+    _cifar10_copy(data_root, shade=9)  # another copy of the data under the same root
+    for where in (root, partial):
+        before = {p: p.read_bytes() for p in where.rglob("*") if p.is_file()}
+        with pytest.raises(StaleDataError, match=rf"zoo at {where} was trained on other cifar10 data than "
+                                                 rf"{data_root} holds now: task 0 \(trained on {want[0][:12]}…"):
+            train_zoo(spec, where, progress=False)
+        assert {p: p.read_bytes() for p in where.rglob("*") if p.is_file()} == before
+
+    shutil.rmtree(data_root)  # no data at all: nothing to compare, the finished zoo is read
+    assert train_zoo(spec, root, progress=False).manifest == zoo.manifest
+
+
+def test_a_zoo_from_before_data_digests_is_read_as_it_is(tmp_path):
+    """Zoos written before shards recorded their data (no ``data_sha256``) load and resume."""
+    data_root, root = tmp_path / "data", tmp_path / "z"
+    _cifar10_copy(data_root, shade=0)
+    spec = _cifar10_spec(data_root)
+    train_zoo(spec, root, progress=False, batch_networks=2)
+    for side in (root / "shards").glob("*.json"):
+        meta = json.loads(side.read_text())
+        del meta["data_sha256"]
+        side.write_text(json.dumps(meta))
+    manifest = json.loads((root / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        del s["data_sha256"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    _cifar10_copy(data_root, shade=9)
+    assert len(train_zoo(spec, root, progress=False)) == 4

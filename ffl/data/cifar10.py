@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
 
-from ffl.data.cifar_pickles import CifarPickles, ensure_files, missing_files, read_split, select_classes
+from ffl.data.cifar_pickles import CifarPickles, ensure_files, load_task_from_pickles, missing_files
 from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs
 from ffl.data.tasks import TaskData, normalize_images, task_classes
 
@@ -44,7 +44,8 @@ def _cifar10_class() -> type:
 CIFAR10_PICKLES = CifarPickles(
     "CIFAR-10", "cifar-10-batches-py", CIFAR10_FILES, CIFAR10_URL, lambda: _cifar10_class(),
     ways_on=f"place the offline JPEG copy {CIFAR10_NPZ} under the data root (read as it is), or run on "
-            "the synthetic stand-in (notebooks: `-p dataset synthetic`)")
+            "the synthetic stand-in (notebooks: `-p dataset synthetic`)",
+    mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 #: npz stamp -> (class names, {split: (jpeg bytes, offsets, labels)})
 _NPZ: dict[str, tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {}
@@ -93,20 +94,13 @@ def load_cifar10(task: int, root: Path, *, download: bool, max_train_per_class: 
     from the official folder or the ``.npz`` copy; images in file order, at most ``max_*`` per class."""
     classes = task_classes("cifar10", task)
     source = cifar10_source(root, download=download)
-    if source.suffix == ".npz":
-        names = _read_npz(source)[0]
-        parts = {}
-        for split, limit in (("train", max_train_per_class), ("test", max_test_per_class)):
-            images = [_npz_class(source, split, c, limit) for c in classes]
-            parts[split] = (torch.cat(images), torch.cat([torch.full((len(x),), i, dtype=torch.int64)
-                                                          for i, x in enumerate(images)]))
-        (x_tr, y_tr), (x_te, y_te) = parts["train"], parts["test"]
-    else:
-        tr_img, tr_lab, names = read_split(root, CIFAR10_PICKLES, train=True, download=download)
-        te_img, te_lab, _ = read_split(root, CIFAR10_PICKLES, train=False, download=download)
-        x_tr, y_tr = select_classes(tr_img, tr_lab, classes, max_train_per_class)
-        x_te, y_te = select_classes(te_img, te_lab, classes, max_test_per_class)
-    return TaskData(normalize_images(x_tr, CIFAR10_MEAN, CIFAR10_STD), y_tr,
-                    normalize_images(x_te, CIFAR10_MEAN, CIFAR10_STD), y_te,
-                    classes=[names[c] for c in classes])
-
+    if source.suffix != ".npz":
+        return load_task_from_pickles(root, CIFAR10_PICKLES, classes, download=download,
+                                      max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
+    x, y = {}, {}
+    for split, limit in (("train", max_train_per_class), ("test", max_test_per_class)):
+        images = [_npz_class(source, split, c, limit) for c in classes]
+        x[split] = normalize_images(torch.cat(images), CIFAR10_MEAN, CIFAR10_STD)
+        y[split] = torch.cat([torch.full((len(im),), i, dtype=torch.int64) for i, im in enumerate(images)])
+    names = _read_npz(source)[0]
+    return TaskData(x["train"], y["train"], x["test"], y["test"], classes=[names[c] for c in classes])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torchvision.datasets import CIFAR100
 
-from ffl.data.cifar_pickles import CifarPickles, ensure_files, read_split, select_classes
-from ffl.data.tasks import TaskData, normalize_images, task_classes
+from ffl.data.cifar_pickles import CifarPickles, ensure_files, load_task_from_pickles
+from ffl.data.tasks import TaskData, task_classes
 
 # Standard per-channel statistics of the training set (RGB, pixel values in [0, 1]).
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -25,7 +25,8 @@ def _cifar100_class() -> type:
 CIFAR100_PICKLES = CifarPickles(
     "CIFAR-100", "cifar-100-python", CIFAR100_FILES, CIFAR100_URL, lambda: _cifar100_class(),
     ways_on="run on a stand-in instead: real CIFAR-10 images (notebooks: `-p dataset cifar10`) or "
-            "the synthetic tasks (notebooks: `-p dataset synthetic`)")
+            "the synthetic tasks (notebooks: `-p dataset synthetic`)",
+    mean=CIFAR100_MEAN, std=CIFAR100_STD)
 
 
 def ensure_cifar100(root: Path, *, download: bool) -> Path:
@@ -37,11 +38,5 @@ def ensure_cifar100(root: Path, *, download: bool) -> Path:
 def load_cifar100(task: int, root: Path, *, download: bool, max_train_per_class: int | None = None,
                   max_test_per_class: int | None = None) -> TaskData:
     """Task r = fine classes 2r, 2r+1 of the official train/test sets (§4), labels 0/1."""
-    classes = task_classes("cifar100", task)
-    tr_img, tr_lab, names = read_split(root, CIFAR100_PICKLES, train=True, download=download)
-    te_img, te_lab, _ = read_split(root, CIFAR100_PICKLES, train=False, download=download)
-    x_tr, y_tr = select_classes(tr_img, tr_lab, classes, max_train_per_class)
-    x_te, y_te = select_classes(te_img, te_lab, classes, max_test_per_class)
-    return TaskData(normalize_images(x_tr, CIFAR100_MEAN, CIFAR100_STD), y_tr,
-                    normalize_images(x_te, CIFAR100_MEAN, CIFAR100_STD), y_te,
-                    classes=[names[c] for c in classes])
+    return load_task_from_pickles(root, CIFAR100_PICKLES, task_classes("cifar100", task), download=download,
+                                  max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffl.data.tasks import TaskData, normalize_images
 from ffl.files import atomic_path
 
 
@@ -23,6 +24,8 @@ class CifarPickles:
     url: str
     dataset_class: Callable[[], type]  # called on each use, so tests can swap torchvision's class
     ways_on: str  # how to go on without the files (notebook parameters)
+    mean: tuple[float, float, float]  # per-channel statistics of the training set, pixels in [0, 1]
+    std: tuple[float, float, float]
 
 
 #: (folder, root, split) -> (uint8 images, labels, class names), decoded once per process
@@ -97,3 +100,15 @@ def select_classes(images: torch.Tensor, labels: torch.Tensor, classes: Sequence
     idx, y = torch.cat(idxs), torch.cat(ys)
     order = torch.argsort(idx)
     return images[idx[order]], y[order]
+
+
+def load_task_from_pickles(root: Path, cifar: CifarPickles, classes: Sequence[int], *, download: bool,
+                           max_train_per_class: int | None, max_test_per_class: int | None) -> TaskData:
+    """The two-class (or k-class) task of ``classes`` from the official train and test splits,
+    labels ``0..k-1`` in that order, normalized with the dataset's statistics."""
+    tr_img, tr_lab, names = read_split(root, cifar, train=True, download=download)
+    te_img, te_lab, _ = read_split(root, cifar, train=False, download=download)
+    x_tr, y_tr = select_classes(tr_img, tr_lab, classes, max_train_per_class)
+    x_te, y_te = select_classes(te_img, te_lab, classes, max_test_per_class)
+    return TaskData(normalize_images(x_tr, cifar.mean, cifar.std), y_tr, normalize_images(x_te, cifar.mean, cifar.std),
+                    y_te, classes=[names[c] for c in classes])

@@ -2,6 +2,8 @@
 global classes task ``r`` holds; the checks every loader runs before touching the file system."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +45,21 @@ class TaskData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def sha256(self) -> str:
+        """SHA-256 of the task's tensors (dtype, shape, bytes) and class names: what a zoo records
+        of the data each network was trained on, so a zoo is never read as trained on other data
+        (another copy of the dataset, other images per class) than it was."""
+        h = hashlib.sha256(json.dumps(self.classes).encode())
+        for name in ("x_train", "y_train", "x_test", "y_test", "lengths_train", "lengths_test"):
+            t = getattr(self, name)
+            if t is None:
+                h.update(f"{name}:none;".encode())
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
 
 def check_dataset(dataset: str) -> None:
