@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from ffl.book import DATA_NAMES, data_label
+from ffl.data import cifar10, load_task, resolve_root, tiny_imagenet
 from ffl.protocols import classification_split, retrieval_split
 
 if TYPE_CHECKING:  # type hints only: experiment imports nothing from here
@@ -62,9 +64,6 @@ def data_note(spec, *, data_root: str | None = None, stands_for: str | None = No
     """What an image zoo was trained on, read from the data itself (its first task): the dataset,
     images per class, and the file it came from; for a stand-in, that it is one (``stands_for``:
     the dataset the chapter is about, whose reported numbers are then not drawn)."""
-    from ffl.book import DATA_NAMES, data_label
-    from ffl.data import cifar10, load_task, resolve_root, tiny_imagenet
-
     first = load_task(spec.dataset, spec.tasks[0], data_root=data_root, seed=spec.seed, **spec.data_kwargs)
     train, test = _per_class(first.y_train.bincount().tolist()), _per_class(first.y_test.bincount().tolist())
     paper_data = DATA_NAMES.get(stands_for, "the paper's data")
