@@ -123,6 +123,25 @@ def test_committed_chapters_render_without_running(tmp_path):
     assert {p.stem for p in (html / "chapters").glob("*.html")} == {e["output"] for e in book.chapter_plan("smoke")}
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cifar10_substitute").is_dir(), reason="no shared real data")
+def test_cifar100_notebook_runs_on_cifar10_in_its_place(tmp_path, monkeypatch):
+    """`-p dataset cifar10`: the CIFAR-100 notebook end to end on the real CIFAR-10 copy, its tables
+    naming the data and drawing none of the paper's CIFAR-100 numbers."""
+    monkeypatch.setenv("FFL_CACHE", str(tmp_path / "cache"))
+    papermill.execute_notebook(str(ROOT / "notebooks" / "cifar100.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"arch": "mlp", "dataset": "cifar10", "profile": "smoke",
+                                           "data_root": str(ROOT.parent / "shared" / "data"), "download": False},
+                               kernel_name="python3", progress_bar=False)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    shown = "\n".join("".join(o.get("data", {}).get("text/markdown", "")) + "".join(o.get("text", ""))
+                      for c in out.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "on cifar10: 10 tasks × 10 runs = 100 networks" in shown
+    assert ("| data | CIFAR-10 (in place of CIFAR-100): real CIFAR-10 images, not CIFAR-100, so the paper's numbers "
+            "are not drawn beside it; two-class tasks from the 45 class pairs, 128 training and 64 test images per "
+            "class, read from `cifar10_yoongikim_jpeg.npz`") in shown
+
+
 def test_chapter_titles_are_distinct():
     plan = book.chapter_plan("smoke")
     titles = [e["title"] for e in plan if e["notebook"] == "cifar100"]
