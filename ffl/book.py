@@ -32,6 +32,7 @@ import nbformat
 import papermill
 
 from ffl import fidelity
+from ffl.data import DATA_NAMES, DATASETS, data_label  # noqa: F401 - data_label: the notebooks' name for it
 from ffl.cli import Command, run_command_line
 from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
 from ffl.profiles import load_profile
@@ -65,11 +66,15 @@ def book_skeleton(book_dir: Path) -> Path:
     return book_dir
 
 
-def chapter_plan(profile: str) -> list[dict[str, Any]]:
-    """The chapters of ``profile``: dicts with ``notebook``, ``output`` and ``parameters``."""
+def chapter_plan(profile: str, *, dataset: str | None = None) -> list[dict[str, Any]]:
+    """The chapters of ``profile``: dicts with ``notebook``, ``output`` and ``parameters``.
+    ``dataset`` replaces the profile's dataset in every chapter that takes one (their titles name
+    it), e.g. ``cifar10`` for the CIFAR-100 chapters where CIFAR-100 cannot be had."""
     plan = load_profile(profile).get("chapters")
     if not plan:
         raise ValueError(f"profile {profile!r} lists no chapters")
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
     out = []
     for entry in plan:
         notebook = entry["notebook"]
@@ -77,30 +82,14 @@ def chapter_plan(profile: str) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"profile {profile!r} names notebook {notebook!r}, but "
                                     f"{NOTEBOOK_DIR / (notebook + '.ipynb')} does not exist")
         params = {"profile": profile, **entry.get("parameters", {})}
+        if dataset is not None and "dataset" in params:
+            params["dataset"] = dataset
         title = entry.get("title")
         if title is not None:
             title = chapter_title(title, params.get("dataset"), notebook)
         out.append({"notebook": notebook, "output": entry.get("output", notebook), "parameters": params,
                     "title": title})
     return out
-
-
-#: what each dataset is called in a chapter title
-DATA_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "tiny_imagenet": "Tiny ImageNet",
-              "namedata": "NameData"}
-
-
-def data_label(dataset: str, stands_for: str | None = None) -> str:
-    """The data a chapter ran on, as its title names it: ``"CIFAR-100"``; for the synthetic tasks
-    ``"Synthetic stand-in for CIFAR-100"``; for other real data than the chapter's own
-    ``"CIFAR-10 (in place of CIFAR-100)"`` (``stands_for``: the dataset the chapter is about)."""
-    if dataset == "synthetic":
-        return f"Synthetic stand-in for {DATA_NAMES.get(stands_for, 'real data')}"
-    if dataset not in DATA_NAMES:
-        raise ValueError(f"no title name for dataset {dataset!r}; known: {sorted(DATA_NAMES)} and 'synthetic'")
-    if stands_for in DATA_NAMES and stands_for != dataset:
-        return f"{DATA_NAMES[dataset]} (in place of {DATA_NAMES[stands_for]})"
-    return DATA_NAMES[dataset]
 
 
 def chapter_title(template: str, dataset: str | None, notebook: str) -> str:
@@ -227,15 +216,15 @@ def build_html(book_dir: Path = BOOK_DIR, *, strict: bool = True) -> Path:
 
 
 def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: bool = True,
-             book_dir: Path | None = None, echo: bool = False) -> Path:
-    """Run the chapters of ``profile`` (or only the outputs in ``only``) into ``book_dir`` (default:
-    :func:`default_book_dir`), write the run summary, then build the HTML unless ``html=False``.
-    Returns the book folder.
+             book_dir: Path | None = None, echo: bool = False, dataset: str | None = None) -> Path:
+    """Run the chapters of ``profile`` (or only the outputs in ``only``; ``dataset``: see
+    :func:`chapter_plan`) into ``book_dir`` (default: :func:`default_book_dir`), write the run
+    summary, then build the HTML unless ``html=False``. Returns the book folder.
 
     The commit is read once, before the first chapter, and handed to every chapter through
     ``$FFL_COMMIT``: each chapter the run writes dirties the tree, which must not mark the
     chapters after it as run from uncommitted code."""
-    plan = chapter_plan(profile)
+    plan = chapter_plan(profile, dataset=dataset)
     outputs = [entry["output"] for entry in plan]
     unknown = sorted(set(only or ()) - set(outputs))
     if unknown:
@@ -280,6 +269,9 @@ def _run_arguments(ap) -> None:
                     help="show each notebook's printed output (progress bars) as it runs")
     ap.add_argument("--book-dir", type=Path, default=None,
                     help="where the chapters go (default: the profile's book_dir, else book/)")
+    ap.add_argument("--dataset", default=None,
+                    help="run the chapters that take a dataset on this one instead of the profile's "
+                         "(e.g. cifar10 in place of CIFAR-100); their titles name it")
 
 
 def _run(args) -> int:
@@ -287,7 +279,8 @@ def _run(args) -> int:
         book_dir = args.book_dir if args.book_dir is not None else default_book_dir(args.profile)
         print(f"[ffl.book] HTML in {build_html(book_skeleton(book_dir))}/index.html")
         return 0
-    run_book(args.profile, only=args.only, html=not args.no_html, book_dir=args.book_dir, echo=args.echo)
+    run_book(args.profile, only=args.only, html=not args.no_html, book_dir=args.book_dir, echo=args.echo,
+             dataset=args.dataset)
     return 0
 
 

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ffl.book import DATA_NAMES, data_label
-from ffl.data import cifar10, load_task, resolve_root, tiny_imagenet
+from ffl.data import DATA_NAMES, cifar10, data_label, load_task, resolve_root, tiny_imagenet
 from ffl.protocols import classification_split, retrieval_split
 
 if TYPE_CHECKING:  # type hints only: experiment imports nothing from here

@@ -2,7 +2,10 @@
 # Run book chapters at a profile (default: paper) on one GPU, end to end -- zoo, features,
 # protocols, notebook -- and bring back the executed notebooks (issue: paper scale on one H100).
 #
-#   bash scripts/gpu_chapter.sh [--profile paper] CHAPTER [CHAPTER ...]   # e.g. namedata
+#   bash scripts/gpu_chapter.sh [--profile paper] [--dataset NAME] CHAPTER [CHAPTER ...]   # e.g. namedata
+#
+# --dataset runs the chapters that take a dataset on NAME instead of the profile's, e.g. cifar10 in
+# place of CIFAR-100 (python -m ffl.book run --dataset; the titles name it).
 #
 # Results go to $OUT (the device runner's folder) or ./gpu_results: book/chapters/<chapter>.ipynb,
 # book/run_summary.md, nvidia_smi.txt and log.txt. Inputs the GPU machine lacks travel with the
@@ -17,8 +20,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=paper
-if [ "${1:-}" = "--profile" ]; then PROFILE=$2; shift 2; fi
-[ $# -ge 1 ] || { echo "usage: $0 [--profile NAME] CHAPTER [CHAPTER ...]" >&2; exit 2; }
+DATASET=()
+while [ $# -ge 2 ]; do
+  case "$1" in
+    --profile) PROFILE=$2; shift 2 ;;
+    --dataset) DATASET=(--dataset "$2"); shift 2 ;;
+    *) break ;;
+  esac
+done
+[ $# -ge 1 ] || { echo "usage: $0 [--profile NAME] [--dataset NAME] CHAPTER [CHAPTER ...]" >&2; exit 2; }
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
 if [ -f .gpu/site.tar.xz ]; then
@@ -42,7 +52,7 @@ start=$(date +%s)
 # runner's limit of 8 files brought back; only the chapters of this run and the summary go to $OUT.
 BOOK=/tmp/gpu_chapter/book
 rm -rf "$(dirname "$BOOK")"
-"$PY" -m ffl.book run --profile "$PROFILE" --only "$@" --no-html --echo --book-dir "$BOOK" 2>&1 | tee "$OUT/log.txt"
+"$PY" -m ffl.book run --profile "$PROFILE" "${DATASET[@]}" --only "$@" --no-html --echo --book-dir "$BOOK" 2>&1 | tee "$OUT/log.txt"
 status=${PIPESTATUS[0]}
 mkdir -p "$OUT/book/chapters"
 cp "$BOOK"/chapters/*.ipynb "$OUT/book/chapters/" 2>/dev/null

@@ -1,6 +1,8 @@
 """ffl.book: one commit for every chapter of a run, read before the first chapter writes anything."""
 import os
 
+import pytest
+
 from ffl import book
 
 
@@ -50,3 +52,16 @@ def test_progress_bars_keep_their_last_redraw_and_other_output_its_order():
         ("stream", "stderr", "a warning\n"),
     ]
     nbformat.validate(nb)
+
+
+def test_a_run_on_another_dataset_names_it_in_every_title():
+    """`python -m ffl.book run --dataset cifar10`: the chapters that take a dataset run on it and
+    their titles say so; the others are unchanged; an unknown name is refused with the choices."""
+    plan = {e["output"]: e for e in book.chapter_plan("paper", dataset="cifar10")}
+    assert plan["cifar100_mlp"]["parameters"]["dataset"] == "cifar10"
+    assert plan["cifar100_mlp"]["title"].startswith("CIFAR-10 (in place of CIFAR-100) with MLP-4")
+    assert plan["factors"]["parameters"]["dataset"] == "cifar10"
+    assert "dataset" not in plan["namedata"]["parameters"]
+    assert book.chapter_plan("paper")[2]["parameters"]["dataset"] == "cifar100"
+    with pytest.raises(ValueError, match="unknown dataset 'cifar1000'; choose one of"):
+        book.chapter_plan("paper", dataset="cifar1000")

@@ -425,6 +425,24 @@ def test_cifar10_damaged_jpeg_names_the_copy(tmp_path):
         load_task("cifar10", 0, data_root=tmp_path)
 
 
+def test_cifar10_subset_copy_gives_the_same_tasks(tmp_path):
+    """A copy of the first images per class loads, with those limits, exactly as the full copy
+    does (so a zoo's data digests match), and holds nothing else."""
+    full = tmp_path / "full"
+    write_fake_cifar10_npz(full / data.CIFAR10_NPZ, n_train=4, n_test=3)
+    out = cifar10.write_cifar10_subset(full / data.CIFAR10_NPZ, tmp_path / "small", train_per_class=2,
+                                       test_per_class=1)
+    assert out == tmp_path / "small" / data.CIFAR10_NPZ
+    for task in (0, 7):
+        a = load_task("cifar10", task, data_root=full, max_train_per_class=2, max_test_per_class=1)
+        b = load_task("cifar10", task, data_root=tmp_path / "small")
+        assert a.sha256() == b.sha256() and a.classes == b.classes
+    with np.load(out) as z:
+        assert z["train_labels"].tolist() == [c for c in range(10) for _ in range(2)]
+        assert z["test_files"][:2].tolist() == ["name0/0000.jpg", "name1/0000.jpg"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no staging left behind
+
+
 @pytest.mark.skipif(not (SHARED / "cifar10_substitute").is_dir(), reason="no shared real data")
 def test_real_cifar10_task_is_the_size_of_a_cifar100_task():
     t = load_task("cifar10", 0, data_root=SHARED, max_train_per_class=500, max_test_per_class=100)

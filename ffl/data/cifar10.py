@@ -24,6 +24,7 @@ from torchvision.datasets import CIFAR10
 from ffl.data.cifar_pickles import CifarPickles, ensure_files, load_task_from_pickles, missing_files
 from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs
 from ffl.data.tasks import TaskData, normalize_images, task_classes
+from ffl.files import atomic_path
 
 # Standard per-channel statistics of the training set (RGB, pixel values in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -104,3 +105,28 @@ def load_cifar10(task: int, root: Path, *, download: bool, max_train_per_class: 
         y[split] = torch.cat([torch.full((len(im),), i, dtype=torch.int64) for i, im in enumerate(images)])
     names = _read_npz(source)[0]
     return TaskData(x["train"], y["train"], x["test"], y["test"], classes=[names[c] for c in classes])
+
+
+def write_cifar10_subset(npz_path: str | Path, out_root: str | Path, *, train_per_class: int,
+                         test_per_class: int) -> Path:
+    """Write ``<out_root>/cifar10_substitute/cifar10_yoongikim_jpeg.npz`` holding only the first
+    ``train_per_class`` / ``test_per_class`` images of each class of the offline copy ``npz_path``
+    (JPEG bytes unchanged, same keys): what the profiles read (500/100) in a tenth of the bytes, for
+    a machine that data must be carried to. Loaded with those limits (or fewer), it gives exactly
+    the tensors of the full copy. The file is moved into place only when complete."""
+    out = Path(out_root) / CIFAR10_NPZ
+    with np.load(npz_path) as z:
+        arrays = {"classes": z["classes"]}
+        for split, n in (("train", train_per_class), ("test", test_per_class)):
+            labels, offsets, jpeg = z[f"{split}_labels"], z[f"{split}_offsets"], z[f"{split}_jpeg"]
+            keep = np.concatenate([np.flatnonzero(labels == c)[:n] for c in range(len(arrays["classes"]))])
+            blobs = [jpeg[offsets[k]:offsets[k + 1]] for k in keep]
+            arrays[f"{split}_jpeg"] = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+            arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+            arrays[f"{split}_labels"] = labels[keep]
+            arrays[f"{split}_files"] = z[f"{split}_files"][keep]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as staged:
+        with open(staged, "wb") as f:
+            np.savez(f, **arrays)
+    return out
