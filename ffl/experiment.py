@@ -271,7 +271,7 @@ def run_experiment(
     zoo = train_zoo(spec, zoo_root, device=device, progress=progress, **engine)
     seconds["zoo"] = "cached" if zoo_was_cached else round(time.perf_counter() - start, 1)
 
-    made_by = {"zoo": spec_dict, "projection": dataclasses.asdict(projection),
+    made_by = {"zoo": spec_dict, "zoo_weights": zoo.weights_sha256, "projection": dataclasses.asdict(projection),
                "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
                "code": code_hash()}
     result_file = cache / "results" / f"{section}-{arch}-{dataset}-{_key(made_by)}.csv"
@@ -386,6 +386,7 @@ def run_factors(
         if name == BASELINE:
             continue
         made_by = {"source": base.zoo.spec.identity(), "target": exp.zoo.spec.identity(),
+                   "weights": [base.zoo.weights_sha256, exp.zoo.weights_sha256],
                    "projection": dataclasses.asdict(_projection(base)), "split": dataclasses.asdict(base.split),
                    "features": dataclasses.asdict(base.features), "code": code_hash()}
         path = cache / "results" / f"factors-cross-{dataset}-{_key(made_by)}.csv"

@@ -493,6 +493,13 @@ class Zoo:
     def __len__(self) -> int:
         return len(self.manifest["networks"])
 
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the shards' SHA-256s in manifest order: names these weights. Results are
+        cached under it (:func:`ffl.experiment.run_experiment`), so a zoo trained again under the
+        same spec (on other data, on another machine) is never given the old zoo's results."""
+        return hashlib.sha256(json.dumps([s["sha256"] for s in self.manifest["shards"]]).encode()).hexdigest()
+
     def __repr__(self) -> str:
         s = self.spec
         return f"Zoo({s.arch} on {s.dataset}: {len(s.tasks)} tasks × {s.runs} runs, root={str(self.root)!r})"

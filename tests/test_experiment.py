@@ -71,3 +71,39 @@ def test_features_per_arch_resolve_and_bad_keys_fail():
         features_for_arch({"mlp": {}, "fold_bn": False}, "mlp")
     with pytest.raises(ValueError, match="unknown feature settings"):
         features_for_arch({"mlp": {"fold": False}}, "mlp")
+
+
+def _retrain_with_other_weights(root: Path) -> None:
+    """The zoo at ``root`` written again under its own spec with every weight shifted: what a zoo
+    retrained on other data or another machine looks like to the cache (same spec, other bytes)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ffl.zoo import Zoo, _finalize, chunks, write_piece
+
+    zoo = Zoo.load(root)
+    k = int(zoo.manifest["batch_networks"])
+    for piece in (p for chunk in chunks(zoo.spec, k) for p in chunk):
+        meta = json.loads((root / "shards" / f"{piece.name}.json").read_text())
+        state = {n: t + 0.01 if t.is_floating_point() else t for n, t in load_file(root / meta["file"]).items()}
+        write_piece(root, zoo.spec, piece, state, slice(0, piece.r1 - piece.r0), meta["networks"],
+                    meta["build_kwargs"], meta.get("data_sha256"))
+    (root / "manifest.json").unlink()
+    assert _finalize(root, zoo.spec, k)
+
+
+def test_results_are_never_served_for_other_weights_under_the_same_spec(tmp_path):
+    """Cached results are keyed by the zoo's weights too, not only its spec: after the zoo is
+    trained again with other bytes, the protocols run again."""
+    from ffl.zoo import cached_zoo_root
+
+    kw = dict(arch="mlp", profile="smoke", dataset="synthetic", cache_dir=tmp_path, progress=False,
+              zoo_overrides={"epochs": 1, "lr_step_epochs": []})
+    first = run_experiment("cifar100", **kw)
+    assert run_experiment("cifar100", **kw).seconds["features and protocols"] == "cached"
+    _retrain_with_other_weights(cached_zoo_root(first.zoo.spec, tmp_path))
+    again = run_experiment("cifar100", **kw)
+    assert again.zoo.weights_sha256 != first.zoo.weights_sha256
+    assert again.seconds["features and protocols"] != "cached"
+    assert len(list((tmp_path / "results").glob("*.csv"))) == 2
