@@ -32,8 +32,8 @@ import nbformat
 import papermill
 
 from ffl import fidelity
-from ffl.data import DATA_NAMES, DATASETS, data_label  # noqa: F401 - data_label: the notebooks' name for it
 from ffl.cli import Command, run_command_line
+from ffl.data import DATASETS, data_label  # noqa: F401 - data_label: the notebooks call it ffl.book.data_label
 from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
 from ffl.profiles import load_profile
 from ffl.provenance import REPO_ROOT, git_commit, run_info

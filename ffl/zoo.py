@@ -23,8 +23,8 @@ Identity: ``spec.json``, every shard's sidecar and the manifest record the spec'
 lost), and every load checks the manifest's networks (count, order, task, run, seeds, shard, row)
 against its spec. Every shard also records the SHA-256 of its task's data (:meth:`TaskData.sha256`):
 reading a finished zoo, or resuming one, on data that hashes otherwise (another copy of the dataset,
-changed files) raises :class:`StaleDataError`. A chunk with a diverged network (NaN/inf weights) is not saved:
-:class:`TrainingDivergedError` names the networks, and the zoo stays incomplete.
+changed files) raises :class:`StaleDataError`. A chunk with a diverged network (NaN/inf weights)
+is not saved: :class:`TrainingDivergedError` names the networks, and the zoo stays incomplete.
 
 Seeds: network (task t, run r) is initialized from ``run_seed(spec.seed, t, r)`` and draws its
 minibatch order/augmentation from ``data_seed(spec.seed, t, r)``; both are SHA-256 derived, so
@@ -227,8 +227,9 @@ def spec_diff(stored: dict[str, Any], asked: dict[str, Any]) -> list[str]:
 def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, seed: int = 0,
                       data_root: str | None = None, download: bool = False, **overrides: Any) -> ZooSpec:
     """The :class:`ZooSpec` that section ``section`` of profile ``profile`` (``profiles/<name>.yaml``)
-    asks for: ``zoo.tasks`` (the first n tasks, or every task of a real dataset that has fewer: CIFAR-10's
-    45 in place of CIFAR-100's 50) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
+    asks for: ``zoo.tasks`` (the first n tasks, or every task of a real dataset that has fewer:
+    CIFAR-10's 45 in place of CIFAR-100's 50) × ``zoo.runs``, ``zoo.data_kwargs[dataset]`` and the
+    training fields under ``zoo.arch[arch]``. ``overrides`` replace fields (e.g. ``tasks=``,
     ``runs=``, ``precision=``). The one road from a profile to a zoo: the notebooks
     (:mod:`ffl.experiment`), ``python -m ffl.zoo`` and ``python -m ffl.bench`` all take it; the
     paper's settings (§4) are the ``paper`` profile."""

@@ -98,8 +98,8 @@ def num_tasks(dataset: str, *, n_tasks: int | None = None) -> int:
         if n < 1:
             raise ValueError(f"n_tasks must be >= 1, got {n}")
         return n
-    return {"cifar100": CIFAR100_NUM_TASKS, "cifar10": CIFAR10_NUM_TASKS, "tiny_imagenet": TINY_IMAGENET_NUM_TASKS,
-            "namedata": NAMEDATA_NUM_TASKS}[dataset]
+    return {"cifar100": CIFAR100_NUM_TASKS, "cifar10": CIFAR10_NUM_TASKS,
+            "tiny_imagenet": TINY_IMAGENET_NUM_TASKS, "namedata": NAMEDATA_NUM_TASKS}[dataset]
 
 
 def check_task(dataset: str, task: int, n_tasks: int | None = None) -> int:
