@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import pandas as pd
 
-from ffl.data import CIFAR100_MEAN, TINY_IMAGENET_MEAN
+from ffl.data import CIFAR100_MEAN, DATA_NAMES, TINY_IMAGENET_MEAN
 from ffl.experiment import features_for_arch
 from ffl.features import FeatureConfig, ProjectionConfig
 from ffl.profiles import load_profile
@@ -29,9 +29,6 @@ class Difference:
     official: str
     book: str
     why: str
-
-
-_DATA = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "synthetic": "the synthetic stand-in"}
 
 
 def _on(flag: bool, yes: str, no: str) -> str:
@@ -119,7 +116,7 @@ def rows(profile: str = "paper") -> list[Difference]:
         Difference("zoos", "CIFAR-100 data", "50 tasks: fine classes 2r, 2r+1 (§4)",
                    "the same, 500 training and 100 test images per class (datasets/cifar100.py:29)",
                    "the same where CIFAR-100 is under the data root; the committed (laptop) book's CIFAR-100 "
-                   f"pages run on {' and '.join(_DATA.get(d, d) for d in laptop_cifar)}"
+                   f"pages run on {' and '.join(DATA_NAMES.get(d, 'the synthetic stand-in') for d in laptop_cifar)}"
                    + (": real CIFAR-10 images (an offline JPEG copy), two-class tasks from its 45 class pairs in "
                       "round-robin order, 500 training and 100 test images per class (ffl/data/cifar10.py)"
                       if "cifar10" in laptop_cifar else ""),

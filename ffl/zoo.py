@@ -350,11 +350,11 @@ class StaleDataError(ValueError):
             f"Point data_root at the data it was trained on, or delete {root} to train it on this data.")
 
 
-def check_task_data(root: Path, spec: "ZooSpec", recorded: dict[int, str], task_data: dict[int, TaskData]) -> None:
-    """``StaleDataError`` unless every task of ``task_data`` with a ``recorded`` digest still hashes
-    to it (:meth:`TaskData.sha256`). Tasks without a record (zoos from before it) pass."""
-    stale = [(t, recorded[t], d.sha256()) for t, d in sorted(task_data.items())
-             if t in recorded and recorded[t] != d.sha256()]
+def check_task_data(root: Path, spec: "ZooSpec", recorded: dict[int, str], digests: dict[int, str]) -> None:
+    """``StaleDataError`` unless every task of ``digests`` (task -> :meth:`TaskData.sha256` of the
+    data there now) with a ``recorded`` digest still has it. Tasks without a record (zoos from
+    before it) pass."""
+    stale = [(t, recorded[t], now) for t, now in sorted(digests.items()) if t in recorded and recorded[t] != now]
     if stale:
         raise StaleDataError(root, spec, stale)
 
@@ -959,7 +959,7 @@ def train_zoo(
                 task_data = _load_tasks(spec, sorted(recorded))
             except FileNotFoundError:  # the data is not here: nothing to compare the zoo with
                 return zoo
-            check_task_data(root, spec, recorded, task_data)
+            check_task_data(root, spec, recorded, {t: d.sha256() for t, d in task_data.items()})
         return zoo
     check_precision(spec.precision, device)  # only training needs it: a finished TF32 zoo loads anywhere
     k, spec_exists = _chunk_size(root, spec, batch_networks, device)
@@ -978,9 +978,10 @@ def train_zoo(
     needed = sorted({p.task for c in todo for p in c})
     task_data = _load_tasks(spec, needed)
     # and the same data: a resumed zoo's finished shards name the data they were trained on
+    digests = {t: d.sha256() for t, d in task_data.items()}  # hashed once: checked here, recorded by each shard
     recorded = recorded_task_data([m for m in sidecars.values() if m is not None])
-    check_task_data(root, spec, recorded, {**_load_tasks(spec, sorted(set(recorded) - set(needed))), **task_data})
-    digests = {t: d.sha256() for t, d in task_data.items()}
+    finished_only = _load_tasks(spec, sorted(set(recorded) - set(needed)))
+    check_task_data(root, spec, recorded, {**{t: d.sha256() for t, d in finished_only.items()}, **digests})
     _check_shards_belong(root, spec, spec_exists)
     root.mkdir(parents=True, exist_ok=True)
     (root / "shards").mkdir(exist_ok=True)
