@@ -149,13 +149,19 @@ def _conv_matrix(conv: nn.Conv2d, bn: nn.BatchNorm2d, fold_bn: bool, size: int |
     return w.reshape(w.shape[0], -1).T  # (c_in k², c_out), rows (c_in, ky, kx)
 
 
-def _convnet_steps(model: ConvNet | ResNet, fold_bn: bool, skips: bool = True) -> list[tuple[str, torch.Tensor]]:
+def _unit_columns(m: torch.Tensor) -> torch.Tensor:
+    # Each neuron's incoming weights (a column: one output channel's kernel) scaled to unit L2 norm.
+    return m / m.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def _convnet_steps(model: ConvNet | ResNet, fold_bn: bool, skips: bool = True,
+                   unit_channels: bool = False) -> list[tuple[str, torch.Tensor]]:
     steps: list[tuple[str, torch.Tensor]] = []
     for l, (conv, bn) in enumerate(zip(model.convs, model.bns)):
         m = _conv_matrix(conv, bn, fold_bn)
         if skips and isinstance(model, ResNet) and l > 0:
             m = m + _conv_matrix(model.skips[l - 1], model.skip_bns[l - 1], fold_bn, conv.kernel_size[0])
-        steps.append(("conv", m))
+        steps.append(("conv", _unit_columns(m) if unit_channels else m))
     steps.append(("linear", model.fc.weight.detach().T))
     return steps
 
@@ -244,6 +250,7 @@ def chain_factors(
     skips: bool = True,
     gru_lags: int = 1,
     upto: int | None = None,
+    channel_normalize: bool = False,
 ) -> list[torch.Tensor]:
     """Chain factors C_1 … C_L (G_l = C_l C_lᵀ), l = 1 … L; see the module docstring for each arch.
 
@@ -254,7 +261,9 @@ def chain_factors(
     row of every layer matrix (one input's outgoing weights) is scaled to unit L2 norm first. ``fold_bn`` folds
     eval-mode BatchNorm scales into the convolutions. ``skips`` adds ResNet's projection shortcuts
     to its blocks' layer matrices (``False``: the 3×3 kernels only, as the official code).
-    ``upto`` stops after chain ``upto``.
+    ``upto`` stops after chain ``upto``. ``channel_normalize`` (ours; CNNs) scales every output
+    channel's kernel (a column of M_l) to unit L2 norm: BatchNorm with batch statistics makes the
+    network's function blind to that scale, so the chain should be too.
     """
     check_supported(model)
     if isinstance(model, GRUNet):
@@ -264,7 +273,7 @@ def chain_factors(
     if isinstance(model, MLP):
         steps = [("linear", w) for w in layer_matrices(model)]
     else:
-        steps = _convnet_steps(model, fold_bn, skips)
+        steps = _convnet_steps(model, fold_bn, skips, channel_normalize)
     steps = steps[:upto]
     factors = [steps[0][1]]
     c = _normalize_rows(steps[0][1]) if normalize else steps[0][1]
@@ -315,19 +324,20 @@ def gram_distance(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
 
 
 def layer_features(model: nn.Module, *, fold_bn: bool = True, normalize: bool = False,
-                   gru_recurrent: bool = True) -> list[torch.Tensor]:
+                   gru_recurrent: bool = True, channel_normalize: bool = False) -> list[torch.Tensor]:
     """Raw per-layer weights, flattened: the paper's *unaligned* baseline.
 
     MLP: vec(W_lᵀ). ConvNet/ResNet: the (BN-folded when ``fold_bn``) 3×3 kernels (ResNet: no
     projection shortcut, as the official baseline), then the classifier. GRU: per layer [W_ih | W_hh] (all gates), or W_ih alone with ``gru_recurrent=False``
     (the official baseline), then the classifier. ``normalize`` scales every row of a layer matrix
-    (one input's outgoing weights) to unit L2 norm first, as the official MLP baseline does.
+    (one input's outgoing weights) to unit L2 norm first, as the official MLP baseline does;
+    ``channel_normalize`` every conv output channel's kernel, as :func:`chain_factors`.
     """
     check_supported(model)
     if isinstance(model, MLP):
         mats = layer_matrices(model)
     elif isinstance(model, (ConvNet, ResNet)):
-        mats = [m for _, m in _convnet_steps(model, fold_bn, skips=False)]
+        mats = [m for _, m in _convnet_steps(model, fold_bn, skips=False, unit_channels=channel_normalize)]
     else:
         mats = [torch.cat([wih, whh], dim=1).T if gru_recurrent else wih.T
                 for wih, whh in _gru_weights(model, False)] + [model.fc.weight.detach().T]

@@ -158,6 +158,8 @@ class FeatureConfig:
       the unaligned baseline, as the official MLP baseline does;
     * ``gru_recurrent``: the GRU baseline takes [W_ih | W_hh] per layer (ours); ``False`` = W_ih only,
       the official baseline (its layer 1 is the first layer's input weights);
+    * ``channel_normalize``: every conv output channel's kernel at unit L2 norm, in chains and
+      layers alike (ours, CNNs; BatchNorm makes the function blind to that scale);
     * ``max_index``: only indices 1 … ``max_index`` (None: all). §4.4's Figures 4–5 show 1–3, and
       PlainNet-6's chain 5 would have 27·9⁴ rows.
     """
@@ -168,6 +170,7 @@ class FeatureConfig:
     gru_lags: int = 1
     layer_normalize: bool = False
     gru_recurrent: bool = True
+    channel_normalize: bool = False
     max_index: int | None = None
 
     @classmethod
@@ -186,10 +189,10 @@ class FeatureConfig:
         upto = self.max_index if upto is None else upto
         if kind == "chain":
             return chain_factors(model, normalize=self.chain_normalize, fold_bn=self.fold_bn, skips=self.resnet_skips,
-                                 gru_lags=self.gru_lags, upto=upto)
+                                 gru_lags=self.gru_lags, upto=upto, channel_normalize=self.channel_normalize)
         if kind == "layer":
             return layer_features(model, fold_bn=self.fold_bn, normalize=self.layer_normalize,
-                                  gru_recurrent=self.gru_recurrent)[:upto]
+                                  gru_recurrent=self.gru_recurrent, channel_normalize=self.channel_normalize)[:upto]
         raise ValueError(f"unknown feature kind {kind!r}; choose 'chain' or 'layer'")
 
 
@@ -209,7 +212,12 @@ def zoo_representations(
 @dataclass
 class ProjectionConfig:
     """Training of Θ (§3.3). Defaults are the paper's: SGD, batch 1, lr 1e-3, momentum 0.9,
-    lr/10 after 6 epochs (we train 10 epochs in all)."""
+    lr/10 after 6 epochs (we train 10 epochs in all).
+
+    ``normalize``: each x at unit L2 norm (cosine kernel). ``center`` (ours; the paper is silent):
+    subtract the training networks' mean feature μ before Θ, i.e. Θ reads x − μ (a centred kernel).
+    A component shared by every network then no longer dominates each SGD step (see the CNN-gap
+    chapter); Θ's function class is the same (its bias absorbs Θμ)."""
 
     lr: float = 1e-3
     momentum: float = 0.9
@@ -219,6 +227,7 @@ class ProjectionConfig:
     lr_gamma: float = 0.1
     batch_size: int = 1
     normalize: bool = True
+    center: bool = False
     seed: int = 0
 
     @classmethod
@@ -232,19 +241,34 @@ class ProjectionConfig:
         return cls(**d)
 
 
+def _centered(k: torch.Tensor, train_means: torch.Tensor, grand_mean: float) -> torch.Tensor:
+    """⟨x_i − μ, x − μ⟩ from k = ⟨x_i, x⟩ (rows i: the training networks whose mean is μ):
+    k − (column means) − (row means of the training kernel) + (its grand mean)."""
+    return k - k.mean(dim=0, keepdim=True) - train_means[:, None] + grand_mean
+
+
 @dataclass
 class Projection:
-    """A learned Θ in kernel form: scores(x) = coef · k(x) + bias, k(x)_i = ⟨x_i, x⟩."""
+    """A learned Θ in kernel form: scores(x) = coef · k(x) + bias, k(x)_i = ⟨x_i, x⟩ (centred:
+    ⟨x_i − μ, x − μ⟩). ``train_top1`` and ``train_loss``: Θ's accuracy and mean cross-entropy on
+    the networks it was learned from, after the last epoch (how far its SGD got)."""
 
     coef: torch.Tensor  # (T, N_train)
     bias: torch.Tensor  # (T,)
     train_index: torch.Tensor  # rows of the Representation that span Θ
     normalize: bool
+    center: tuple[torch.Tensor, float] | None = None  # training kernel's row means and grand mean
+    train_top1: float = float("nan")
+    train_loss: float = float("nan")
+
+    def kernel(self, rep: Representation, index: torch.Tensor) -> torch.Tensor:
+        """k(x) for the networks ``index`` of ``rep``: (N_train, len(index))."""
+        k = rep.kernel(self.train_index, index, normalize=self.normalize)
+        return k if self.center is None else _centered(k, *self.center)
 
     def project(self, rep: Representation, index: torch.Tensor) -> torch.Tensor:
         """Projected vectors (len(index), T) of the networks ``index`` of ``rep``."""
-        k = rep.kernel(self.train_index, index, normalize=self.normalize)
-        return (self.coef @ k).T + self.bias
+        return (self.coef @ self.kernel(rep, index)).T + self.bias
 
 
 def sgd_schedule(n: int, cfg: ProjectionConfig) -> tuple[list[list[torch.Tensor]], list[float]]:
@@ -282,11 +306,18 @@ def fit_projection(
     if labels.shape != (n,):
         raise ValueError(f"need one label per training network: {n} networks, labels {tuple(labels.shape)}")
     k = rep.kernel(train_index, train_index, normalize=cfg.normalize)  # (N, N)
+    center = None
+    if cfg.center:
+        center = (k.mean(dim=1), float(k.mean()))
+        k = _centered(k, *center)
     onehot = nn.functional.one_hot(labels, num_classes).double()
     batches, lrs = sgd_schedule(n, cfg)
     fit = _sgd_stepwise if cfg.weight_decay else _sgd_blocked
     coef, bias = fit(k, onehot, batches, lrs, cfg, progress)
-    return Projection(coef=coef, bias=bias, train_index=train_index, normalize=cfg.normalize)
+    scores = (coef @ k).T + bias
+    return Projection(coef=coef, bias=bias, train_index=train_index, normalize=cfg.normalize, center=center,
+                      train_top1=float((scores.argmax(dim=1) == labels).double().mean()),
+                      train_loss=float(nn.functional.cross_entropy(scores, labels)))
 
 
 def _sgd_stepwise(k: torch.Tensor, onehot: torch.Tensor, batches: list[list[torch.Tensor]], lrs: list[float],

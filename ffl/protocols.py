@@ -112,13 +112,14 @@ def classification_protocol(
     config: ProjectionConfig | None = None,
     split: ProtocolSplit = ProtocolSplit(),
 ) -> dict[str, float]:
-    """Local-solution classification: top-1 of predicting each test run's task."""
+    """Local-solution classification: top-1 of predicting each test run's task; ``theta_top1``
+    and ``theta_loss`` say how well Θ fits the networks it was learned from (converged or not)."""
     labels, num_classes = _task_labels(tasks)
     train_index, test_index = classification_split(tasks, runs, split)
     check_finite(rep, tasks, runs)
     proj = fit_projection(rep, train_index, labels[train_index], num_classes, config)
     scores = proj.project(rep, test_index)
-    return {"top1": top1(scores, labels[test_index])}
+    return {"top1": top1(scores, labels[test_index]), "theta_top1": proj.train_top1, "theta_loss": proj.train_loss}
 
 
 def retrieval_protocol(

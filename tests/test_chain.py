@@ -1,5 +1,6 @@
 """Chain alignment rule (§3.2): exact invariance to function-preserving hidden permutations, for
 every architecture and activation, with negative controls; Gram inner products without G."""
+import copy
 import pytest
 import torch
 from torch import nn
@@ -69,7 +70,7 @@ def chain_options(arch):
         return [dict(), dict(normalize=True)]
     if arch == "resnet5":  # with the projections (ours) and the 3×3 kernels only (official)
         return [dict(), dict(normalize=True), dict(fold_bn=False), dict(fold_bn=False, skips=False)]
-    return [dict(), dict(normalize=True), dict(fold_bn=False)]
+    return [dict(), dict(normalize=True), dict(fold_bn=False), dict(fold_bn=False, channel_normalize=True)]
 
 
 def non_identity_permutations(net, gen):
@@ -346,3 +347,28 @@ def test_measure_peak_memory_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     if out != "None":
         assert int(out) >= 48 * 2**20
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet5"])
+def test_channel_normalized_chains_ignore_each_channels_kernel_scale(arch):
+    """Scaling one output channel's kernel by a > 0 (what BatchNorm with batch statistics cannot
+    see) changes the raw chain Grams but not the channel-normalized ones; those equal an
+    independent computation with every kernel scaled to unit norm by hand."""
+    net = make(arch, "relu", dict(widths=(3, 4, 5, 6)))
+    scaled = copy.deepcopy(net)
+    with torch.no_grad():
+        scaled.convs[1].weight[2] *= 7.0
+    raw_a, raw_b = (chain_factors(m, fold_bn=False, skips=False, upto=3) for m in (net, scaled))
+    assert rel_change(raw_a[2], raw_b[2]) > 1e-2
+    unit_a, unit_b = (chain_factors(m, fold_bn=False, skips=False, upto=3, channel_normalize=True) for m in (net, scaled))
+    for ca, cb in zip(unit_a, unit_b):
+        assert rel_change(ca, cb) < 1e-6
+    by_hand = copy.deepcopy(net)
+    with torch.no_grad():
+        for conv in by_hand.convs:
+            conv.weight /= conv.weight.flatten(1).norm(dim=1)[:, None, None, None]
+    for ca, ref in zip(unit_a, chain_factors(by_hand, fold_bn=False, skips=False, upto=3)):
+        torch.testing.assert_close(ca, ref, rtol=1e-5, atol=1e-6)
+    for la, lb in zip(layer_features(net, fold_bn=False, channel_normalize=True)[:4],
+                      layer_features(scaled, fold_bn=False, channel_normalize=True)[:4]):
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,6 @@
 """Function feature learning: the kernel form equals SGD on an explicit Θ."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -159,3 +161,50 @@ def test_feature_config_from_profile_settings():
     assert FeatureConfig.from_dict({"gru_lags": 0, "gru_recurrent": False}).gru_lags == 0
     with pytest.raises(ValueError, match="unknown feature settings \\['chain_norm'\\]; choose from"):
         FeatureConfig.from_dict({"chain_norm": True})
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_centred_projection_is_sgd_on_explicitly_centred_features(normalize):
+    """``center=True`` learns Θ on x − μ (μ: the mean of the training networks' features, after
+    unit-norm scaling when ``normalize``): the same scores as the plain kernel SGD on vectors
+    centred by hand, for training and held-out networks alike."""
+    torch.manual_seed(4)
+    x = torch.randn(20, 6, dtype=torch.float64) + 3.0  # a large shared component
+    labels = torch.arange(14) % 3
+    train, held_out = torch.arange(14), torch.arange(14, 20)
+    cfg = ProjectionConfig(lr=0.1, momentum=0.9, epochs=4, lr_step_epochs=(2,), batch_size=2, normalize=normalize,
+                           center=True, seed=1)
+    proj = fit_projection(Representation(vectors=x), train, labels, 3, cfg)
+    unit = nn.functional.normalize(x, dim=1) if normalize else x
+    centred = Representation(vectors=unit - unit[train].mean(dim=0))
+    ref = fit_projection(centred, train, labels, 3, ProjectionConfig(**{**cfg.__dict__, "center": False, "normalize": False}))
+    everyone = torch.arange(20)
+    torch.testing.assert_close(proj.project(Representation(vectors=x), everyone), ref.project(centred, everyone),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_projection_reports_its_fit_on_the_training_networks():
+    """``train_top1`` / ``train_loss`` are Θ's accuracy and mean cross-entropy on its own training
+    networks, as computed from its projected scores independently."""
+    torch.manual_seed(5)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    labels = torch.arange(30) % 3
+    rep = Representation(vectors=x)
+    losses = {}
+    for lr in (1e-3, 0.1):
+        proj = fit_projection(rep, torch.arange(30), labels, 3, ProjectionConfig(lr=lr, epochs=3, lr_step_epochs=()))
+        scores = proj.project(rep, torch.arange(30))
+        assert proj.train_top1 == pytest.approx(float((scores.argmax(1) == labels).double().mean()))
+        assert proj.train_loss == pytest.approx(float(nn.functional.cross_entropy(scores, labels)))
+        losses[lr] = proj.train_loss
+    # lr 1e-3 on unit-norm features barely leaves the start (loss log 3); lr 0.1 does
+    assert abs(losses[1e-3] - math.log(3)) < 0.05 and losses[0.1] < math.log(3) - 0.1
+
+
+def test_classification_protocol_reports_thetas_fit():
+    torch.manual_seed(6)
+    tasks = torch.arange(4).repeat_interleave(5)
+    rep = Representation(vectors=torch.randn(20, 10, dtype=torch.float64) + 5 * nn.functional.one_hot(tasks, 10))
+    out = classification_protocol(rep, tasks, torch.arange(20) % 5, ProjectionConfig(lr=0.1))
+    assert set(out) == {"top1", "theta_top1", "theta_loss"}
+    assert out["theta_top1"] == 1.0 and out["top1"] == 1.0 and 0 < out["theta_loss"] < 1.0
