@@ -93,15 +93,17 @@ class BatchedLinear(nn.Module):
 
 
 class BatchedConv2d(nn.Module):
-    """K conv layers as one grouped convolution on (B, K*C, H, W) (on CPU: one convolution per
-    network, which measures faster there; set ``per_network_on_cpu = False`` to compare).
+    """K conv layers as one grouped convolution on (B, K*C, H, W); on CPU in channels-last (NHWC)
+    layout, where oneDNN's grouped convolution is fastest. ``per_network_on_cpu = True`` runs one
+    convolution per network instead (the earlier CPU path; also under bf16 autocast, whose
+    rounding the equivalence tests pin to it).
 
     ``backend`` (class-wide, or per layer): ``torch`` runs the convolution above; ``triton`` runs
     :mod:`ffl.implicit_conv`'s batched implicit-GEMM kernels on CUDA (stride-1 layers; others keep
     the grouped convolution); ``interpret`` runs those kernels in Triton's interpreter on CPU (tests).
     """
 
-    per_network_on_cpu: bool = True
+    per_network_on_cpu: bool = False
     backend: str = "torch"
 
     def __init__(self, mods: Sequence[nn.Conv2d]) -> None:
@@ -120,7 +122,11 @@ class BatchedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._implicit_ok and triton_support.runs_on(self.backend, x):
             return implicit_conv.batched_conv2d(x, self.weight, self.bias, padding=self.padding, backend=self.backend)
-        if x.device.type == "cpu" and self.K > 1 and self.per_network_on_cpu:
+        if x.device.type == "cpu" and self.K > 1 and not (self.per_network_on_cpu or torch.is_autocast_enabled("cpu")):
+            # oneDNN's grouped convolution in NHWC: several times faster on CPU than in NCHW or one
+            # convolution per network, for PlainNet's few channels per group (python -m ffl.bench conv --device cpu)
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif x.device.type == "cpu" and self.K > 1:
             # oneDNN's grouped convolution measured slower on CPU than one convolution per
             # network (python -m ffl.bench zoo): same math, one call per network
             B, _, H, W = x.shape

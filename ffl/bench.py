@@ -345,7 +345,8 @@ def conv_layers(device: str = "cuda", K: int = 126, batch: int = 128, precision:
     implicit = ("triton" if dev.type == "cuda" else "interpret" if implicit_on_cpu else None)
     implicit = implicit if implicit is not None and triton_support.available(implicit) else None
     dt = torch.bfloat16 if precision == "bf16" else torch.float32
-    cl = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    # the engine's layouts: NHWC for bf16 on CUDA and always on CPU (ffl.batched.BatchedConv2d)
+    cl = torch.channels_last if precision == "bf16" or dev.type == "cpu" else torch.contiguous_format
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rows = []
