@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import ffl
-from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
+from ffl.checks import as_float, as_int, check_parameters  # check_parameters: also public here
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures
@@ -40,17 +40,6 @@ FEATURE_KINDS = ("layer", "chain")
 _UNSET: Any = object()
 
 
-def check_parameters(*, seed: Any = _UNSET, device: Any = _UNSET, download: Any = _UNSET,
-                     data_root: Any = _UNSET) -> dict[str, Any]:
-    """The run parameters of a chapter, checked for type and range (see :mod:`ffl.checks`) and
-    returned normalized (``download="true"``, as papermill's ``-p`` passes it, becomes ``True``);
-    parameters not given are not checked."""
-    checks = {"seed": as_seed, "device": as_device, "download": lambda v: as_bool("download", v),
-              "data_root": as_data_root}
-    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
-    return {name: checks[name](value) for name, value in given.items() if value is not _UNSET}
-
-
 def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: Any = _UNSET,
                   device: Any = _UNSET, download: Any = _UNSET, data_root: Any = _UNSET) -> dict[str, Any]:
     """Fail at once, with the valid choices, on an unknown arch/dataset/profile or a bad run
@@ -58,7 +47,8 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: 
     ``data_root`` a folder path or None; see :func:`check_parameters`); also check the section's
     zoo spec (every training field's type and range). Return the profile's settings for
     ``section``. Nothing is written."""
-    check_parameters(seed=seed, device=device, download=download, data_root=data_root)
+    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
+    check_parameters(**{name: value for name, value in given.items() if value is not _UNSET})
     if profile not in available_profiles():
         raise ValueError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
     if dataset not in DATASETS:

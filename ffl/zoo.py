@@ -69,13 +69,13 @@ from ffl import __version__
 from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
 from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
-from ffl.data import DATASETS, TaskData, load_task, num_tasks
+from ffl.data import DATASETS, TaskData, check_data_kwargs, load_task, num_tasks
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
                         start_init_stacked, train_batched, tune_malloc)
 from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
 from ffl.models import ARCHS, CONV_ARCHS, PLAIN_CONV_ARCHS, build_model
-from ffl.profiles import PROFILE_DIR, load_profile
+from ffl.profiles import CUDA_ENGINE, PROFILE_DIR, load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
 from ffl.triton_support import BACKENDS, available, runs_on, triton
@@ -140,6 +140,10 @@ class ZooSpec(TrainConfig):
         self.model_kwargs = _jsonable(dict(self.model_kwargs))
         _check_model_kwargs(self.arch, self.model_kwargs)
         self.data_kwargs = _jsonable(dict(self.data_kwargs))
+        try:
+            check_data_kwargs(self.dataset, self.data_kwargs)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
     def _check_training_fields(self) -> None:
         """Type and range of every training field (text that spells a number becomes one: PyYAML
@@ -265,7 +269,7 @@ def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Pa
 
 
 #: keys of a profile's ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA, not what it trains
-CUDA_ENGINE_KEYS = ("batch_networks", "conv_backend", "bn_backend", "conv_tiles")
+CUDA_ENGINE_KEYS = tuple(CUDA_ENGINE)
 
 
 def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[str, Any]:
@@ -278,12 +282,7 @@ def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[s
     its identity; the zoo's ``provenance.json`` records what ran. Empty when the profile sets none."""
     settings = (load_profile(profile).get(section) or {}).get("zoo", {}).get("cuda") or {}
     engine = settings.get(arch) or {}
-    where = f"profile {profile!r}, {section}.zoo.cuda.{arch}"
-    if not isinstance(engine, dict):
-        raise ValueError(f"{where} must be a mapping of {', '.join(CUDA_ENGINE_KEYS)}, got {engine!r}")
-    unknown = sorted(set(engine) - set(CUDA_ENGINE_KEYS))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(CUDA_ENGINE_KEYS)}")
+    where = f"profile {profile!r}, {section}.zoo.cuda.{arch}"  # keys and types: checked as the profile loads
     out = dict(engine)
     if "batch_networks" in out:
         out["batch_networks"] = as_int(f"{where}: batch_networks", out["batch_networks"], minimum=1)
