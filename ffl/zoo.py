@@ -68,7 +68,7 @@ from tqdm import tqdm
 from ffl import __version__
 from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
-from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed, env_folder
 from ffl.data import DATASETS, TaskData, check_data_kwargs, load_task, num_tasks
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
@@ -256,8 +256,8 @@ def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, se
 
 
 def default_cache_dir() -> Path:
-    """``$FFL_CACHE`` or ``./cache``: where zoos and results land."""
-    return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
+    """``$FFL_CACHE`` (set but empty: unset) or ``./cache``: where zoos and results land."""
+    return env_folder("FFL_CACHE", "cache").resolve()
 
 
 def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Path:
