@@ -226,6 +226,8 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     chapters after it as run from uncommitted code."""
     plan = chapter_plan(profile, dataset=dataset)
     outputs = [entry["output"] for entry in plan]
+    if only is not None and not only:
+        raise ValueError(f"only=[] names no chapter; name some of {outputs}, or leave it out to run them all")
     unknown = sorted(set(only or ()) - set(outputs))
     if unknown:
         raise ValueError(f"no chapter {unknown} in profile {profile!r}; its chapters: {outputs}")
@@ -245,7 +247,7 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
                 execute_chapter(entry, book_dir, echo=echo)
             except Exception as e:
                 run["failed"].append(entry["output"])
-                run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                run["error"] = error_line(e)
                 raise
             run["ran"].append(entry["output"])
     finally:  # also after a failure: the summary must not describe the previous run
@@ -260,9 +262,20 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     return book_dir
 
 
+def error_line(e: BaseException) -> str:
+    """One line saying why a chapter failed: for an error inside the notebook (papermill's
+    ``PapermillExecutionError``, whose text starts with a blank line) the notebook's own error and
+    the cell it stopped in."""
+    if isinstance(e, papermill.PapermillExecutionError):
+        line = f"{e.ename}: {e.evalue} (in cell [{e.exec_count}])"
+    else:
+        line = f"{type(e).__name__}: " + next((t.strip() for t in str(e).splitlines() if t.strip()), "")
+    return line.splitlines()[0][:300] if line.strip() else type(e).__name__
+
+
 def _run_arguments(ap) -> None:
     ap.add_argument("--profile", default="smoke", help="profile whose chapters to run (default: smoke)")
-    ap.add_argument("--only", nargs="*", help="run only these chapter outputs")
+    ap.add_argument("--only", nargs="+", metavar="OUTPUT", help="run only these chapter outputs")
     ap.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
     ap.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
     ap.add_argument("--echo", action="store_true",
