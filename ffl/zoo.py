@@ -713,7 +713,8 @@ def read_record(path: Path, fields: dict[str, type | tuple[type, ...]]) -> dict[
         record = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ZooCorruptError(f"{path} is not valid JSON ({e}): truncated or damaged") from None
-    wrong = [name for name, kind in fields.items() if not isinstance(record, dict) or not isinstance(record.get(name), kind)]
+    wrong = [name for name, kind in fields.items()
+             if not isinstance(record, dict) or not isinstance(record.get(name), kind)]
     if wrong:
         raise ZooCorruptError(f"{path} is not a zoo's {Path(path).name}: " + (
             f"{', '.join(wrong)} missing or of the wrong type" if isinstance(record, dict)
@@ -770,8 +771,9 @@ def expected_networks(spec: ZooSpec, k: int) -> list[dict[str, Any]]:
 
 
 def _piece_networks(spec: ZooSpec, p: Piece) -> list[dict[str, Any]]:
-    return [{"task": p.task, "run": r, "seed": run_seed(spec.seed, p.task, r), "data_seed": data_seed(spec.seed, p.task, r),
-             "shard": f"shards/{p.name}.safetensors", "row": r - p.r0} for r in range(p.r0, p.r1)]
+    return [{"task": p.task, "run": r, "seed": run_seed(spec.seed, p.task, r),
+             "data_seed": data_seed(spec.seed, p.task, r), "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
+            for r in range(p.r0, p.r1)]
 
 
 def _check_piece(root: Path, spec: ZooSpec, piece: Piece, meta: dict[str, Any]) -> None:
@@ -782,7 +784,8 @@ def _check_piece(root: Path, spec: ZooSpec, piece: Piece, meta: dict[str, Any]) 
     want = _piece_networks(spec, piece)
     if not isinstance(nets, list) or len(nets) != len(want) or any(
             not isinstance(n, dict) or any(n.get(k) != v for k, v in w.items()) for n, w in zip(nets, want)):
-        held = sorted({(n.get("task"), n.get("run")) for n in nets if isinstance(n, dict)}) if isinstance(nets, list) else []
+        held = sorted({(n.get("task"), n.get("run")) for n in nets if isinstance(n, dict)} if isinstance(nets, list)
+                      else [])
         raise ZooCorruptError(
             f"{side} records other networks than its name says (task {piece.task}, runs {piece.r0}-{piece.r1 - 1}): "
             f"(task, run) {held[:4]}{' …' if len(held) > 4 else ''}; renamed or copied from another place? "
