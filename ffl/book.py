@@ -32,6 +32,7 @@ import nbformat
 import papermill
 
 from ffl import fidelity
+from ffl.checks import as_folder
 from ffl.cli import Command, run_command_line
 from ffl.data import DATASETS, data_label  # noqa: F401 - data_label: the notebooks call it ffl.book.data_label
 from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
@@ -231,7 +232,10 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     unknown = sorted(set(only or ()) - set(outputs))
     if unknown:
         raise ValueError(f"no chapter {unknown} in profile {profile!r}; its chapters: {outputs}")
-    book_dir = book_skeleton(Path(book_dir) if book_dir is not None else default_book_dir(profile))
+    book_dir = Path(book_dir) if book_dir is not None else default_book_dir(profile)
+    for folder in (book_dir, book_dir / "chapters"):
+        as_folder("book folder", folder)
+    book_skeleton(book_dir)
     print(f"[ffl.book] profile {profile!r} → {book_dir}", flush=True)
     run = {"profile": profile, "ran": [], "failed": [], "not run": [], "error": None}
     clean_stale_temp(book_dir / "chapters")  # staging folders of a killed run

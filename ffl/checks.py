@@ -110,10 +110,16 @@ def as_data_root(value: Any, name: str = "data_root") -> str | None:
         return None
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ValueError(f"{name} must be a folder path or None, got {value!r}")
+    as_folder(name, value)
+    return str(value)
+
+
+def as_folder(name: str, value: str | os.PathLike) -> Path:
+    """``value`` as a folder path (``~`` expanded) that is not an existing file (it may not exist)."""
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a file, not a folder")
-    return str(value)
+    return path
 
 
 _CHECKS = {"seed": as_seed, "device": as_device, "download": lambda v: as_bool("download", v),
@@ -135,12 +141,10 @@ def env_folder(variable: str, default: str) -> Path:
     """The folder ``$variable`` names (resolved), else ``default``; set but empty counts as unset.
     A variable naming an existing file → ``ValueError`` saying so."""
     value = os.environ.get(variable) or default
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        source = f"${variable}" if os.environ.get(variable) else "the default"
-        raise ValueError(f"{source} {value!r} is a file, not a folder; point {variable} at a folder "
-                         f"(unset or empty: ./{default})")
-    return path
+    try:
+        return as_folder(f"${variable}" if os.environ.get(variable) else "the default", value)
+    except ValueError as e:
+        raise ValueError(f"{e}; point {variable} at a folder (unset or empty: ./{default})") from None
 
 
 _KINDS = {  # annotation text -> (what the message calls it, test)

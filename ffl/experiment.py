@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import ffl
-from ffl.checks import as_float, as_int, check_parameters  # check_parameters: also public here
+from ffl.checks import as_float, as_folder, as_int, check_parameters  # check_parameters: also public here
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures
@@ -278,6 +278,8 @@ def run_experiment(
     features = features_for_arch(settings.get("features"), arch)
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for folder in (cache, cache / "zoos", cache / "results"):  # not a file: found now, not after training
+        as_folder("cache folder", folder)
     spec_dict = spec.identity()
     zoo_root = cached_zoo_root(spec, cache)
     seconds: dict[str, float | str] = {}

@@ -70,7 +70,7 @@ from tqdm import tqdm
 from ffl import __version__
 from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
-from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed, env_folder
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_folder, as_int, as_seed, env_folder
 from ffl.data import DATASETS, TaskData, check_data_kwargs, load_task, num_tasks
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
@@ -730,8 +730,7 @@ _SIDECAR_FIELDS = {"file": str, "bytes": int, "sha256": str, "task": int, "r0": 
 
 
 def _check_root(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"zoo root {root} is a file, not a folder; choose a folder (it is created if missing)")
+    as_folder("zoo root", root)
 
 
 def _chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, device) -> tuple[int, bool]:
@@ -1296,7 +1295,7 @@ def _train(args) -> int:
         args.root = cached_zoo_root(spec)
         print(f"zoo folder: {args.root}", file=sys.stderr)
     tune_malloc()  # this process exists to train: keep large buffers in the heap
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = as_int("$WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"), minimum=1)
     engine = {}
     if args.profile and args.device.startswith("cuda"):  # the profile's zoo.cuda settings
         engine = cuda_engine_from_profile(args.profile, args.section, arch=args.arch)
@@ -1305,10 +1304,10 @@ def _train(args) -> int:
     if world == 1:
         print(train_zoo(spec, args.root, device=args.device, progress=not args.quiet, compile=args.compile, **engine))
         return 0
-    rank = int(os.environ.get("RANK", "0"))
+    rank = as_int("$RANK", os.environ.get("RANK", "0"), minimum=0)
     device = args.device
     if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{as_int('$LOCAL_RANK', os.environ.get('LOCAL_RANK', '0'), minimum=0)}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if rank == 0:  # write spec.json (and check an existing one) before the other ranks start
         prepare_zoo(spec, args.root, batch_networks=engine.get("batch_networks"), device=device)

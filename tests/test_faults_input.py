@@ -267,7 +267,7 @@ def test_a_root_that_is_a_file_is_refused(tmp_path):
     spec.write_text(json.dumps(tiny()))
     before = snapshot(tmp_path)
     r = zoo_cli("train", "--spec", str(spec), "--root", str(tmp_path / "z"), "--quiet")
-    assert r.returncode != 0 and f"zoo root {tmp_path / 'z'} is a file, not a folder" in r.stderr
+    assert r.returncode != 0 and f"zoo root '{tmp_path / 'z'}' is a file, not a folder" in r.stderr
     assert snapshot(tmp_path) == before
 
 
@@ -546,3 +546,112 @@ def test_a_failed_chapter_is_summarized_by_the_notebooks_own_error(tmp_path, mon
         ffl.book.run_book("smoke", html=False, book_dir=tmp_path)
     summary = (tmp_path / "run_summary.md").read_text()
     assert "(ValueError: seed must be an integer, got 'abc' (in cell [3]))" in summary
+
+
+# --------------------------------------------------------------------------------------------
+# Further faults, tried as an attacker would (item 2 of issue 23)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"seed": True}, "seed must be an integer, got True"),
+    ({"seed": 2**63}, r"seed must be < 2\*\*63"),
+    ({"seed": float("nan")}, "seed must be an integer, got nan"),
+    ({"device": "CPU"}, r"unknown device 'CPU'; choose one of \['cpu'"),
+    ({"device": ""}, "unknown device ''"),
+    ({"device": None}, "unknown device None"),
+    ({"data_root": ""}, "data_root must be a folder path or None, got ''"),
+])
+def test_odd_run_parameter_values_are_named(given, message):
+    with pytest.raises(ValueError, match=message):
+        check_parameters(**given)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ("namedata: {split: {seed: 1}}\n".encode("utf-16"), "not valid YAML"),
+    (b"namedata: !!python/object:os.system {}\n", "not valid YAML: could not determine a constructor"),
+    (b"cifar10:\n  zoo: {tasks: 3}\n", r"cifar10: unknown key; expected one of \['alignment_proof_check', 'book_dir'"),
+    (b"cifar100:\n  features: {fold_bm: false}\n", r"cifar100\.features\.fold_bm: unknown key"),
+    (b"cifar100:\n  features: {mlp: {}, fold_bn: true}\n", r"cifar100\.features\.fold_bn: unknown key"),
+])
+def test_a_profile_that_is_not_plain_yaml_of_known_sections_is_named(tmp_path, monkeypatch, raw, message):
+    import ffl.profiles
+
+    (tmp_path / "x.yaml").write_bytes(raw)
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
+    with pytest.raises(ffl.profiles.ProfileError, match=message):
+        ffl.profiles.load_profile("x")
+
+
+def test_a_zoo_sidecar_of_the_wrong_shape_is_retrained_with_a_warning(small_zoo):
+    (small_zoo / "manifest.json").unlink()
+    (small_zoo / "shards" / "t00001-r00000-00000.json").write_text("[]")
+    with pytest.warns(UserWarning, match=r"t00001-r00000-00000\.json is not a zoo's t00001-r00000-00000\.json: "
+                                         "expected a JSON object, got list.*its shard will be retrained"):
+        assert len(train_zoo(tiny(), small_zoo, progress=False)) == 6
+
+
+def test_tiny_imagenet_download_offline_says_what_is_missing_and_why(tmp_path, monkeypatch):
+    import ffl.data.tiny_imagenet as tiny_imagenet
+    from ffl.data import load_task
+
+    def offline(*args, **kw):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tiny_imagenet.tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match=r"Tiny ImageNet not found: missing .*wnids.txt.*\(The download "
+                                                "failed: <urlopen error no network>"):
+        load_task("tiny_imagenet", 0, data_root=tmp_path / "d", download=True)
+    assert files_under(tmp_path) == []
+
+
+def test_a_cache_folder_that_is_a_file_is_found_before_training(tmp_path, monkeypatch):
+    import ffl.experiment
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "results").write_text("not a folder")
+    monkeypatch.setattr(ffl.experiment, "train_zoo", lambda *a, **k: pytest.fail("trained"))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"cache folder '.*cache/results' is a file, not a folder"):
+        ffl.experiment.run_experiment("cifar100", arch="mlp", profile="smoke", dataset="synthetic",
+                                      cache_dir=tmp_path / "cache", progress=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_book_dir_that_is_a_file_is_refused(tmp_path):
+    import ffl.book
+
+    (tmp_path / "b").write_text("x")
+    with pytest.raises(ValueError, match=r"book folder '.*/b' is a file, not a folder"):
+        ffl.book.run_book("smoke", only=["preliminaries"], html=False, book_dir=tmp_path / "b")
+    assert files_under(tmp_path) == [tmp_path / "b"]
+
+
+def test_a_torchrun_variable_that_is_not_a_number_is_named(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(tiny()))
+    r = zoo_cli("train", "--spec", str(spec), "--root", str(tmp_path / "z"), "--quiet", env={"WORLD_SIZE": "two"})
+    assert r.returncode != 0 and "$WORLD_SIZE must be an integer, got 'two'" in r.stderr
+    assert not (tmp_path / "z").exists()
+
+
+def test_merge_with_a_part_without_spec_json_writes_nothing(small_zoo, tmp_path):
+    from ffl.zoo import merge_zoos
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/spec\.json"):
+        merge_zoos([small_zoo, tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_manifest_is_named(small_zoo):
+    path = small_zoo / "manifest.json"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ZooCorruptError, match=re.escape(str(path)) + r" is not valid JSON \(.*\): truncated"):
+        Zoo.load(small_zoo)
+
+
+def test_zoo_info_on_a_file_says_there_is_no_zoo(tmp_path):
+    (tmp_path / "f").write_text("x")
+    r = zoo_cli("info", str(tmp_path / "f"))
+    assert r.returncode != 0 and f"no complete zoo at {tmp_path / 'f'}" in r.stderr

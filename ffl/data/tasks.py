@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffl.checks import env_folder
+from ffl.checks import as_folder, env_folder
 
 DATASETS = ("synthetic", "cifar100", "cifar10", "tiny_imagenet", "namedata")
 
@@ -150,12 +150,7 @@ def cifar10_pairs() -> list[tuple[int, int]]:
 def resolve_root(data_root: str | os.PathLike | None) -> Path:
     """``data_root``, else ``$FFL_DATA_ROOT`` (set but empty: unset), else ``./data``; an existing
     file → ``ValueError`` saying so."""
-    if data_root is None:
-        return env_folder("FFL_DATA_ROOT", "data")
-    root = Path(data_root).expanduser()
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"data_root {str(root)!r} is a file, not a folder")
-    return root
+    return env_folder("FFL_DATA_ROOT", "data") if data_root is None else as_folder("data_root", data_root)
 
 
 @contextlib.contextmanager
