@@ -61,7 +61,7 @@ from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, prec
                         train_batched, train_loop, tune_malloc)
 from ffl.models import build_model
 from ffl.provenance import hardware, run_info
-from ffl.zoo import (Zoo, ZooSpec, chunk_inputs, chunks, default_batch_networks, finalize_zoo,
+from ffl.zoo import (Zoo, ZooSpec, chunk_inputs, chunks, default_batch_networks, default_cache_dir, finalize_zoo,
                      prepare_zoo, run_seed, data_seed, spec_from_profile, write_piece)
 
 PAPER_TRAIN_PER_TASK = 1000  # CIFAR-100: 2 classes × 500 training images
@@ -858,7 +858,7 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     cfg = StreamConfig(device=device, precision=precision, block_bytes=block_bytes, slab_bytes=slab_bytes,
                        passes=passes)
     shapes = QUICK_SHAPES if quick else PAPER_SHAPES
-    root = Path(zoo_root or Path(os.environ.get("FFL_CACHE", "cache")) / "bench-zoos"
+    root = Path(zoo_root or default_cache_dir() / "bench-zoos"
                 / f"{arch}-{tasks}x{runs}{'-quick' if quick else ''}")
     t0 = time.perf_counter()
     zoo = random_weight_zoo(arch, root, tasks=tasks, runs=runs, model_kwargs=shapes[arch])

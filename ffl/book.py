@@ -32,6 +32,7 @@ import nbformat
 import papermill
 
 from ffl import fidelity
+from ffl.checks import as_folder
 from ffl.cli import Command, run_command_line
 from ffl.data import DATASETS, data_label  # noqa: F401 - data_label: the notebooks call it ffl.book.data_label
 from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
@@ -226,10 +227,15 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     chapters after it as run from uncommitted code."""
     plan = chapter_plan(profile, dataset=dataset)
     outputs = [entry["output"] for entry in plan]
+    if only is not None and not only:
+        raise ValueError(f"only=[] names no chapter; name some of {outputs}, or leave it out to run them all")
     unknown = sorted(set(only or ()) - set(outputs))
     if unknown:
         raise ValueError(f"no chapter {unknown} in profile {profile!r}; its chapters: {outputs}")
-    book_dir = book_skeleton(Path(book_dir) if book_dir is not None else default_book_dir(profile))
+    book_dir = Path(book_dir) if book_dir is not None else default_book_dir(profile)
+    for folder in (book_dir, book_dir / "chapters"):
+        as_folder("book folder", folder)
+    book_skeleton(book_dir)
     print(f"[ffl.book] profile {profile!r} → {book_dir}", flush=True)
     run = {"profile": profile, "ran": [], "failed": [], "not run": [], "error": None}
     clean_stale_temp(book_dir / "chapters")  # staging folders of a killed run
@@ -245,7 +251,7 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
                 execute_chapter(entry, book_dir, echo=echo)
             except Exception as e:
                 run["failed"].append(entry["output"])
-                run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                run["error"] = error_line(e)
                 raise
             run["ran"].append(entry["output"])
     finally:  # also after a failure: the summary must not describe the previous run
@@ -260,9 +266,20 @@ def run_book(profile: str = "smoke", *, only: list[str] | None = None, html: boo
     return book_dir
 
 
+def error_line(e: BaseException) -> str:
+    """One line saying why a chapter failed: for an error inside the notebook (papermill's
+    ``PapermillExecutionError``, whose text starts with a blank line) the notebook's own error and
+    the cell it stopped in."""
+    if isinstance(e, papermill.PapermillExecutionError):
+        line = f"{e.ename}: {e.evalue} (in cell [{e.exec_count}])"
+    else:
+        line = f"{type(e).__name__}: " + next((t.strip() for t in str(e).splitlines() if t.strip()), "")
+    return line.splitlines()[0][:300] if line.strip() else type(e).__name__
+
+
 def _run_arguments(ap) -> None:
     ap.add_argument("--profile", default="smoke", help="profile whose chapters to run (default: smoke)")
-    ap.add_argument("--only", nargs="*", help="run only these chapter outputs")
+    ap.add_argument("--only", nargs="+", metavar="OUTPUT", help="run only these chapter outputs")
     ap.add_argument("--no-html", action="store_true", help="run the chapters, skip the HTML build")
     ap.add_argument("--html-only", action="store_true", help="skip running chapters; build the HTML")
     ap.add_argument("--echo", action="store_true",

@@ -1,12 +1,15 @@
 """Parameter checks run before any work: each value's type and range, with the valid choices in
 the message. Numbers given as text (PyYAML 1.1 reads ``1e-4`` as a string; papermill's ``-p``
-passes ``true`` as one) are converted when they spell a number or a truth value exactly, and
+passes ``true`` as one) are converted when they spell a number or a truth value exactly (truth
+values as YAML 1.2 spells them: ``true``/``True``/``TRUE``, ``false``/``False``/``FALSE``), and
 refused otherwise, so a wrong parameter stops the first cell of a notebook, not the hundredth
-network of a zoo.
+network of a zoo. :func:`check_parameters` is the one parser of every chapter's run parameters;
+:func:`env_folder` reads the folders named by environment variables.
 """
 from __future__ import annotations
 
 import math
+import re
 import numbers
 import os
 from pathlib import Path
@@ -14,8 +17,9 @@ from typing import Any
 
 import torch
 
-_TRUE = ("true", "yes", "1")
-_FALSE = ("false", "no", "0")
+#: the YAML 1.2 core schema's spellings of the two truth values (``yes``, ``no``, ``0``, ``1`` are not)
+_TRUE = ("true", "True", "TRUE")
+_FALSE = ("false", "False", "FALSE")
 
 
 def as_int(name: str, value: Any, *, minimum: int | None = None) -> int:
@@ -59,12 +63,13 @@ def as_float(name: str, value: Any, *, minimum: float | None = None, positive: b
 
 
 def as_bool(name: str, value: Any) -> bool:
-    """``value`` as a bool: ``True``/``False``, or the text ``true``/``false`` (also yes/no/1/0)."""
+    """``value`` as a bool: ``True``/``False``, or text spelling one as YAML 1.2 does."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"{name} must be True or False, got {value!r}")
+    if isinstance(value, str) and value.strip() in _TRUE + _FALSE:
+        return value.strip() in _TRUE
+    raise ValueError(f"{name} must be True or False (or the text {'/'.join(_TRUE)}, {'/'.join(_FALSE)}), "
+                     f"got {value!r}")
 
 
 def as_seed(value: Any, name: str = "seed") -> int:
@@ -99,12 +104,77 @@ def as_device(value: Any, name: str = "device") -> str:
 
 
 def as_data_root(value: Any, name: str = "data_root") -> str | None:
-    """``None`` (``$FFL_DATA_ROOT``, else ``./data``) or a folder path (not an existing file)."""
+    """``None`` (``$FFL_DATA_ROOT``, else ``./data``; checked too) or a folder path (not an existing file)."""
     if value is None:
+        env_folder("FFL_DATA_ROOT", "data")
         return None
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
         raise ValueError(f"{name} must be a folder path or None, got {value!r}")
+    as_folder(name, value)
+    return str(value)
+
+
+def as_folder(name: str, value: str | os.PathLike) -> Path:
+    """``value`` as a folder path (``~`` expanded) that is not an existing file (it may not exist)."""
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is a file, not a folder")
-    return str(value)
+    return path
+
+
+_CHECKS = {"seed": as_seed, "device": as_device, "download": lambda v: as_bool("download", v),
+           "data_root": as_data_root}
+
+
+def check_parameters(**given: Any) -> dict[str, Any]:
+    """A chapter's run parameters (any of ``seed``, ``device``, ``download``, ``data_root``), checked
+    and normalized (``download="true"``, as papermill's ``-p`` passes it, becomes ``True``), in the
+    order given: a notebook's first cell reads ``seed, device = check_parameters(seed=seed,
+    device=device).values()``."""
+    unknown = sorted(set(given) - set(_CHECKS))
+    if unknown:
+        raise TypeError(f"check_parameters: unknown parameter(s) {unknown}; it checks {sorted(_CHECKS)}")
+    return {name: _CHECKS[name](value) for name, value in given.items()}
+
+
+def env_folder(variable: str, default: str) -> Path:
+    """The folder ``$variable`` names (resolved), else ``default``; set but empty counts as unset.
+    A variable naming an existing file → ``ValueError`` saying so."""
+    value = os.environ.get(variable) or default
+    try:
+        return as_folder(f"${variable}" if os.environ.get(variable) else "the default", value)
+    except ValueError as e:
+        raise ValueError(f"{e}; point {variable} at a folder (unset or empty: ./{default})") from None
+
+
+_KINDS = {  # annotation text -> (what the message calls it, test)
+    "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("text", lambda v: isinstance(v, str)),
+    "None": ("null", lambda v: v is None),
+}
+
+
+def type_error(value: Any, annotation: str) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``annotation`` (as text: ``"int | None"``,
+    ``"list[int]"``, ``"dict[str, Any]"`` …), e.g. ``"expected an integer, got 2.5"``; ``None`` if
+    nothing is. Annotations it does not know accept anything."""
+    wanted = []
+    for alt in (a.strip() for a in annotation.split("|")):
+        items = re.fullmatch(r"(?:list|tuple)\[(\w+)(?:, \.\.\.)?\]", alt)
+        if items:
+            if isinstance(value, (list, tuple)) and all(type_error(v, items[1]) is None for v in value):
+                return None
+            wanted.append(f"a list of {_KINDS.get(items[1], ('values',))[0].removeprefix('an ').removeprefix('a ')}s")
+        elif alt.startswith("dict"):
+            if isinstance(value, dict):
+                return None
+            wanted.append("a mapping")
+        elif alt in _KINDS:
+            if _KINDS[alt][1](value):
+                return None
+            wanted.append(_KINDS[alt][0])
+        else:
+            return None
+    return f"expected {' or '.join(wanted)}, got {value!r}"

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import ffl
-from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
+from ffl.checks import as_float, as_folder, as_int, check_parameters  # check_parameters: also public here
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures
@@ -40,17 +40,6 @@ FEATURE_KINDS = ("layer", "chain")
 _UNSET: Any = object()
 
 
-def check_parameters(*, seed: Any = _UNSET, device: Any = _UNSET, download: Any = _UNSET,
-                     data_root: Any = _UNSET) -> dict[str, Any]:
-    """The run parameters of a chapter, checked for type and range (see :mod:`ffl.checks`) and
-    returned normalized (``download="true"``, as papermill's ``-p`` passes it, becomes ``True``);
-    parameters not given are not checked."""
-    checks = {"seed": as_seed, "device": as_device, "download": lambda v: as_bool("download", v),
-              "data_root": as_data_root}
-    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
-    return {name: checks[name](value) for name, value in given.items() if value is not _UNSET}
-
-
 def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: Any = _UNSET,
                   device: Any = _UNSET, download: Any = _UNSET, data_root: Any = _UNSET) -> dict[str, Any]:
     """Fail at once, with the valid choices, on an unknown arch/dataset/profile or a bad run
@@ -58,7 +47,8 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: 
     ``data_root`` a folder path or None; see :func:`check_parameters`); also check the section's
     zoo spec (every training field's type and range). Return the profile's settings for
     ``section``. Nothing is written."""
-    check_parameters(seed=seed, device=device, download=download, data_root=data_root)
+    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
+    check_parameters(**{name: value for name, value in given.items() if value is not _UNSET})
     if profile not in available_profiles():
         raise ValueError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
     if dataset not in DATASETS:
@@ -143,9 +133,12 @@ def write_results(path: Path, results: pd.DataFrame, made_by: dict[str, Any]) ->
                                                   "made_by": made_by})
 
 
-def read_results(path: Path, made_by: dict[str, Any]) -> pd.DataFrame | None:
+def read_results(path: Path, made_by: dict[str, Any], *, kinds: tuple[str, ...] | None = FEATURE_KINDS
+                 ) -> pd.DataFrame | None:
     """The cached table at ``path`` if its sidecar vouches for it (same SHA-256, same settings and
-    code, every value finite); else ``None`` (with a warning saying why), so it is recomputed."""
+    code, every value finite) and it has the shape of a results table (:func:`table_gaps`; ``kinds``:
+    the features every table of this kind has); else ``None`` (with a warning saying why), so it is
+    recomputed."""
     side = path.with_suffix(".json")
     if not path.is_file() and not side.is_file():
         return None
@@ -153,7 +146,9 @@ def read_results(path: Path, made_by: dict[str, Any]) -> pd.DataFrame | None:
     try:
         record = json.loads(side.read_text())
         data = path.read_bytes()
-        if record.get("made_by") != json.loads(json.dumps(made_by, default=str)):
+        if not isinstance(record, dict):
+            why = f"its sidecar {side.name} is not a JSON object"
+        elif record.get("made_by") != json.loads(json.dumps(made_by, default=str)):
             why = "it was made by other settings or other library code"
         elif hashlib.sha256(data).hexdigest() != record.get("sha256"):
             why = "its SHA-256 differs from its sidecar's (truncated or edited)"
@@ -162,10 +157,32 @@ def read_results(path: Path, made_by: dict[str, Any]) -> pd.DataFrame | None:
             if len(results) != record.get("rows") or not results["value"].map(math.isfinite).all():
                 why = "it has missing or non-finite values"
             else:
-                return results
+                why = table_gaps(results, kinds)
+                if why is None:
+                    return results
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as e:
         why = f"it or its sidecar {side.name} cannot be read ({type(e).__name__}: {e})"
     warnings.warn(f"cached results {path} not used: {why}; recomputing", stacklevel=2)
+    return None
+
+
+def table_gaps(results: pd.DataFrame, kinds: tuple[str, ...] | None = FEATURE_KINDS) -> str | None:
+    """What keeps ``results`` from being a whole results table, or ``None``: every (feature, index)
+    has the same (protocol, metric) rows, once each; with ``kinds``, each of those features is
+    there at indices 1, 2, … without a gap."""
+    columns = ["feature", "index", "protocol", "metric"]
+    if not {*columns, "value"} <= set(results.columns):
+        return f"it lacks the columns {sorted({*columns, 'value'} - set(results.columns))}"
+    if results[columns].duplicated().any():
+        return "it repeats rows"
+    measures = results.groupby(["feature", "index"]).apply(lambda g: frozenset(zip(g.protocol, g.metric)),
+                                                           include_groups=False)
+    if measures.nunique() > 1:
+        return "some indices lack measures the others have (rows dropped)"
+    if kinds is not None:
+        indices = {kind: sorted(results.loc[results.feature == kind, "index"].unique()) for kind in kinds}
+        if any(not found or found != list(range(1, len(found) + 1)) for found in indices.values()):
+            return f"its indices per feature are not 1, 2, … ({indices}; rows dropped)"
     return None
 
 
@@ -261,6 +278,8 @@ def run_experiment(
     features = features_for_arch(settings.get("features"), arch)
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    for folder in (cache, cache / "zoos", cache / "results"):  # not a file: found now, not after training
+        as_folder("cache folder", folder)
     spec_dict = spec.identity()
     zoo_root = cached_zoo_root(spec, cache)
     seconds: dict[str, float | str] = {}
@@ -390,7 +409,7 @@ def run_factors(
                    "projection": dataclasses.asdict(_projection(base)), "split": dataclasses.asdict(base.split),
                    "features": dataclasses.asdict(base.features), "code": code_hash()}
         path = cache / "results" / f"factors-cross-{dataset}-{_key(made_by)}.csv"
-        frame = read_results(path, made_by)
+        frame = read_results(path, made_by, kinds=None)  # indices where the two zoos' features differ are left out
         if frame is not None:
             seconds[f"cross-condition {name}"] = "cached"
         else:

@@ -6,6 +6,7 @@ when complete, so a killed process leaves the previous version or nothing, never
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -88,9 +89,36 @@ def clean_stale_temp(folder: str | os.PathLike) -> list[Path]:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as staged:
-        staged.write_bytes(data)
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); a failed write (full disk,
+    read-only folder) raises ``OSError`` naming ``path`` and the free space of its disk."""
+    try:
+        with atomic_path(path) as staged:
+            staged.write_bytes(data)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}: cannot write {path} ({len(data):,} bytes; "
+                               f"{free_bytes(Path(path)):,} bytes free on its disk)") from e
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk of ``path`` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (resolved path) for this block, against other processes
+    of this host: a lock file in the temporary directory, so nothing is written in or beside
+    ``folder``."""
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"ffl-lock-{key}", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

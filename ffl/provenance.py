@@ -3,6 +3,7 @@ notebook (metadata and visibly on the page) so a reader knows what they are look
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import subprocess
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 import ffl
+from ffl.profiles import load_profile, profile_files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,10 +53,31 @@ def hardware(device: str = "cpu") -> str:
     return f"{_cpu_name()}, {os.cpu_count()} cores"
 
 
+def profile_record(profile: str) -> dict[str, Any]:
+    """What profile ``profile`` was when it ran: SHA-256 of its files (its own and those it
+    extends), whether git holds them as they are (``committed``, ``modified``, ``untracked``,
+    ``unknown``: the commit alone does not say, e.g. for an edited or a new profile) and its
+    resolved settings."""
+    files = profile_files(profile)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--", *map(str, files)], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True, timeout=10).stdout
+        codes = {line[:2] for line in out.splitlines()}
+        state = ("untracked" if codes & {"??", "!!"} else "modified") if codes else "committed"
+    except (OSError, subprocess.SubprocessError):
+        state = "unknown"
+    return {"profile_sha256": h.hexdigest()[:16], "profile_state": state, "profile_settings": load_profile(profile)}
+
+
 def run_info(device: str = "cpu", **params: Any) -> dict[str, Any]:
-    """Commit, UTC date, hardware and library versions, plus the run's own parameters."""
+    """Commit, UTC date, hardware and library versions, plus the run's own parameters; with a
+    ``profile`` parameter also :func:`profile_record` (the profile's hash, git state, settings)."""
     return {
         **params,
+        **(profile_record(params["profile"]) if isinstance(params.get("profile"), str) else {}),
         "device": device,
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -66,5 +89,7 @@ def run_info(device: str = "cpu", **params: Any) -> dict[str, Any]:
 
 
 def markdown_table(info: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | `{v}` |" for k, v in info.items())
+    """The run's values as a two-column table (mappings, such as the resolved settings, are left
+    to the notebook's metadata)."""
+    rows = "\n".join(f"| {k} | `{v}` |" for k, v in info.items() if not isinstance(v, dict))
     return f"| run | value |\n|---|---|\n{rows}\n"

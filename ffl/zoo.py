@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -49,6 +50,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -68,14 +70,15 @@ from tqdm import tqdm
 from ffl import __version__
 from ffl import batched, implicit_conv
 from ffl.cli import Command, run_command_line
-from ffl.checks import as_bool, as_data_root, as_device, as_float, as_int, as_seed
-from ffl.data import DATASETS, TaskData, load_task, num_tasks
+from ffl.checks import as_bool, as_data_root, as_device, as_float, as_folder, as_int, as_seed, env_folder
+from ffl.data import DATASETS, TaskData, check_data_kwargs, load_task, num_tasks
 from ffl.data.tasks import check_dataset, check_task
 from ffl.engine import (NetworkData, PendingInit, TrainConfig, check_precision, init_stacked, probe_capacity,
                         start_init_stacked, train_batched, tune_malloc)
-from ffl.files import atomic_path, clean_stale_temp, sha256_file, write_bytes_atomic, write_json_atomic
+from ffl.files import (atomic_path, clean_stale_temp, folder_lock, free_bytes, sha256_file, write_bytes_atomic,
+                       write_json_atomic)
 from ffl.models import ARCHS, CONV_ARCHS, PLAIN_CONV_ARCHS, build_model
-from ffl.profiles import PROFILE_DIR, load_profile
+from ffl.profiles import CUDA_ENGINE, PROFILE_DIR, load_profile
 from ffl.provenance import hardware
 from ffl.seeds import derive_seed
 from ffl.triton_support import BACKENDS, available, runs_on, triton
@@ -140,6 +143,10 @@ class ZooSpec(TrainConfig):
         self.model_kwargs = _jsonable(dict(self.model_kwargs))
         _check_model_kwargs(self.arch, self.model_kwargs)
         self.data_kwargs = _jsonable(dict(self.data_kwargs))
+        try:
+            check_data_kwargs(self.dataset, self.data_kwargs)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
 
     def _check_training_fields(self) -> None:
         """Type and range of every training field (text that spells a number becomes one: PyYAML
@@ -252,8 +259,8 @@ def spec_from_profile(profile: str, section: str, *, arch: str, dataset: str, se
 
 
 def default_cache_dir() -> Path:
-    """``$FFL_CACHE`` or ``./cache``: where zoos and results land."""
-    return Path(os.environ.get("FFL_CACHE", "cache")).resolve()
+    """``$FFL_CACHE`` (set but empty: unset) or ``./cache``: where zoos and results land."""
+    return env_folder("FFL_CACHE", "cache").resolve()
 
 
 def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Path:
@@ -265,7 +272,7 @@ def cached_zoo_root(spec: ZooSpec, cache: str | os.PathLike | None = None) -> Pa
 
 
 #: keys of a profile's ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA, not what it trains
-CUDA_ENGINE_KEYS = ("batch_networks", "conv_backend", "bn_backend", "conv_tiles")
+CUDA_ENGINE_KEYS = tuple(CUDA_ENGINE)
 
 
 def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[str, Any]:
@@ -278,12 +285,7 @@ def cuda_engine_from_profile(profile: str, section: str, *, arch: str) -> dict[s
     its identity; the zoo's ``provenance.json`` records what ran. Empty when the profile sets none."""
     settings = (load_profile(profile).get(section) or {}).get("zoo", {}).get("cuda") or {}
     engine = settings.get(arch) or {}
-    where = f"profile {profile!r}, {section}.zoo.cuda.{arch}"
-    if not isinstance(engine, dict):
-        raise ValueError(f"{where} must be a mapping of {', '.join(CUDA_ENGINE_KEYS)}, got {engine!r}")
-    unknown = sorted(set(engine) - set(CUDA_ENGINE_KEYS))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(CUDA_ENGINE_KEYS)}")
+    where = f"profile {profile!r}, {section}.zoo.cuda.{arch}"  # keys and types: checked as the profile loads
     out = dict(engine)
     if "batch_networks" in out:
         out["batch_networks"] = as_int(f"{where}: batch_networks", out["batch_networks"], minimum=1)
@@ -483,13 +485,14 @@ class Zoo:
             raise FileNotFoundError(
                 f"no complete zoo at {root} (no manifest.json; {done} shard(s) present). "
                 "Run train_zoo(spec, root) to train or resume it.")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ZooCorruptError(f"zoo manifest {mpath} is not valid JSON: {e}") from e
+        manifest = read_record(mpath, _MANIFEST_FIELDS)
         if manifest.get("format") != FORMAT:
             raise ZooCorruptError(f"{mpath} is not an ffl zoo manifest")
-        return cls(root, manifest, verify=verify)
+        try:
+            return cls(root, manifest, verify=verify)
+        except (KeyError, TypeError, AttributeError) as e:  # a record inside of the wrong shape
+            raise ZooCorruptError(f"{mpath} is not a zoo manifest: {type(e).__name__}: {e} (edited, or written by "
+                                  "something else)") from None
 
     def __len__(self) -> int:
         return len(self.manifest["networks"])
@@ -693,8 +696,9 @@ def _read_sidecar(root: Path, piece: Piece) -> dict[str, Any] | None:
     if not side.is_file() or not shard.is_file():
         return None
     try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = read_record(side, _SIDECAR_FIELDS)
+    except ZooCorruptError as e:
+        warnings.warn(f"{e}; its shard will be retrained", stacklevel=3)
         return None
     if shard.stat().st_size != meta.get("bytes") or sha256_file(shard) != meta.get("sha256"):
         warnings.warn(f"shard {shard} does not match its sidecar; it will be retrained", stacklevel=3)
@@ -702,11 +706,38 @@ def _read_sidecar(root: Path, piece: Piece) -> dict[str, Any] | None:
     return meta
 
 
+def read_record(path: Path, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """A zoo's JSON file (``spec.json``, a manifest, a sidecar): an object with ``fields`` (name ->
+    type); else :class:`ZooCorruptError` naming the file and what is wrong."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ZooCorruptError(f"{path} is not valid JSON ({e}): truncated or damaged") from None
+    wrong = [name for name, kind in fields.items()
+             if not isinstance(record, dict) or not isinstance(record.get(name), kind)]
+    if wrong:
+        raise ZooCorruptError(f"{path} is not a zoo's {Path(path).name}: " + (
+            f"{', '.join(wrong)} missing or of the wrong type" if isinstance(record, dict)
+            else f"expected a JSON object, got {type(record).__name__}") + " (edited, or written by something else)")
+    return record
+
+
+_SPEC_FIELDS = {"spec": dict, "batch_networks": int}
+_MANIFEST_FIELDS = {"format": str, "spec": dict, "batch_networks": int, "networks": list, "shards": list,
+                    "build_kwargs": dict}
+_SIDECAR_FIELDS = {"file": str, "bytes": int, "sha256": str, "task": int, "r0": int, "r1": int, "networks": list,
+                   "build_kwargs": dict}
+
+
+def _check_root(root: Path) -> None:
+    as_folder("zoo root", root)
+
+
 def _chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, device) -> tuple[int, bool]:
     """Validate ``root/spec.json`` if it exists; return the chunk size to use and whether it exists."""
     spath = root / "spec.json"
     if spath.is_file():
-        stored = json.loads(spath.read_text())
+        stored = read_record(spath, _SPEC_FIELDS)
         diff = spec_diff(stored["spec"], spec.identity())
         if diff:
             raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
@@ -735,9 +766,29 @@ def spec_sha256(identity: dict[str, Any]) -> str:
 def expected_networks(spec: ZooSpec, k: int) -> list[dict[str, Any]]:
     """Each network's identity as the spec and the chunk size ``k`` determine it, in zoo order:
     task, run, seeds, shard file and row."""
+    return [net for chunk in chunks(spec, k) for p in chunk for net in _piece_networks(spec, p)]
+
+
+def _piece_networks(spec: ZooSpec, p: Piece) -> list[dict[str, Any]]:
     return [{"task": p.task, "run": r, "seed": run_seed(spec.seed, p.task, r),
              "data_seed": data_seed(spec.seed, p.task, r), "shard": f"shards/{p.name}.safetensors", "row": r - p.r0}
-            for chunk in chunks(spec, k) for p in chunk for r in range(p.r0, p.r1)]
+            for r in range(p.r0, p.r1)]
+
+
+def _check_piece(root: Path, spec: ZooSpec, piece: Piece, meta: dict[str, Any]) -> None:
+    """``ZooCorruptError`` unless a finished shard's sidecar records the networks its name stands
+    for (a shard renamed onto another's name is found before anything trains)."""
+    side = root / "shards" / f"{piece.name}.json"
+    nets = meta.get("networks")
+    want = _piece_networks(spec, piece)
+    if not isinstance(nets, list) or len(nets) != len(want) or any(
+            not isinstance(n, dict) or any(n.get(k) != v for k, v in w.items()) for n, w in zip(nets, want)):
+        held = sorted({(n.get("task"), n.get("run")) for n in nets if isinstance(n, dict)} if isinstance(nets, list)
+                      else [])
+        raise ZooCorruptError(
+            f"{side} records other networks than its name says (task {piece.task}, runs {piece.r0}-{piece.r1 - 1}): "
+            f"(task, run) {held[:4]}{' …' if len(held) > 4 else ''}; renamed or copied from another place? "
+            f"Delete it and its .safetensors to train them again")
 
 
 def check_networks(networks: Sequence[dict[str, Any]], spec: ZooSpec, k: int, where: Path) -> None:
@@ -778,7 +829,7 @@ def _finalize(root: Path, spec: ZooSpec, k: int) -> bool:
             side = root / "shards" / f"{p.name}.json"
             if not side.is_file():
                 return False
-            metas.append(json.loads(side.read_text()))
+            metas.append(read_record(side, _SIDECAR_FIELDS))
             sides.append(side)
     networks, shards = [], []
     ours = spec_sha256(spec.identity())
@@ -930,6 +981,7 @@ def train_zoo(
     records what ran.
     """
     root = Path(root)
+    _check_root(root)
     if not isinstance(spec, ZooSpec):
         spec = ZooSpec.from_dict(dict(spec))
     device = as_device(device)
@@ -962,33 +1014,11 @@ def train_zoo(
             check_task_data(root, spec, recorded, {t: d.sha256() for t, d in task_data.items()})
         return zoo
     check_precision(spec.precision, device)  # only training needs it: a finished TF32 zoo loads anywhere
-    k, spec_exists = _chunk_size(root, spec, batch_networks, device)
     rank, world = shard if shard is not None else (0, 1)
-    all_chunks = chunks(spec, k)
-    mine = [c for ci, c in enumerate(all_chunks) if ci % world == rank]
-    # a resumed zoo's finished shards are hashed in parallel (hashing releases the GIL); the pool
-    # is joined before any init worker is forked
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        pieces = [p for c in mine for p in c]
-        sidecars = dict(zip((p.name for p in pieces), pool.map(lambda p: _read_sidecar(root, p), pieces)))
-    todo = [c for c in mine if not all(sidecars[p.name] is not None for p in c)]
+    with folder_lock(root):  # checking root and writing spec.json is one step: two runs cannot both pass
+        k, mine, todo, task_data, digests = _start(root, spec, batch_networks, device, rank, world)
     n_done = sum(p.r1 - p.r0 for c in mine if c not in todo for p in c)
     n_mine = sum(p.r1 - p.r0 for c in mine for p in c)
-    # Data first: a missing dataset fails before anything is written under root.
-    needed = sorted({p.task for c in todo for p in c})
-    task_data = _load_tasks(spec, needed)
-    # and the same data: a resumed zoo's finished shards name the data they were trained on
-    digests = {t: d.sha256() for t, d in task_data.items()}  # hashed once: checked here, recorded by each shard
-    recorded = recorded_task_data([m for m in sidecars.values() if m is not None])
-    finished_only = _load_tasks(spec, sorted(set(recorded) - set(needed)))
-    check_task_data(root, spec, recorded, {**{t: d.sha256() for t, d in finished_only.items()}, **digests})
-    _check_shards_belong(root, spec, spec_exists)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "shards").mkdir(exist_ok=True)
-    for folder in (root, root / "shards"):  # staging folders of a killed run
-        clean_stale_temp(folder)
-    if not spec_exists:
-        _write_spec(root, spec, k)
     t_start = time.time()
     with batched.kernel_settings(conv_backend, bn_backend, tiles):  # for this training only
         kernels = kernels_used(spec.arch, device)
@@ -1081,6 +1111,64 @@ def train_zoo(
     return None
 
 
+def _start(root: Path, spec: ZooSpec, batch_networks: int | None, device: str, rank: int, world: int):
+    """Everything :func:`train_zoo` checks before it trains (spec, finished shards, data, room on
+    the disk), then ``root``'s folders and ``spec.json``. Returns the chunk size, this rank's chunks,
+    those still to train, their tasks' data and its digests."""
+    k, spec_exists = _chunk_size(root, spec, batch_networks, device)
+    mine = [c for ci, c in enumerate(chunks(spec, k)) if ci % world == rank]
+    # a resumed zoo's finished shards are hashed in parallel (hashing releases the GIL); the pool
+    # is joined before any init worker is forked
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        pieces = [p for c in mine for p in c]
+        sidecars = dict(zip((p.name for p in pieces), pool.map(lambda p: _read_sidecar(root, p), pieces)))
+    todo = [c for c in mine if not all(sidecars[p.name] is not None for p in c)]
+    _check_shards_belong(root, spec, spec_exists)  # another spec's shards: named as such, before the data
+    for p in pieces:
+        if sidecars[p.name] is not None:
+            _check_piece(root, spec, p, sidecars[p.name])
+    # Data first: a missing dataset fails before anything is written under root.
+    needed = sorted({p.task for c in todo for p in c})
+    task_data = _load_tasks(spec, needed)
+    # and the same data: a resumed zoo's finished shards name the data they were trained on
+    digests = {t: d.sha256() for t, d in task_data.items()}  # hashed once: checked here, recorded by each shard
+    recorded = recorded_task_data([m for m in sidecars.values() if m is not None])
+    finished_only = _load_tasks(spec, sorted(set(recorded) - set(needed)))
+    check_task_data(root, spec, recorded, {**{t: d.sha256() for t, d in finished_only.items()}, **digests})
+    _check_room(root, spec, todo, task_data)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "shards").mkdir(exist_ok=True)
+    for folder in (root, root / "shards"):  # staging folders of a killed run
+        clean_stale_temp(folder)
+    if not spec_exists:
+        _write_spec(root, spec, k)
+    return k, mine, todo, task_data, digests
+
+
+def _check_room(root: Path, spec: ZooSpec, todo: Sequence[Sequence[Piece]], task_data: dict[int, TaskData]) -> None:
+    """Before anything trains: an existing ``root/shards`` takes a file, and the disk has room for
+    the shards still to train (their tensors, plus 4 KiB each for a sidecar's share)."""
+    if (root / "shards").is_dir():
+        try:
+            with tempfile.TemporaryFile(dir=root / "shards"):
+                pass
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write in {root / 'shards'} ({e.strerror}), where the zoo's shards go; "
+                                   "make it writable or choose another root") from None
+    if not todo:
+        return
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        net = _chunk_model(spec, todo[0], task_data)[2]()
+    per_net = sum(t.numel() * t.element_size() for t in net.state_dict().values()) + 4096
+    n = sum(p.r1 - p.r0 for c in todo for p in c)
+    free = free_bytes(root)
+    if n * per_net > free:
+        raise OSError(errno.ENOSPC, f"not enough space for the zoo at {root}: its {n} networks still to train need "
+                                    f"about {n * per_net / 2**20:,.1f} MiB, its disk has {free / 2**20:,.1f} MiB free; "
+                                    "free some, or choose a root on another disk")
+
+
 def _maybe_die_after_chunk() -> None:
     """Test hook: ``FFL_ZOO_DIE_AFTER_CHUNKS=n`` kills the process (no cleanup, like SIGKILL)
     after n chunks were written."""
@@ -1097,15 +1185,17 @@ def prepare_zoo(spec: ZooSpec, root: str | os.PathLike, *, batch_networks: int |
     """Create ``root`` and its ``spec.json`` (or check an existing one against ``spec``) without
     training; return the chunk size the zoo uses. Lets several ranks start on one folder."""
     root = Path(root)
+    _check_root(root)
     if (root / "manifest.json").is_file():
-        return int(json.loads((root / "manifest.json").read_text())["batch_networks"])
+        return read_record(root / "manifest.json", _MANIFEST_FIELDS)["batch_networks"]
     if batch_networks is not None:
         batch_networks = as_int("batch_networks", batch_networks, minimum=1)
-    k, exists = _chunk_size(root, spec, batch_networks, as_device(device))
-    _check_shards_belong(root, spec, exists)
-    (root / "shards").mkdir(parents=True, exist_ok=True)
-    if not exists:
-        _write_spec(root, spec, k)
+    with folder_lock(root):
+        k, exists = _chunk_size(root, spec, batch_networks, as_device(device))
+        _check_shards_belong(root, spec, exists)
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        if not exists:
+            _write_spec(root, spec, k)
     return k
 
 
@@ -1113,7 +1203,7 @@ def finalize_zoo(root: str | os.PathLike) -> Zoo | None:
     """Write ``root/manifest.json`` once every shard of the zoo in ``root`` exists and return the
     zoo; ``None`` while shards are missing."""
     root = Path(root)
-    stored = json.loads((root / "spec.json").read_text())
+    stored = read_record(root / "spec.json", _SPEC_FIELDS)
     return Zoo.load(root) if _finalize(root, ZooSpec.from_dict(stored["spec"]), int(stored["batch_networks"])) else None
 
 
@@ -1122,34 +1212,38 @@ def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zo
     ``out``; the result is byte-identical to a single-process run. Missing shards → error."""
     parts = [Path(p) for p in parts]
     out = Path(out)
-    specs = [json.loads((p / "spec.json").read_text()) for p in parts]
+    _check_root(out)
+    specs = [read_record(p / "spec.json", _SPEC_FIELDS) for p in parts]
     for p, s in zip(parts[1:], specs[1:]):
         diff = spec_diff(specs[0]["spec"], s["spec"])
         if diff or s["batch_networks"] != specs[0]["batch_networks"]:
             raise ValueError(f"cannot merge {parts[0]} and {p}: different specs/chunking: {diff}")
     spec = ZooSpec.from_dict(specs[0]["spec"])
     k = int(specs[0]["batch_networks"])
-    (out / "shards").mkdir(parents=True, exist_ok=True)
     if (out / "spec.json").is_file():
         _chunk_size(out, spec, k, "cpu")  # validates the existing spec
-    else:
+    # where each shard comes from, all checked before anything is copied
+    for folder in [*parts, out]:
+        _check_shards_belong(folder, spec, True)
+    sources, missing = {}, []
+    for piece in (p for chunk in chunks(spec, k) for p in chunk):
+        src, meta = next(((p, m) for p in [*parts, out] if (m := _read_sidecar(p, piece)) is not None), (None, None))
+        if src is None:
+            missing.append(piece.name)
+            continue
+        _check_piece(src, spec, piece, meta)
+        sources[piece] = src
+    if missing:
+        raise FileNotFoundError(f"cannot merge: shards missing from every part: {missing[:10]}"
+                                + (" …" if len(missing) > 10 else "") + f"; nothing was written to {out}")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    if not (out / "spec.json").is_file():
         write_json_atomic(out / "spec.json", specs[0])
-    missing = []
-    for chunk in chunks(spec, k):
-        for piece in chunk:
-            src = next((p for p in parts if _read_sidecar(p, piece) is not None), None)
-            if src is None:
-                if _read_sidecar(out, piece) is None:
-                    missing.append(piece.name)
-                continue
-            if src.resolve() == out.resolve():
-                continue
+    for piece, src in sources.items():
+        if src.resolve() != out.resolve():
             for ext in (".safetensors", ".json"):
                 with atomic_path(out / "shards" / f"{piece.name}{ext}") as staged:
                     shutil.copyfile(src / "shards" / f"{piece.name}{ext}", staged)
-    if missing:
-        raise FileNotFoundError(f"cannot merge: shards missing from every part: {missing[:10]}"
-                                + (" …" if len(missing) > 10 else ""))
     if not _finalize(out, spec, k):
         raise RuntimeError("merge incomplete")
     return Zoo.load(out)
@@ -1171,7 +1265,14 @@ def _add_spec_source(ap) -> None:
 
 def _spec_of(args) -> ZooSpec:
     if args.spec:
-        return ZooSpec.from_dict(json.loads(Path(args.spec).read_text()))
+        try:
+            fields = json.loads(Path(args.spec).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--spec {args.spec}: cannot be read as JSON ({type(e).__name__}: {e})") from None
+        if not isinstance(fields, dict):
+            raise SystemExit(f"--spec {args.spec}: expected a JSON object of ZooSpec fields (as `python -m ffl.zoo "
+                             f"spec` prints), got {type(fields).__name__}")
+        return ZooSpec.from_dict(fields)
     if not (args.profile and args.arch):
         raise SystemExit("give --spec FILE, or --profile NAME --arch ARCH [--section S --dataset D]")
     return spec_from_profile(args.profile, args.section, arch=args.arch, dataset=args.dataset or args.section,
@@ -1194,7 +1295,7 @@ def _train(args) -> int:
         args.root = cached_zoo_root(spec)
         print(f"zoo folder: {args.root}", file=sys.stderr)
     tune_malloc()  # this process exists to train: keep large buffers in the heap
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = as_int("$WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"), minimum=1)
     engine = {}
     if args.profile and args.device.startswith("cuda"):  # the profile's zoo.cuda settings
         engine = cuda_engine_from_profile(args.profile, args.section, arch=args.arch)
@@ -1203,10 +1304,10 @@ def _train(args) -> int:
     if world == 1:
         print(train_zoo(spec, args.root, device=args.device, progress=not args.quiet, compile=args.compile, **engine))
         return 0
-    rank = int(os.environ.get("RANK", "0"))
+    rank = as_int("$RANK", os.environ.get("RANK", "0"), minimum=0)
     device = args.device
     if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{as_int('$LOCAL_RANK', os.environ.get('LOCAL_RANK', '0'), minimum=0)}"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if rank == 0:  # write spec.json (and check an existing one) before the other ranks start
         prepare_zoo(spec, args.root, batch_networks=engine.get("batch_networks"), device=device)

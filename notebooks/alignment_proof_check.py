@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -43,11 +43,13 @@ import torch
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.checks
 import ffl.invariance
 import ffl.plots
 import ffl.profiles
 import ffl.provenance
 
+seed, device = ffl.checks.check_parameters(seed=seed, device=device).values()  # checked, normalized
 cfg = ffl.profiles.load_profile(profile)["alignment_proof_check"]
 # Exact single precision on GPUs too: TF32 convolutions would round at ~1e-3 and hide the check.
 torch.backends.cudnn.allow_tf32 = False

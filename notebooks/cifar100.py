@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,6 +57,7 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import ffl.book
+import ffl.checks
 import ffl.data
 import ffl.experiment
 import ffl.paper
@@ -66,6 +67,8 @@ import ffl.plots
 import ffl.provenance
 
 # Checked before any work: a wrong choice stops here with the valid ones.
+seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
+    seed=seed, device=device, download=download, data_root=data_root).values()
 settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="cifar100",
                                        seed=seed, device=device, download=download, data_root=data_root)
 if dataset == "cifar100":  # the data too: missing and not downloadable, this cell says what to do

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -61,6 +61,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.checks
 import ffl.experiment
 import ffl.paper
 import ffl.plots
@@ -68,6 +69,8 @@ import ffl.provenance
 import ffl.report
 
 # Checked before any work: a wrong choice stops here with the valid ones.
+seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
+    seed=seed, device=device, download=download, data_root=data_root).values()
 named = ffl.experiment.factor_settings(profile)
 for spec in named.values():
     ffl.experiment.check_choices(arch=spec["arch"], dataset=dataset, profile=profile, section="factors")

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -50,12 +50,15 @@ device = "cpu"  # "cpu" or "cuda"
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.checks
 import ffl.experiment
 import ffl.paper
 import ffl.provenance
 import ffl.report
 
 # Checked before any work: a wrong choice stops here with the valid ones.
+seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
+    seed=seed, device=device, download=download, data_root=data_root).values()
 settings = ffl.experiment.check_choices(arch="gru", dataset="namedata", profile=profile, section="namedata",
                                           seed=seed, device=device, download=download, data_root=data_root)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -56,6 +56,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.checks
 import ffl.data
 import ffl.experiment
 import ffl.paper
@@ -64,6 +65,8 @@ import ffl.provenance
 import ffl.report
 
 # Checked before any work: a wrong choice stops here with the valid ones.
+seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
+    seed=seed, device=device, download=download, data_root=data_root).values()
 settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="tiny_imagenet")
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch=arch, profile=profile, dataset=dataset, seed=seed))))

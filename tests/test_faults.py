@@ -61,7 +61,7 @@ def zoo_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("tasks", [0, 70], "task 70 out of range for 'synthetic'"),
     ("runs", 0, "runs must be an integer >= 1"),
     ("seed", "abc", "seed must be an integer, got 'abc'"),
-    ("download", "maybe", "download must be True or False, got 'maybe'"),
+    ("download", "maybe", r"download must be True or False \(or the text true/True/TRUE, .*got 'maybe'"),
     ("lr_step_epochs", [1, "x"], "lr_step_epochs entry must be an integer"),
 ])
 def test_bad_spec_field_is_refused_before_anything_is_written(field, value, message, tmp_path):
@@ -81,9 +81,11 @@ def test_numbers_written_as_text_become_numbers():
 def test_profile_yaml_reads_exponents_as_numbers(tmp_path, monkeypatch):
     import ffl.profiles
 
-    (tmp_path / "p.yaml").write_text("s:\n  weight_decay: 1e-4\n  lr: 5E-2\n  steps: 1e3\n  name: e5\n")
+    (tmp_path / "p.yaml").write_text("namedata:\n  zoo:\n    arch:\n      gru: {weight_decay: 1e-4, lr: 5E-2, "
+                                     "momentum: 1e-1, optimizer: e5}\n")
     monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
-    assert ffl.profiles.load_profile("p")["s"] == {"weight_decay": 1e-4, "lr": 0.05, "steps": 1000.0, "name": "e5"}
+    assert ffl.profiles.load_profile("p")["namedata"]["zoo"]["arch"]["gru"] == \
+        {"weight_decay": 1e-4, "lr": 0.05, "momentum": 0.1, "optimizer": "e5"}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -120,7 +122,7 @@ def test_cuda_without_gpu_is_refused_at_once(tmp_path):
 @pytest.mark.parametrize("name,value,message", [
     ("seed", "abc", "seed must be an integer, got 'abc'"),
     ("seed", -1, "seed must be an integer >= 0"),
-    ("download", "maybe", "download must be True or False, got 'maybe'"),
+    ("download", "maybe", r"download must be True or False \(or the text true/True/TRUE, .*got 'maybe'"),
     ("device", "gpu", "unknown device 'gpu'; choose one of"),
     ("data_root", 3, "data_root must be a folder path or None"),
 ])

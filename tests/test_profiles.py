@@ -41,19 +41,23 @@ def profile_dir(tmp_path, monkeypatch):
 
 def test_extends_merges_mappings_and_replaces_lists_and_values(profile_dir):
     (profile_dir / "base.yaml").write_text(
-        "s:\n  zoo: {lr: 0.1, epochs: 50, steps: [30, 40]}\n  split: {seed: 1}\nt: {a: 1}\n")
-    (profile_dir / "child.yaml").write_text("extends: base\ns:\n  zoo: {lr: 0.05, steps: [10]}\nu: 2\n")
-    (profile_dir / "grandchild.yaml").write_text("extends: child\nt: 3\n")
-    assert load_profile("child") == {"s": {"zoo": {"lr": 0.05, "epochs": 50, "steps": [10]}, "split": {"seed": 1}},
-                                     "t": {"a": 1}, "u": 2}
-    assert load_profile("grandchild")["t"] == 3 and load_profile("grandchild")["s"]["zoo"]["lr"] == 0.05
-    assert load_profile("base")["s"]["zoo"]["lr"] == 0.1  # the base is not changed by loading a child
+        "cifar100:\n  projection: {lr: 0.1, epochs: 50, lr_step_epochs: [30, 40]}\n  split: {seed: 1}\n"
+        "namedata: {split: {seed: 1}}\n")
+    (profile_dir / "child.yaml").write_text(
+        "extends: base\ncifar100:\n  projection: {lr: 0.05, lr_step_epochs: [10]}\nbook_dir: b\n")
+    (profile_dir / "grandchild.yaml").write_text("extends: child\nnamedata: {}\n")
+    assert load_profile("child") == {"cifar100": {"projection": {"lr": 0.05, "epochs": 50, "lr_step_epochs": [10]},
+                                                  "split": {"seed": 1}},
+                                     "namedata": {"split": {"seed": 1}}, "book_dir": "b"}
+    grandchild = load_profile("grandchild")
+    assert grandchild["namedata"] == {"split": {"seed": 1}} and grandchild["cifar100"]["projection"]["lr"] == 0.05
+    assert load_profile("base")["cifar100"]["projection"]["lr"] == 0.1  # the base is not changed by a child
 
 
 @pytest.mark.parametrize("files,name,message", [
     ({"a.yaml": "extends: nowhere\n"}, "a", r"unknown profile 'nowhere'; choose one of \['a'\]"),
     ({"a.yaml": "extends: b\n", "b.yaml": "extends: a\n"}, "a", "in a cycle: a -> b -> a"),
-    ({"a.yaml": "extends: [b, c]\n"}, "a", "extends must name one profile"),
+    ({"a.yaml": "extends: [b, c]\n"}, "a", "extends: expected the name of one profile"),
 ])
 def test_bad_extends_is_refused_with_its_reason(profile_dir, files, name, message):
     for file, text in files.items():

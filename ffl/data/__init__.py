@@ -43,8 +43,11 @@ Modules: :mod:`ffl.data.tasks` (what a task is), :mod:`ffl.data.synthetic`,
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
+
+from ffl.checks import as_int, type_error
 
 from ffl.data.cifar10 import CIFAR10_MEAN, CIFAR10_NPZ, CIFAR10_STD, CIFAR10_URL, load_cifar10
 from ffl.data.cifar100 import CIFAR100_FILES, CIFAR100_MEAN, CIFAR100_STD, CIFAR100_URL, load_cifar100
@@ -58,7 +61,8 @@ from ffl.data.tiny_imagenet import (TINY_IMAGENET_DIR, TINY_IMAGENET_MD5, TINY_I
                                     materialize_tiny_imagenet)
 
 __all__ = [
-    "DATA_NAMES", "DATASETS", "TaskData", "data_label", "load_task", "num_tasks", "task_classes", "synthetic_task",
+    "DATA_NAMES", "DATASETS", "TaskData", "check_data_kwargs", "data_kwargs_types", "data_label",
+    "load_task", "num_tasks", "task_classes", "synthetic_task",
     "materialize_tiny_imagenet", "ALL_LETTERS", "N_LETTERS", "NAMEDATA_LANGUAGES", "NAMEDATA_URL",
     "name_to_tensor", "read_names", "unicode_to_ascii", "CIFAR10_MEAN", "CIFAR10_NPZ", "CIFAR10_STD",
     "CIFAR10_URL", "CIFAR100_FILES", "CIFAR100_MEAN", "CIFAR100_STD",
@@ -68,11 +72,40 @@ __all__ = [
 ]
 
 
+#: each dataset's loader: its keyword-only arguments (but ``download``, ``seed``) are its ``data_kwargs``
+_LOADERS = {"synthetic": synthetic_task, "cifar100": load_cifar100, "cifar10": load_cifar10,
+            "tiny_imagenet": load_tiny_imagenet, "namedata": load_namedata}
+
+
+def data_kwargs_types(dataset: str) -> dict[str, str]:
+    """The keyword arguments :func:`load_task` takes for ``dataset`` (name -> annotation text)."""
+    check_dataset(dataset)
+    params = inspect.signature(_LOADERS[dataset]).parameters.values()
+    return {p.name: str(p.annotation) for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("download", "seed")}
+
+
+def check_data_kwargs(dataset: str, kw: dict[str, Any]) -> None:
+    """``TypeError`` for a keyword ``dataset``'s loader does not take; ``ValueError`` for one of the
+    wrong type or a size (``max_*``, ``n_*``) below 1 (a negative limit would slice from the end)."""
+    known = data_kwargs_types(dataset)
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise TypeError(f"unknown data_kwargs {unknown} for {dataset!r}; it takes {sorted(known)}")
+    for name, value in kw.items():
+        wrong = type_error(value, known[name])
+        if wrong:
+            raise ValueError(f"data_kwargs {name}: {wrong}")
+        if name.startswith(("max_", "n_")) and value is not None:
+            as_int(name, value, minimum=1)
+
+
 def load_task(dataset: str, task: int, *, data_root: str | os.PathLike | None = None,
               download: bool = False, seed: int = 0, **kw: Any) -> TaskData:
     """Load task ``task`` of ``dataset`` as tensors (§4).
 
-    Dataset-specific keyword arguments (unknown ones raise ``TypeError``):
+    Dataset-specific keyword arguments (:func:`check_data_kwargs`: unknown ones raise ``TypeError``,
+    wrong types and sizes below 1 ``ValueError``):
 
     - synthetic: ``n_train=256``, ``n_test=128``, ``n_tasks=50``, ``noise=1.0``,
       ``separation=12.0``, ``grid=4`` (see :func:`synthetic_task`). ``seed`` selects the family.
@@ -83,7 +116,7 @@ def load_task(dataset: str, task: int, *, data_root: str | os.PathLike | None = 
     - namedata: ``test_fraction=0.2``, ``dedupe=True``, ``max_per_class=None``; ``seed`` fixes
       the per-language train/test split.
     """
-    check_dataset(dataset)
+    check_data_kwargs(dataset, kw)
     if dataset == "synthetic":
         return synthetic_task(task, seed=seed, **kw)
     task = check_task(dataset, task)  # before touching the file system

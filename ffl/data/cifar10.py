@@ -22,7 +22,7 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from ffl.data.cifar_pickles import CifarPickles, ensure_files, load_task_from_pickles, missing_files
-from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs
+from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs, reading_npz
 from ffl.data.tasks import TaskData, normalize_images, task_classes
 from ffl.files import atomic_path
 
@@ -34,6 +34,7 @@ CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 #: the offline JPEG copy, relative to data_root
 CIFAR10_NPZ = Path("cifar10_substitute") / "cifar10_yoongikim_jpeg.npz"
+_REPAIR = "fetch {name} again (its PROVENANCE.md gives the sha256)"
 
 
 def _cifar10_class() -> type:
@@ -69,7 +70,7 @@ def cifar10_source(root: Path, *, download: bool = False) -> Path:
 def _read_npz(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     key = file_stamp(path)
     if key not in _NPZ:
-        with np.load(path) as z:
+        with reading_npz(path, _REPAIR.format(name=path.name)), np.load(path) as z:
             _NPZ[key] = ([str(c) for c in z["classes"]],
                          {split: (z[f"{split}_jpeg"], z[f"{split}_offsets"], z[f"{split}_labels"])
                           for split in ("train", "test")})
@@ -84,8 +85,7 @@ def _npz_class(path: Path, split: str, class_index: int, limit: int | None) -> t
         chosen = np.flatnonzero(labels == class_index)[:limit]
         if not len(chosen):
             raise FileNotFoundError(f"{path} holds no {split} images of class {class_index}")
-        _CACHE[key] = decode_resize(npz_blobs(jpeg, offsets, chosen),
-                                    repair=f"fetch {path.name} again (its PROVENANCE.md gives the sha256)")
+        _CACHE[key] = decode_resize(npz_blobs(jpeg, offsets, chosen), repair=_REPAIR.format(name=path.name))
     return _CACHE[key]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffl.data.tasks import TaskData, normalize_images
+from ffl.data.tasks import TaskData, download_failure, normalize_images
 from ffl.files import atomic_path
 
 
@@ -53,11 +53,8 @@ def ensure_files(root: Path, cifar: CifarPickles, *, download: bool) -> Path:
     root = Path(root)
     missing = missing_files(root, cifar)
     if missing and download:
-        try:
-            with atomic_path(root / cifar.folder) as staged:
-                cifar.dataset_class()(root=str(staged.parent), train=True, download=True)  # md5-checked
-        except OSError as e:  # no network (URLError), refused connection, full disk
-            raise FileNotFoundError(missing_message(root, missing, cifar) + f" (The download failed: {e}.)") from e
+        with download_failure(missing_message(root, missing, cifar)), atomic_path(root / cifar.folder) as staged:
+            cifar.dataset_class()(root=str(staged.parent), train=True, download=True)  # md5-checked
         missing = missing_files(root, cifar)
     if missing:
         raise FileNotFoundError(missing_message(root, missing, cifar))

@@ -2,8 +2,11 @@
 of tiny ImageNet and CIFAR-10: concatenated JPEG bytes with offsets), decoded to uint8 tensors."""
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +47,14 @@ def file_stamp(path: Path) -> str:
     """Resolved path, size and mtime: a rewritten file is read again, never served from memory."""
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def reading_npz(path: Path, repair: str) -> Iterator[None]:
+    """Reading an ``.npz`` copy inside this block: a truncated or damaged file (bad zip, bad CRC,
+    missing key) raises ``OSError`` naming it and ``repair``, what to do."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise OSError(f"cannot read {path} ({type(e).__name__}: {e}): the file is damaged or incomplete; "
+                      f"{repair}") from e

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import utils as tv_utils  # module attribute: tests stub the download
 
-from ffl.data.tasks import TaskData, task_classes
+from ffl.data.tasks import TaskData, download_failure, task_classes
 from ffl.files import atomic_path
 from ffl.seeds import derive_seed
 
@@ -105,20 +105,20 @@ def load_namedata(task: int, root: Path, *, download: bool, seed: int, split: st
     languages = [NAMEDATA_LANGUAGES[c] for c in task_classes("namedata", task)]
     paths = [base / f"{lang}.txt" for lang in languages]
     missing = [p for p in paths if not p.is_file()]
+    message = ("NameData not found: missing " + ", ".join(str(p) for p in missing)
+               + f". Expected {base}/<Language>.txt for the 18 languages {NAMEDATA_LANGUAGES}. "
+               "Get them with load_task('namedata', ..., download=True) (notebooks: "
+               f"`-p download true`), or download {NAMEDATA_URL} and copy its data/names/ folder "
+               f"to {base}.")
     if missing and download:
-        with atomic_path(base) as staged:
+        with download_failure(message), atomic_path(base) as staged:
             # No official checksum is published for data.zip, so none is checked.
             archive = staged.parent / "archive"
             tv_utils.download_and_extract_archive(NAMEDATA_URL, download_root=str(archive))
             os.replace(archive / "data" / "names", staged)
         missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
-            "NameData not found: missing " + ", ".join(str(p) for p in missing)
-            + f". Expected {base}/<Language>.txt for the 18 languages {NAMEDATA_LANGUAGES}. "
-            "Get them with load_task('namedata', ..., download=True) (notebooks: "
-            f"`-p download true`), or download {NAMEDATA_URL} and copy its data/names/ folder "
-            f"to {base}.")
+        raise FileNotFoundError(message)
     splits: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     for label, (lang, path) in enumerate(zip(languages, paths)):
         train, test = _split_names(read_names(path), split, test_fraction=test_fraction, dedupe=dedupe,

@@ -2,15 +2,18 @@
 global classes task ``r`` holds; the checks every loader runs before touching the file system."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ffl.checks import as_folder, env_folder
 
 DATASETS = ("synthetic", "cifar100", "cifar10", "tiny_imagenet", "namedata")
 
@@ -145,10 +148,19 @@ def cifar10_pairs() -> list[tuple[int, int]]:
 
 
 def resolve_root(data_root: str | os.PathLike | None) -> Path:
-    """``data_root``, else ``$FFL_DATA_ROOT``, else ``./data``."""
-    if data_root is None:
-        data_root = os.environ.get("FFL_DATA_ROOT", "data")
-    return Path(data_root).expanduser()
+    """``data_root``, else ``$FFL_DATA_ROOT`` (set but empty: unset), else ``./data``; an existing
+    file → ``ValueError`` saying so."""
+    return env_folder("FFL_DATA_ROOT", "data") if data_root is None else as_folder("data_root", data_root)
+
+
+@contextlib.contextmanager
+def download_failure(missing: str) -> Iterator[None]:
+    """A download inside this block that fails (no network, refused, full disk) raises
+    ``FileNotFoundError`` with ``missing`` (what is missing and the ways on) and the reason."""
+    try:
+        yield
+    except OSError as e:  # URLError, ConnectionError, ENOSPC …
+        raise FileNotFoundError(f"{missing} (The download failed: {e}.)") from e
 
 
 def normalize_images(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

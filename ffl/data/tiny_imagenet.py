@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torchvision.datasets import utils as tv_utils  # module attribute: tests stub the download
 
-from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs
-from ffl.data.tasks import TaskData, normalize_images, task_classes
+from ffl.data.jpeg import decode_resize, file_stamp, npz_blobs, reading_npz
+from ffl.data.tasks import TaskData, download_failure, normalize_images, task_classes
 from ffl.files import atomic_path, clean_stale_temp
 
 # Standard per-channel statistics of the training set (RGB, pixel values in [0, 1]).
@@ -63,7 +63,8 @@ def _tiny_base(root: Path, download: bool) -> Path:
     if not all(p.is_file() for p in needed) and (root / TINY_IMAGENET_NPZ).is_file():
         return root / TINY_IMAGENET_NPZ
     if download and not all(p.is_file() for p in needed):
-        with atomic_path(base) as staged:  # the archive unpacks to tiny-imagenet-200/ = staged
+        missing = _tiny_missing_message(base, [p for p in needed if not p.is_file()])
+        with download_failure(missing), atomic_path(base) as staged:  # the archive unpacks to tiny-imagenet-200/
             tv_utils.download_and_extract_archive(TINY_IMAGENET_URL, download_root=str(staged.parent),
                                                   md5=TINY_IMAGENET_MD5)
     missing = [p for p in needed if not p.is_file()]
@@ -146,7 +147,7 @@ _NPZ: dict[str, tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndar
 def _read_npz(path: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     key = file_stamp(path)
     if key not in _NPZ:
-        with np.load(path) as z:
+        with reading_npz(path, "fetch it again (its PROVENANCE.md gives the sha256)"), np.load(path) as z:
             official = [str(w) for w in z["wnids"]]
             wnids = sorted(official)
             to_sorted = np.array([wnids.index(w) for w in official])
