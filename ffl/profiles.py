@@ -156,6 +156,12 @@ SCHEMA = Keys({
     "cifar100": Keys(_EXPERIMENT), "namedata": Keys(_EXPERIMENT), "tiny_imagenet": Keys(_EXPERIMENT),
     "factors": Keys({**_EXPERIMENT, "settings": Each(None, lambda _: Keys({"arch": "str", **_TRAINING},
                                                                           required=("arch",)))}),
+    # the CNN-gap study (ffl.gap): zoo settings override a section's zoo, Θ settings its projection
+    "cnn_gap": Keys({"section": "str", "arch": "str", "dataset": "str", "max_index": "int",
+                     "reference_theta": "str", "adopted_theta": "str",
+                     "zoos": Each(None, lambda _: Keys({"tasks": "int", "runs": "int", **_TRAINING})),
+                     "thetas": Each(None, lambda _: Keys(_fields(ProjectionConfig)))},
+                    required=("section", "arch", "dataset", "zoos", "thetas", "reference_theta", "adopted_theta")),
 })
 
 
