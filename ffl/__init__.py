@@ -7,3 +7,16 @@ modules), :mod:`ffl.features` (function feature learning, §3.3), :mod:`ffl.prot
 :mod:`ffl.metrics` (§4), :mod:`ffl.plots` (figures). DESIGN.md maps every module.
 """
 __version__ = "0.1.0"
+
+# Imported on first use, so that `import ffl` stays light (no torch until a name is asked for).
+_LAZY = {"compare": "ffl.compare", "as_model": "ffl.adapt", "save_projection": "ffl.compare",
+         "load_projection": "ffl.compare", "Projection": "ffl.features"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ffl' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    return module if name == "compare" else getattr(module, name)  # ffl.compare: the module is callable
