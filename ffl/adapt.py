@@ -242,4 +242,4 @@ def as_model(net: nn.Module | Mapping[str, torch.Tensor], *, like: nn.Module | N
     if isinstance(net, FFL_CLASSES):
         check_supported(net)
         return net
-    return _from_layers(layers(net))
+    return _from_layers(layers(net)).train(net.training)

@@ -88,9 +88,12 @@ def save_projection(proj: Projection, rep: Representation, path: str | Path, *, 
 
 def load_projection(path: str | Path) -> SavedProjection:
     """Read what :func:`save_projection` wrote."""
-    with safe_open(str(path), framework="pt") as f:
-        s = json.loads((f.metadata() or {}).get("ffl_projection", "null"))
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            s = json.loads((f.metadata() or {}).get("ffl_projection", "null"))
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type: not a safetensors file
+        raise ValueError(f"{path} is not a projection saved by ffl.compare.save_projection: {e}") from e
     if not s or s.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a projection saved by ffl.compare.save_projection (format {_FORMAT})")
     proj = Projection(coef=t["coef"], bias=t["bias"], train_index=t["train_index"], normalize=s["normalize"])
@@ -209,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
         like = _like(args.like) if args.like else None
         nets = [_load(p, args.trust_pickles) for p in args.networks]
         stems = [Path(p).stem for p in args.networks]
-        names = stems if len(set(stems)) == len(stems) else list(args.networks)
+        names = stems if len(set(stems)) == len(stems) else [f"{i}:{n}" for i, n in enumerate(stems, 1)]
         proj = load_projection(args.projection) if args.projection else None
         s = similarities(nets, names=names, upto=args.upto, projection=proj, like=like)
     except (TypeError, ValueError, OSError) as e:
