@@ -3,6 +3,7 @@ families (FFL §3.2), recognised from their structure (ffl.adapt); saved project
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -63,9 +64,15 @@ def user_mlp(widths=(48, 6, 7, 8, 3)):
     return nn.Sequential(*layers[:-1])
 
 
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "ffl.compare", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env=ENV)
+def cli(capsys, *args):
+    """``python -m ffl.compare ARGS`` in this process: exit status, stdout, stderr."""
+    from ffl.compare import main
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # --help
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 @pytest.mark.parametrize("arch", list(CASES))
@@ -183,37 +190,47 @@ def test_networks_of_two_tasks_score_lower_than_runs_of_one_task_on_real_data(ti
         assert m[same].mean() > m[cross].mean() + 0.05, (l, m[same].mean(), m[cross].mean())
 
 
-def test_a_users_saved_state_dicts_round_trip_through_the_command_line(tmp_path):
-    script = ("import torch\nfrom torch import nn\n"
-              "for seed in (0, 1):\n"
-              "    torch.manual_seed(seed)\n"
-              "    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))\n"
-              "    torch.save(net.state_dict(), f'net{seed}.pt')\n")
-    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True)
+USER_SCRIPT = """import torch
+from torch import nn
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))
+    torch.save(net.state_dict(), f"net{seed}.pt")
+"""
+
+
+def test_a_users_saved_state_dicts_round_trip_through_the_command_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text(USER_SCRIPT)
+    runpy.run_path("train.py")
     a, b = tmp_path / "net0.pt", tmp_path / "net1.pt"
     expected = compare(torch.load(a), torch.load(b)).cosine
-    out = cli(a, b, a)
+    out = subprocess.run([sys.executable, "-m", "ffl.compare", a, b, a], cwd=ROOT, capture_output=True,
+                         text=True, env=ENV)  # the real command line, once
     assert out.returncode == 0, out.stderr
-    assert "net0" in out.stdout and "chain 2" in out.stdout
+    assert "chain 2" in out.stdout
     table = [line for line in out.stdout.splitlines() if line.startswith("2:net1")]  # names numbered: net0 twice
     assert float(table[0].split()[1]) == pytest.approx(expected[0], abs=1e-6)
-    js = json.loads(cli(a, b, "--json").stdout)
-    assert js["family"] == "mlp" and js["indices"] == [1, 2]
+    rc, text, _ = cli(capsys, a, b, "--json")
+    js = json.loads(text)
+    assert rc == 0 and js["family"] == "mlp" and js["indices"] == [1, 2] and js["names"] == ["net0", "net1"]
     assert [js["chain_cosine"][str(l)][0][1] for l in (1, 2)] == pytest.approx(expected, abs=1e-12)
     assert js["chain_cosine"]["1"][0][0] == pytest.approx(1.0, abs=1e-12)
     # the structure given by a factory, and a whole pickled module only with --trust-pickles
     (tmp_path / "arch.py").write_text("from torch import nn\ndef build():\n    return nn.Sequential("
                                       "nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 2))\n")
-    js = json.loads(cli(a, b, "--json", "--like", f"{tmp_path / 'arch.py'}:build").stdout)
+    js = json.loads(cli(capsys, a, b, "--json", "--like", f"{tmp_path / 'arch.py'}:build")[1])
     assert js["chain_cosine"]["2"][0][1] == pytest.approx(expected[1], abs=1e-12)
-    subprocess.run([sys.executable, "-c", script.replace("net.state_dict()", "net")], cwd=tmp_path, check=True)
-    refused = cli(a, b)
-    assert refused.returncode == 2 and "--trust-pickles" in refused.stderr
-    assert cli(a, b, "--trust-pickles").returncode == 0
-    assert "--trust-pickles" in cli("--help").stdout
+    (tmp_path / "train.py").write_text(USER_SCRIPT.replace("net.state_dict()", "net"))
+    runpy.run_path("train.py")
+    rc, _, err = cli(capsys, a, b)
+    assert rc == 2 and "--trust-pickles" in err
+    assert cli(capsys, a, b, "--trust-pickles")[0] == 0
+    rc, text, _ = cli(capsys, "--help")
+    assert rc == 0 and "--trust-pickles" in text and "--like" in text
 
 
-def test_unsupported_layers_are_named_and_nothing_is_written(tmp_path):
+def test_unsupported_layers_are_named_and_nothing_is_written(tmp_path, capsys):
     cases = [
         (nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 3)), r"'1' \(Conv1d\)"),
         (nn.TransformerEncoderLayer(8, 2), r"'self_attn' \(MultiheadAttention\)"),
@@ -233,10 +250,10 @@ def test_unsupported_layers_are_named_and_nothing_is_written(tmp_path):
     torch.save(bad.state_dict(), tmp_path / "bad.pt")
     torch.save(bad, tmp_path / "bad_module.pt")
     before = sorted(tmp_path.iterdir())
-    out = cli(tmp_path / "bad_module.pt", tmp_path / "bad_module.pt", "--trust-pickles")
-    assert out.returncode == 2 and "'1' (Conv1d)" in out.stderr and out.stdout == ""
-    out = cli(tmp_path / "bad.pt", tmp_path / "bad.pt")  # a 3-D weight is no Linear/Conv2d/BatchNorm/GRU
-    assert out.returncode == 2 and "'1'" in out.stderr and out.stdout == ""
+    rc, out, err = cli(capsys, tmp_path / "bad_module.pt", tmp_path / "bad_module.pt", "--trust-pickles")
+    assert rc == 2 and "'1' (Conv1d)" in err and out == ""
+    rc, out, err = cli(capsys, tmp_path / "bad.pt", tmp_path / "bad.pt")  # a 3-D weight: no Linear/Conv2d/BN/GRU
+    assert rc == 2 and "'1'" in err and out == ""
     assert sorted(tmp_path.iterdir()) == before
 
 
@@ -274,14 +291,13 @@ def test_a_saved_projection_round_trips_exactly_and_scores_as_it_was_fitted(kind
         load_projection(tmp_path / "other.pt")
 
 
-def test_the_readme_example_runs_as_typed_and_prints_ones():
+def test_the_readme_example_runs_as_typed_and_prints_ones(capsys):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Compare your own networks", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) == 5
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env=ENV).stdout
-    assert out.strip() == "chain 1: 1.000000, chain 2: 1.000000"
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "chain 1: 1.000000, chain 2: 1.000000"
 
 
 def test_import_ffl_stays_light_and_ffl_compare_is_callable():
