@@ -97,9 +97,9 @@ def match_permutations(a: nn.Module, b: nn.Module, *, seed: int = 0, max_sweeps:
     for sweeps in range(1, max_sweeps + 1):
         improved = False
         for l in rng.permutation(len(spec)):
+            n = sizes[l]
             others = [torch.arange(n) if k == l else p for k, p in enumerate(perms)]
             wb = {k: v.detach().double() for k, v in permute_hidden(b, others).state_dict().items()}
-            n = sizes[l]
             # sim[i, j]: a's neuron i against b's neuron j, over every weight layer l's permutation moves
             sim = sum(wa[key].movedim(axis, 0).reshape(n, -1) @ wb[key].movedim(axis, 0).reshape(n, -1).T
                       for key, axis in spec[l]).numpy()
