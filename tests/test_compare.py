@@ -18,6 +18,7 @@ from ffl.adapt import as_model
 from ffl.chain import chain_factors, chain_gram, layer_features
 from ffl.compare import compare, load_projection, save_projection, similarities
 from ffl.features import FeatureConfig, Representation, fit_projection
+from ffl.invariance import randomize_batchnorm_
 from ffl.models import MLP, ConvNet, build_model
 from ffl.permute import permute_hidden, random_hidden_permutations
 
@@ -37,13 +38,7 @@ def make(arch, seed=0, **kw):
     """A small network with random weights and random BatchNorm parameters and statistics."""
     torch.manual_seed(seed)
     net = build_model(arch, 3, **(kw or CASES[arch]))
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    randomize_batchnorm_(net)
     return net.eval()
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from ffl.invariance import randomize_batchnorm_
 from ffl.models import build_model
 from ffl.permute import permute_hidden, random_hidden_permutations
 from ffl.weight_matching import permutation_spec, weight_cosines, weight_matching
@@ -15,13 +16,7 @@ IDS = [a for a, _ in CASES]
 def make(arch, kw, seed=0):
     torch.manual_seed(seed)
     net = build_model(arch, 3, **kw)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.3)
-                m.running_mean.normal_(0, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
+    randomize_batchnorm_(net)
     return net.eval()
 
 
