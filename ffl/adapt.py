@@ -91,7 +91,8 @@ def _mlp(ls: Layers) -> MLP:
             raise _unplaced(n, m, "an MLP holds only nn.Linear layers, activations, dropout and nn.Flatten")
     for (_, a), (n, b) in zip(lin, lin[1:]):
         if a.out_features != b.in_features:
-            raise ValueError(f"layer {n!r} reads {b.in_features} features but the layer before it gives {a.out_features}")
+            raise ValueError(f"layer {n!r} reads {b.in_features} features but the layer before it gives "
+                             f"{a.out_features}")
     w = lin[0][1].weight
     net = MLP(lin[0][1].in_features, [m.out_features for _, m in lin[:-1]], lin[-1][1].out_features,
               _activation(ls)).to(w.dtype)
@@ -102,12 +103,11 @@ def _mlp(ls: Layers) -> MLP:
 
 def _convnet(ls: Layers) -> ConvNet:
     units: list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]] = []
-    head: list[tuple[str, nn.Module]] = []  # global pool, flatten, classifier
-    pools = 0
+    gap, fc, pools = False, None, 0  # the head: a global average pool, then one classifier
     for n, m in ls:
         if isinstance(m, nn.Conv2d):
             k = m.kernel_size
-            if head or m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1 or k[0] != k[1] or k[0] % 2 == 0:
+            if gap or m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1 or k[0] != k[1] or k[0] % 2 == 0:
                 raise _unplaced(n, m, "PlainNet units are square, odd, dense, stride-1 convolutions before the head")
             if units and k != units[0][1].kernel_size:
                 raise _unplaced(n, m, f"kernel {k} differs from the first convolution's {units[0][1].kernel_size}")
@@ -116,27 +116,28 @@ def _convnet(ls: Layers) -> ConvNet:
                                  f"{units[-1][1].out_channels}")
             units.append((n, m, None))
         elif isinstance(m, nn.BatchNorm2d):
-            if not units or units[-1][2] is not None or head or m.num_features != units[-1][1].out_channels:
+            if not units or units[-1][2] is not None or gap or m.num_features != units[-1][1].out_channels:
                 raise _unplaced(n, m, "a BatchNorm2d must directly follow its Conv2d (same channels)")
             if m.running_var is None:
                 raise _unplaced(n, m, "no running statistics to fold")
             units[-1] = (*units[-1][:2], m)
-        elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) and units:
-            head.append((n, m))
+        elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)) and units and fc is None:
+            gap = True
         elif isinstance(m, nn.Linear):
-            if not any(isinstance(h, nn.AdaptiveAvgPool2d) for _, h in head) or any(isinstance(h, nn.Linear) for _, h in head):
-                raise _unplaced(n, m, "a PlainNet's one classifier follows a global average pool (AdaptiveAvgPool2d(1))")
+            if not gap or fc is not None:
+                raise _unplaced(n, m, "a PlainNet's one classifier follows a global average pool "
+                                "(AdaptiveAvgPool2d(1))")
             if m.in_features != units[-1][1].out_channels:
                 raise ValueError(f"layer {n!r} reads {m.in_features} features but the last unit has "
                                  f"{units[-1][1].out_channels} channels")
-            head.append((n, m))
+            fc = m
         elif isinstance(m, _POOLS):
             pools += 1
         elif not isinstance(m, (nn.Flatten, *ELEMENTWISE)):
             raise _unplaced(n, m, "not part of a conv–BN–activation–pool stack with a global-pool head")
-    if not head or not isinstance(head[-1][1], nn.Linear):
+    if fc is None:
         raise TypeError("a PlainNet ends with AdaptiveAvgPool2d(1), Flatten and one nn.Linear; found no classifier")
-    first, fc = units[0][1], head[-1][1]
+    first = units[0][1]
     net = ConvNet(first.in_channels, [c.out_channels for _, c, _ in units], fc.out_features, _activation(ls),
                   pools=min(pools, len(units)), kernel_size=first.kernel_size[0],
                   conv_bias=any(c.bias is not None for _, c, _ in units)).to(first.weight.dtype)
@@ -210,7 +211,8 @@ def _layers_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Layers:
         elif "running_mean" in g:
             m = nn.BatchNorm2d(g["running_mean"].shape[0], affine=w is not None)
         elif w is not None and w.dim() == 2:
-            if out and any(isinstance(o, nn.Conv2d) for _, o in out) and not any(isinstance(o, nn.Linear) for _, o in out):
+            kinds = {type(o) for _, o in out}
+            if nn.Conv2d in kinds and nn.Linear not in kinds:
                 out.append(("<global pool>", nn.AdaptiveAvgPool2d(1)))  # not stored: the head is implied
             m = nn.Linear(w.shape[1], w.shape[0], bias="bias" in g)
         elif w is not None and w.dim() == 4:

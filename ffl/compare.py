@@ -235,7 +235,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("networks", nargs="+", metavar="FILE", help="torch.save'd state_dicts (or modules, see --trust-pickles)")
+    p.add_argument("networks", nargs="+", metavar="FILE",
+                   help="torch.save'd state_dicts (or modules, see --trust-pickles)")
     p.add_argument("--upto", type=int, default=None, help="chain indices 1 … N only (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON: {names, family, indices, chain_cosine, learned}")
     p.add_argument("--like", metavar="FILE.py:FUNCTION", help="structure of the state_dicts: FUNCTION() in FILE.py "

@@ -233,6 +233,7 @@ def test_unsupported_layers_are_named_and_nothing_is_written(tmp_path, capsys):
                        nn.Linear(4, 2)), r"'0' \(Conv2d\).*stride-1"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2)), r"'2' \(Linear\).*global"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), r"'1' \(BatchNorm1d\)"),
+        (nn.Sequential(*vgg(), nn.ReLU(), nn.Linear(3, 2)), r"'19' \(Linear\).*one classifier"),
     ]
     for net, message in cases:
         with pytest.raises(TypeError, match=message):
@@ -273,7 +274,8 @@ def test_a_saved_projection_round_trips_exactly_and_scores_as_it_was_fitted(kind
     assert saved.projection.normalize == proj.normalize
     data = rep.factors if kind == "chain" else rep.vectors
     assert torch.equal(saved.train, data[proj.train_index])
-    assert (saved.index, saved.kind, saved.features, saved.meta) == (2, kind, features, {"zoo": "test", "tasks": [0, 1]})
+    assert (saved.index, saved.kind, saved.features) == (2, kind, features)
+    assert saved.meta == {"zoo": "test", "tasks": [0, 1]}
     projected = proj.project(rep, torch.arange(len(nets)))
     for i, net in enumerate(nets):
         torch.testing.assert_close(saved.scores(net), projected[i], rtol=1e-6, atol=1e-9)

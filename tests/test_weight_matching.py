@@ -68,4 +68,5 @@ def test_the_spec_names_every_weight_a_permutation_moves_and_unsupported_network
     with pytest.raises(TypeError, match="MLPs and PlainNet"):
         weight_matching(build_model("gru", 2, hidden=4), build_model("gru", 2, hidden=4))
     with pytest.raises(ValueError, match="one structure"):
-        weight_matching(make("mlp", dict(in_features=20, hidden=(4, 4))), make("mlp", dict(in_features=20, hidden=(4, 5))))
+        weight_matching(make("mlp", dict(in_features=20, hidden=(4, 4))),
+                        make("mlp", dict(in_features=20, hidden=(4, 5))))
