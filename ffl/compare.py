@@ -34,6 +34,7 @@ from torch import nn
 
 from ffl.adapt import as_model, family
 from ffl.chain import gram_inner
+from ffl.checks import as_int
 from ffl.cli import Command, run_command_line
 from ffl.features import FeatureConfig, Projection, Representation
 from ffl.files import write_bytes_atomic
@@ -57,7 +58,7 @@ class SavedProjection:
 
     def scores(self, net: Network, *, like: nn.Module | None = None) -> torch.Tensor:
         """Θ x for one network (T scores), x its features at ``index``: coef · k(x) + bias."""
-        x = self.features.of(as_model(net, like=like), self.kind, upto=self.index)[self.index - 1].double()
+        x = self.features.of(as_model(net, like=like), self.kind, upto=self.index)[self.index - 1].double().cpu()
         train = self.train.double()
         if self.kind == "chain":
             k, norms, own = gram_inner(train, x[None]), gram_inner(train, train), gram_inner(x, x)
@@ -117,7 +118,7 @@ def _factors(models: Sequence[nn.Module], names: Sequence[str], upto: int | None
     if len(fams) > 1:
         raise TypeError("networks of different families: "
                         + ", ".join(f"{n} is {family(m)}" for n, m in zip(names, models)))
-    per = [[c.double() for c in features.of(m, "chain", upto)] for m in models]
+    per = [[c.double().cpu() for c in features.of(m, "chain", upto)] for m in models]
     depth = min(len(p) for p in per)
     for l in range(depth):
         rows = {p[l].shape[0] for p in per}
@@ -134,6 +135,7 @@ def similarities(nets: Sequence[Network], *, names: Sequence[str] | None = None,
     networks share) and, given ``projection``, of their projected vectors. ``features``: the chain
     options (default :class:`ffl.features.FeatureConfig`'s, the paper's)."""
     names = list(names or (f"#{i}" for i in range(len(nets))))
+    upto = None if upto is None else as_int("upto", upto, minimum=1)
     models = [as_model(n, like=like) for n in nets]
     per = _factors(models, names, upto, features or FeatureConfig())
     chain = []
@@ -189,6 +191,8 @@ def _like(spec: str) -> nn.Module:
 
 
 def _load(path: str, trust: bool) -> Network:
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # weights_only refuses a pickled module: say how to get past it
@@ -224,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
                                    chain_cosine={str(l): m.tolist() for l, m in enumerate(s.chain, 1)},
                                    learned=None if s.learned is None else
                                    dict(index=s.learned_index, cosine=s.learned.tolist()))
-        print(json.dumps(out, indent=1))
+        print(json.dumps(out))
         return 0
     print(f"{s.family}: cosine of chain Grams ⟨G_a, G_b⟩/(‖G_a‖‖G_b‖), {len(names)} networks")
     for l, m in enumerate(s.chain, 1):

@@ -242,6 +242,8 @@ def test_unsupported_layers_are_named_and_nothing_is_written(tmp_path, capsys):
         compare(make("mlp"), make("cnn"))
     with pytest.raises(ValueError, match="chain 1 reads inputs of different sizes"):
         compare(make("mlp"), make("mlp", in_features=12, hidden=(3, 3)))
+    with pytest.raises(ValueError, match="upto must be an integer >= 1"):
+        compare(make("mlp"), make("mlp"), upto=0)
     bad = nn.Sequential(nn.Linear(12, 5), nn.Conv1d(5, 5, 1))
     torch.save(bad.state_dict(), tmp_path / "bad.pt")
     torch.save(bad, tmp_path / "bad_module.pt")
@@ -250,6 +252,8 @@ def test_unsupported_layers_are_named_and_nothing_is_written(tmp_path, capsys):
     assert rc == 2 and "'1' (Conv1d)" in err and out == ""
     rc, out, err = cli(capsys, tmp_path / "bad.pt", tmp_path / "bad.pt")  # a 3-D weight: no Linear/Conv2d/BN/GRU
     assert rc == 2 and "'1'" in err and out == ""
+    rc, out, err = cli(capsys, tmp_path / "missing.pt", tmp_path / "bad.pt")
+    assert rc == 2 and "missing.pt: no such file" in err and out == ""
     assert sorted(tmp_path.iterdir()) == before
 
 
@@ -264,7 +268,7 @@ def _fitted(kind):
 
 
 @pytest.mark.parametrize("kind", ["chain", "layer"])
-def test_a_saved_projection_round_trips_exactly_and_scores_as_it_was_fitted(kind, tmp_path, one_thread):
+def test_a_saved_projection_round_trips_exactly_and_scores_as_it_was_fitted(kind, tmp_path, capsys, one_thread):
     nets, rep, proj, features = _fitted(kind)
     path = tmp_path / "theta.safetensors"
     save_projection(proj, rep, path, index=2, kind=kind, features=features, meta={"zoo": "test", "tasks": [0, 1]})
@@ -283,6 +287,11 @@ def test_a_saved_projection_round_trips_exactly_and_scores_as_it_was_fitted(kind
     result = compare(nets[1], twin, projection=saved)
     if kind == "chain":  # the learned feature of a chain Gram is as blind to the permutation
         assert result.learned == pytest.approx(1.0, abs=1e-9) and result.learned_index == 2
+        torch.save(nets[1].state_dict(), tmp_path / "a.pt")
+        torch.save(twin.state_dict(), tmp_path / "b.pt")
+        rc, out, _ = cli(capsys, tmp_path / "a.pt", tmp_path / "b.pt", "--projection", path, "--json")
+        assert rc == 0 and json.loads(out)["learned"]["index"] == 2
+        assert json.loads(out)["learned"]["cosine"][0][1] == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="not a projection"):
         torch.save({}, tmp_path / "other.pt")
         load_projection(tmp_path / "other.pt")
