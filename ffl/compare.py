@@ -5,10 +5,11 @@ function-preserving hidden permutation (:mod:`ffl.chain`), so their cosine
 
     cos_l(a, b) = ⟨G_a, G_b⟩_F / (‖G_a‖_F ‖G_b‖_F),   ⟨G_a, G_b⟩_F = ‖C_aᵀ C_b‖²_F
 
-is a similarity of the functions, not of the weight layouts. It is computed in kernel form
-(:func:`ffl.chain.gram_inner`, float64): no G is formed, so PlainNet's chain 4 (19683² entries)
-costs 256 × 256 numbers. The hidden widths of ``a`` and ``b`` may differ; a chain's rows (the
-input patch it reads) must agree. Networks are plain modules or ``state_dict``s of the families
+is a similarity that no reordering of hidden neurons can change (raw weights' cosines can fall to
+0 under one). It is computed in kernel form (:func:`ffl.chain.gram_inner`, float64): no G is formed,
+so PlainNet's chain 4 (19683² entries) costs 256 × 256 numbers. The hidden widths of ``a`` and
+``b`` may differ, a chain's rows (the input patch it reads) must agree; networks of different
+depths are compared at the indices they share. Networks are plain modules or ``state_dict``s of the families
 :mod:`ffl.adapt` recognises. Given a learned Θ (§3.3, :func:`ffl.features.fit_projection`) saved
 with :func:`save_projection`, :func:`compare` also reports the cosine of the projected vectors.
 
