@@ -91,18 +91,36 @@ def match_permutations(a: nn.Module, b: nn.Module, *, seed: int = 0, max_sweeps:
         raise ValueError(f"weight matching needs two networks of one structure; hidden sizes {sizes} "
                          f"and {hidden_sizes(b)}")
     wa = {k: v.detach().double() for k, v in a.state_dict().items()}
+    wb = {k: v.detach().double() for k, v in b.state_dict().items()}
+    acting = {}  # key -> {axis: layer whose permutation acts on it}
+    for layer, entries in enumerate(spec):
+        for key, axis in entries:
+            acting.setdefault(key, {})[axis] = layer
     perms = [torch.arange(n) for n in sizes]
+    fixed: dict[int, torch.Tensor] = {}
     rng = np.random.default_rng(seed)
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         improved = False
         for l in rng.permutation(len(spec)):
             n = sizes[l]
-            others = [torch.arange(n) if k == l else p for k, p in enumerate(perms)]
-            wb = {k: v.detach().double() for k, v in permute_hidden(b, others).state_dict().items()}
-            # sim[i, j]: a's neuron i against b's neuron j, over every weight layer l's permutation moves
-            sim = sum(wa[key].movedim(axis, 0).reshape(n, -1) @ wb[key].movedim(axis, 0).reshape(n, -1).T
-                      for key, axis in spec[l]).numpy()
+
+            def others(key: str) -> torch.Tensor:  # b's weight with every permutation but layer l's applied
+                w = wb[key]
+                for axis, layer in acting[key].items():
+                    if layer != l:
+                        w = w.index_select(axis, perms[layer])
+                return w
+
+            def term(key: str, axis: int) -> torch.Tensor:
+                return wa[key].movedim(axis, 0).reshape(n, -1) @ others(key).movedim(axis, 0).reshape(n, -1).T
+
+            # sim[i, j]: a's neuron i against b's neuron j, over every weight layer l's permutation moves;
+            # a weight no other permutation acts on (an MLP's first layer) gives the same term every sweep
+            zero = torch.zeros(n, n, dtype=torch.float64)
+            if l not in fixed:
+                fixed[l] = sum((term(k, ax) for k, ax in spec[l] if len(acting[k]) == 1), zero)
+            sim = (fixed[l] + sum((term(k, ax) for k, ax in spec[l] if len(acting[k]) > 1), zero)).numpy()
             _, col = linear_sum_assignment(sim, maximize=True)
             old, new = sim[np.arange(n), perms[l].numpy()].sum(), sim[np.arange(n), col].sum()
             improved |= bool(new > old + 1e-12 * max(1.0, abs(old)))
