@@ -96,6 +96,24 @@ def setting_bars(results: pd.DataFrame, metric: str, *, order: list[str] | None 
     return _percent_axes(ax, "layer W_l (unaligned) / chain G_l (aligned)", metric, title, legend_columns=5)
 
 
+def method_bars(results: pd.DataFrame, metric: str, *, order: list[str], title: str | None = None,
+                ax: plt.Axes | None = None) -> plt.Axes:
+    """Beyond the paper: ``metric`` per index l (x), one bar per similarity method (hue, in ``order``).
+    ``results`` has columns ``label`` (the method), ``index``, ``metric``, ``value`` (fractions)."""
+    data = results[results["metric"] == metric]
+    if data.empty:
+        raise ValueError(f"no results for metric {metric!r}")
+    data = data.assign(percent=100 * data["value"])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.0))
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order))))  # a method's colour, whatever is missing
+    sns.barplot(data=data, x="index", y="percent", hue="label", hue_order=[o for o in order if o in set(data["label"])],
+                palette=palette, errorbar=None, ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.0f", fontsize=6, padding=1)
+    return _percent_axes(ax, "index l", metric, title, legend_columns=3)
+
+
 def _percent_axes(ax: plt.Axes, xlabel: str, metric: str, title: str | None, *, legend_columns: int) -> plt.Axes:
     # The protocol figures' common frame: 0-105 %, legend below the bars.
     ax.set_xlabel(xlabel)

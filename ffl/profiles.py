@@ -156,6 +156,12 @@ SCHEMA = Keys({
     "cifar100": Keys(_EXPERIMENT), "namedata": Keys(_EXPERIMENT), "tiny_imagenet": Keys(_EXPERIMENT),
     "factors": Keys({**_EXPERIMENT, "settings": Each(None, lambda _: Keys({"arch": "str", **_TRAINING},
                                                                           required=("arch",)))}),
+    # beyond the paper (ffl.baselines): the chapters' zoos compared by every similarity method
+    "beyond": Keys({"zoos": Items(Keys({"section": "str", "arch": "str", "dataset": "str"},
+                                       required=("section", "arch", "dataset"))),
+                    "probe": Keys({"size": "int", "unbiased": "bool"}),
+                    "weight_matching": Keys({"max_sweeps": "int", "references_per_task": "int | None"})},
+                   required=("zoos",)),
     # the CNN-gap study (ffl.gap): zoo settings override a section's zoo, Θ settings its projection
     "cnn_gap": Keys({"section": "str", "arch": "str", "dataset": "str", "max_index": "int",
                      "reference_theta": "str", "adopted_theta": "str",

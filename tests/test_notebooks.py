@@ -185,3 +185,23 @@ def test_laptop_profile_runs_every_chapter_with_several_unseen_tasks():
         assert zoo["runs"] >= least_runs and zoo["tasks"] >= min(10, num_tasks(dataset)), section
         unseen = zoo["tasks"] - round(settings[section]["split"]["train_task_fraction"] * zoo["tasks"])
         assert unseen >= 4, section
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(os.environ.get("FFL_DATA_ROOT", ROOT.parent / "shared" / "data")) / "names").is_dir(),
+                    reason="no NameData under $FFL_DATA_ROOT or ../shared/data")
+def test_beyond_chapter_runs_at_smoke_and_says_where_ffl_loses(tmp_path, monkeypatch):
+    """The comparison with weight matching and CKA end to end at the smoke profile: every zoo's row,
+    weight matching marked n/a for GRU-2, the losses and costs glued, not typed."""
+    monkeypatch.setenv("FFL_CACHE", str(tmp_path / "cache"))
+    papermill.execute_notebook(str(ROOT / "notebooks" / "beyond.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"profile": "smoke", "data_root": os.environ.get("FFL_DATA_ROOT",
+                                                                                      str(ROOT.parent / "shared" / "data"))},
+                               kernel_name="python3", progress_bar=False)
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    shown = "\n".join("".join(o.get("data", {}).get("text/plain", "")) for c in out.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert "GRU-2, namedata" in shown and "not applicable" in shown and "n/a" in shown
+    glued = {o["metadata"]["scrapbook"]["name"] for c in out.cells for o in c.get("outputs", [])
+             if o.get("metadata", {}).get("scrapbook")}
+    assert {"methods_figure", "losses", "n_lost", "cost_chain", "cost_weight_matching", "cost_cka"} <= glued
