@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ffl.cka import hidden_activations
 from ffl.data import load_task
-from ffl.experiment import code_hash, features_for_arch, protocol_rows, read_results, write_results
+from ffl.experiment import code_hash, features_for_arch, projection_for_arch, protocol_rows, read_results, write_results
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
 from ffl.kernels import StreamConfig, ZooFeatures
 from ffl.metrics import cmc, mean_average_precision, top1
@@ -222,6 +222,8 @@ def compare_methods(zoo: Zoo, *, split: ProtocolSplit, projection: ProjectionCon
             rows += _rows(kind, "unsupervised", index, unsupervised_protocols(sim, tasks, runs, split), sizes, both,
                           {p: us for p in sizes})
             for r in protocol_rows(rep, kind, index, zoo, projection, split):
+                if r["metric"].startswith("theta_"):  # Θ's own fit: not a score of the method
+                    continue
                 rows += _rows(kind, "learned", index, {r["protocol"]: {r["metric"]: r["value"]}}, sizes, both,
                               {p: us for p in sizes})
     models = [zoo.model(i) for i in range(n)]
@@ -265,7 +267,7 @@ def run_comparison(section: str, *, arch: str, profile: str, dataset: str, confi
     spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
                              download=download, seed=seed)
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
+    projection = projection_for_arch(settings.get("projection"), arch, seed=seed)
     features = features_for_arch(settings.get("features"), arch)
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
     root = cached_zoo_root(spec, cache)

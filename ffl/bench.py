@@ -1080,6 +1080,11 @@ def _zoo_time(args) -> int:
 def _conv_arguments(ap) -> None:
     _common(ap)
     ap.add_argument("--batch-networks", type=int, default=126, help="K networks")
+    ap.add_argument("--widths", default=None, help="PlainNet-5 widths, e.g. 8,16,32,64 (the laptop's; default: the "
+                                                   "paper's 32,64,128,256)")
+    ap.add_argument("--batch", type=int, default=128, help="images per network per step")
+    ap.add_argument("--gemm", action="store_true",
+                    help="also time a 2048³ GEMM in the same run and give each case as a fraction of its rate")
     ap.add_argument("--sweep", action="store_true",
                     help="time ffl.implicit_conv's kernels under a grid of blockings instead (one JSON line each)")
     ap.add_argument("--tiles-out", default=None, metavar="FILE",
@@ -1107,7 +1112,17 @@ def _conv(args) -> int:
         conv_sweep(args.device, K=args.batch_networks, batch=batch, precision=args.precision, repeat=args.repeat or 3,
                    after_pass=write_table if args.tiles_out else None)
         return 0
-    for row in conv_layers(args.device, K=args.batch_networks, precision=args.precision, repeat=args.repeat or 3):
+    convs = PLAINNET5_CONVS
+    if args.widths:
+        widths = [int(w) for w in args.widths.split(",")]
+        convs = tuple((c_in, c_out, 32 >> i) for i, (c_in, c_out) in enumerate(zip([3, *widths], widths)))
+    gemm = 2 * _gemm_rate((1, 2048, 2048, 2048), args.precision, torch.device(args.device)) / 1e12 if args.gemm else None
+    for row in conv_layers(args.device, K=args.batch_networks, batch=args.batch, precision=args.precision,
+                           repeat=args.repeat or 3, convs=convs):
+        if gemm:
+            row["gemm_tflops"] = gemm
+            row.update({k.replace("_tflops", "_gemm_fraction"): v / gemm for k, v in list(row.items())
+                        if k.endswith("_tflops") and k != "gemm_tflops"})
         print(json.dumps(row, sort_keys=True), flush=True)
     return 0
 

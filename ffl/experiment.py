@@ -68,20 +68,31 @@ def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: 
     return settings
 
 
-def features_for_arch(setting: dict[str, Any] | None, arch: str) -> FeatureConfig:
-    """The :class:`FeatureConfig` of a profile section's ``features:`` for ``arch``: one dict for
-    every arch, or one dict per arch (``{mlp: {...}, cnn: {...}}``, keys from :data:`ARCHS`) where
-    the section's archs need different settings."""
+def _for_arch(name: str, setting: dict[str, Any] | None, arch: str) -> dict[str, Any]:
+    """A profile section's ``name:`` settings for ``arch``: one dict for every arch, or one dict
+    per arch (``{mlp: {...}, cnn: {...}}``, keys from :data:`ARCHS`)."""
     setting = dict(setting or {})
     per_arch = [k for k in setting if k in ARCHS]
     if not per_arch:
-        return FeatureConfig.from_dict(setting)
+        return setting
     if len(per_arch) != len(setting):
-        raise ValueError(f"features: mixes per-arch entries {per_arch} with settings "
+        raise ValueError(f"{name}: mixes per-arch entries {per_arch} with settings "
                          f"{sorted(set(setting) - set(per_arch))}; give one dict, or one dict per arch")
     if arch not in setting:
-        raise ValueError(f"features: has entries for {per_arch} but none for {arch!r}")
-    return FeatureConfig.from_dict(setting[arch])
+        raise ValueError(f"{name}: has entries for {per_arch} but none for {arch!r}")
+    return dict(setting[arch] or {})
+
+
+def features_for_arch(setting: dict[str, Any] | None, arch: str) -> FeatureConfig:
+    """The :class:`FeatureConfig` of a profile section's ``features:`` for ``arch``: one dict for
+    every arch, or one dict per arch where the section's archs need different settings."""
+    return FeatureConfig.from_dict(_for_arch("features", setting, arch))
+
+
+def projection_for_arch(setting: dict[str, Any] | None, arch: str, *, seed: int = 0) -> ProjectionConfig:
+    """The :class:`ProjectionConfig` (Θ's training, §3.3) of a profile section's ``projection:``
+    for ``arch``, seeded with ``seed``: one dict for every arch, or one dict per arch."""
+    return ProjectionConfig.from_dict({"seed": seed, **_for_arch("projection", setting, arch)})
 
 
 def _check_evaluation_settings(profile: str, section: str, settings: dict[str, Any], spec: ZooSpec) -> None:
@@ -89,7 +100,7 @@ def _check_evaluation_settings(profile: str, section: str, settings: dict[str, A
     range, and protocol splits that the zoo's tasks × runs allow (before the zoo is trained)."""
     where = f"profile {profile!r}, section {section!r}"
     try:
-        projection = ProjectionConfig.from_dict(settings.get("projection"))
+        projection = projection_for_arch(settings.get("projection"), spec.arch)
         split = ProtocolSplit(**settings.get("split", {}))
         tasks = torch.tensor(spec.tasks).repeat_interleave(spec.runs)  # the zoo's order: task-major
         runs = torch.arange(spec.runs).repeat(len(spec.tasks))
@@ -273,7 +284,7 @@ def run_experiment(
     seed, device, download, data_root = params["seed"], params["device"], params["download"], params["data_root"]
     spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
                              download=download, seed=seed, **(zoo_overrides or {}))
-    projection = ProjectionConfig.from_dict({"seed": seed, **settings.get("projection", {})})
+    projection = projection_for_arch(settings.get("projection"), arch, seed=seed)
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
     features = features_for_arch(settings.get("features"), arch)
 
@@ -373,7 +384,7 @@ def cross_condition_results(source: Experiment, target: Experiment, *, progress:
 
 
 def _projection(exp: Experiment) -> ProjectionConfig:
-    return ProjectionConfig.from_dict({"seed": exp.split.seed, **exp.settings.get("projection", {})})
+    return projection_for_arch(exp.settings.get("projection"), exp.zoo.spec.arch, seed=exp.split.seed)
 
 
 def run_factors(

@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ffl.experiment import check_choices, code_hash, features_for_arch, read_results, write_results
+from ffl.experiment import (check_choices, code_hash, features_for_arch, projection_for_arch, read_results,
+                            write_results)
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
 from ffl.files import write_bytes_atomic
 from ffl.kernels import StreamConfig, ZooFeatures
@@ -163,7 +164,7 @@ def run_study(profile: str, *, seed: int = 0, data_root: str | None = None, cach
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     features = dataclasses.replace(features_for_arch(settings.get("features"), study.arch), max_index=study.max_index)
     split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    base_theta = {"seed": seed, **settings.get("projection", {})}
+    base_theta = dataclasses.asdict(projection_for_arch(settings.get("projection"), study.arch, seed=seed))
     protocol_frames, zoo_rows = [], []
     for zoo_name, overrides in study.zoos.items():
         if only_zoos is not None and zoo_name not in only_zoos:
@@ -228,7 +229,7 @@ def protocol_sizes(profile: str, *, seed: int = 0, data_root: str | None = None)
     widths = "–".join(str(w) for w in spec.model_kwargs.get("widths", [])) or "the defaults"
     out = {"tasks": len(spec.tasks), "runs": spec.runs, "classified": len(classified), "queries": len(queries),
            "unseen": int(tasks[queries].unique().numel()), "data": data, "widths": widths}
-    theta = ProjectionConfig.from_dict(settings.get("projection", {}))
+    theta = projection_for_arch(settings.get("projection"), study.arch)
     out["table"] = "\n".join([
         "| | |", "|---|---|",
         f"| zoos | {study.arch} on {study.dataset}, {out['tasks']} tasks × {out['runs']} runs each; "

@@ -143,7 +143,14 @@ _ZOO = Keys({"tasks": "int", "runs": "int",
              "data_kwargs": Each(DATASETS, lambda dataset: Keys(data_kwargs_types(dataset))),
              "arch": Each(ARCHS, lambda _: Keys(_TRAINING)),
              "cuda": Each(ARCHS, lambda _: Keys(CUDA_ENGINE))})
-_EXPERIMENT = {"zoo": _ZOO, "projection": Keys(_fields(ProjectionConfig)), "split": Keys(_fields(ProtocolSplit)),
+def _projection(value: Any, where: str) -> None:
+    """``projection:`` is one ProjectionConfig mapping, or one per arch."""
+    per_arch = isinstance(value, dict) and any(k in ARCHS for k in value)
+    _check(value, Each(ARCHS, lambda _: Keys(_fields(ProjectionConfig))) if per_arch else Keys(_fields(ProjectionConfig)),
+           where)
+
+
+_EXPERIMENT = {"zoo": _ZOO, "projection": _projection, "split": Keys(_fields(ProtocolSplit)),
                "features": _features}
 SCHEMA = Keys({
     "extends": _extends,

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ffl.data import DATA_NAMES, cifar10, data_label, load_task, resolve_root, tiny_imagenet
+from ffl.paper import reported
 from ffl.protocols import classification_split, retrieval_split
+from ffl.zoo import spec_from_profile
 
 if TYPE_CHECKING:  # type hints only: experiment imports nothing from here
     from ffl.experiment import Experiment
@@ -124,6 +126,69 @@ def paper_beside_ours(results: pd.DataFrame, paper: pd.DataFrame, *, index: int 
     table = pd.DataFrame(rows).set_index("feature").astype(float).round(1)
     table.columns = pd.MultiIndex.from_tuples(table.columns)
     return table
+
+
+#: training images per class in the paper's image tasks (§4: CIFAR-100 and tiny ImageNet have 500)
+PAPER_TRAIN_PER_CLASS = 500
+#: what the paper's zoos are, per (section, arch): tasks × runs and the networks (§4)
+PAPER_ZOOS = {("tiny_imagenet", "mlp"): "50 tasks × 100 runs of MLP-4 with 500 hidden units",
+              ("tiny_imagenet", "cnn"): "50 tasks × 100 runs of PlainNet-5 with widths 32–256",
+              ("cifar100", "mlp"): "50 tasks × 100 runs of MLP-4 with 500 hidden units",
+              ("cifar100", "cnn"): "50 tasks × 100 runs of PlainNet-5 with widths 32–256",
+              ("factors", "cnn"): "50 CIFAR-100 tasks × 100 runs per setting, PlainNet-5 with widths 32–256"}
+#: the dataset of the paper's section and its classes per task (§4)
+PAPER_DATA = {"cifar100": ("cifar100", 2), "tiny_imagenet": ("tiny_imagenet", 4), "factors": ("cifar100", 2)}
+
+
+def steps_per_network(spec, train_images: int) -> int:
+    """SGD steps one network of ``spec`` takes on ``train_images`` images (the last batch kept)."""
+    return int(spec.steps) if spec.steps is not None else -(-train_images // spec.batch_size) * spec.epochs
+
+
+def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, shown: tuple[int, ...] = (1, 2, 3),
+               why: str = "") -> str:
+    """One paragraph (Markdown) for a chapter's prose: this zoo's scale against the paper's, and how
+    far its chain top-1 / rank-1 at indices ``shown`` fall short of the paper's numbers there (where
+    the paper printed them for this data), with ``why`` appended when they do."""
+    spec, zoo = exp.zoo.spec, exp.zoo
+    first = load_task(spec.dataset, spec.tasks[0], data_root=data_root, seed=spec.seed, **spec.data_kwargs)
+    steps = steps_per_network(spec, len(first.y_train))
+    paper_dataset, paper_classes = PAPER_DATA.get(section, (section, first.num_classes))
+    try:  # the paper profile's training for this section and arch (its epochs and batch)
+        paper_spec = spec_from_profile("paper", section, arch=spec.arch, dataset=paper_dataset)
+    except ValueError:
+        paper_spec = None
+    model = ", ".join(f"{k} {v}" for k, v in spec.model_kwargs.items()) or "the default sizes"
+    n_tasks = int(zoo.tasks.unique().numel())
+    text = (f"**Scale.** This page: {n_tasks} tasks × {spec.runs} runs of {spec.arch} ({model}), "
+            f"{steps:,} SGD steps per network on {len(first.y_train):,} training images per task.")
+    if paper_spec is not None and (section, spec.arch) in PAPER_ZOOS:
+        paper_images = PAPER_TRAIN_PER_CLASS * paper_classes
+        text += (f" The paper: {PAPER_ZOOS[(section, spec.arch)]}, about "
+                 f"{steps_per_network(paper_spec, paper_images):,} steps per network on {paper_images:,} images per task.")
+    paper = reported(section, spec.arch)
+    paper = paper[paper["feature"] == "chain"]
+    if not len(paper):
+        return text + " The paper printed no number for these chains, so none is compared here."
+    gaps = []
+    for metric in ("top1", "rank1"):
+        ours = exp.results[(exp.results.feature == "chain") & (exp.results.metric == metric)].set_index("index")["value"]
+        theirs = paper[paper.metric == metric]
+        for i in shown:
+            at = theirs[theirs["index"] == i] if (theirs["index"] == i).any() else theirs[theirs["index"].isna()]
+            if len(at) and i in ours.index:
+                gaps.append((metric, i, 100 * float(ours[i]), 100 * float(at["value"].iloc[0])))
+    if not gaps:
+        return text
+    worst = max(p - o for _, _, o, p in gaps)
+    listing = "; ".join(f"{'top-1' if m == 'top1' else 'rank-1'} at index {i}: {o:.1f} % against {p:.1f} %"
+                        for m, i, o, p in gaps)
+    other = (f" The paper's numbers are for {DATA_NAMES[paper_dataset]}, not this page's data, so the comparison "
+             "is indicative." if spec.dataset != paper_dataset else "")
+    if worst <= 2.0:
+        return text + f" The chains match the paper within 2 points ({listing}).{other}"
+    return (text + f" The chains fall short of the paper by up to {worst:.1f} points ({listing}).{other} "
+            + why).rstrip()
 
 
 def stage_table(exp: Experiment) -> str:

@@ -164,9 +164,25 @@ glue("best_layer_rank1", 100 * float(best_layer.max()), display=False)
 glue("best_layer_rank1_index", int(best_layer.idxmax()), display=False)
 glue("best_chain_top1", 100 * float(chain.loc[("classification", "top1")].max()), display=False)
 glue("best_layer_top1", 100 * float(layer.loc[("classification", "top1")].max()), display=False)
+for name, values in (("chain", chain), ("layer", layer)):
+    for protocol, metric in (("classification", "top1"), ("retrieval", "rank1")):
+        for l in PAPER_INDICES:
+            glue(f"{name}_{metric}_{l}", 100 * float(values.loc[(protocol, metric, l)]), display=False)
+why = ("The chapter *Why narrow CNNs fall short* measures why: narrow PlainNet-5s trained for a few hundred SGD "
+       "steps stay close to their random initialization, and that start dominates their chain Grams."
+       if arch == "cnn" else "")
+glue("scale_note", Markdown(ffl.report.scale_note(exp, "cifar100", data_root=data_root, why=why)), display=False)
 
 # %% [markdown]
 # ## Reading the result
+#
+# At indices 1 / 2 / 3 the aligned chains classify {glue:text}`chain_top1_1:.1f` /
+# {glue:text}`chain_top1_2:.1f` / {glue:text}`chain_top1_3:.1f` % of the held-out networks into
+# their task (rank-1 on unseen tasks: {glue:text}`chain_rank1_1:.1f` /
+# {glue:text}`chain_rank1_2:.1f` / {glue:text}`chain_rank1_3:.1f` %); the raw layers
+# {glue:text}`layer_top1_1:.1f` / {glue:text}`layer_top1_2:.1f` / {glue:text}`layer_top1_3:.1f` %.
+#
+# {glue:md}`scale_note`
 #
 # On {glue:text}`data_label`, over the paper's indices 1–3: on tasks it never saw while learning
 # $\Theta$, the best aligned chain (chain {glue:text}`best_chain_rank1_index`) retrieves a run of

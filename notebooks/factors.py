@@ -196,9 +196,21 @@ for name in order[1:]:
         glue(f"within_{name}_{metric}", value(within, name, "chain", 1, metric), display=False)
 for metric in ("top1", "rank1"):
     glue(f"within_Baseline_{metric}", value(within, "Baseline", "chain", 1, metric), display=False)
+    for l in (1, 2, 3):
+        glue(f"baseline_chain_{metric}_{l}", value(within, "Baseline", "chain", l, metric), display=False)
+why = ("The chapter *Why narrow CNNs fall short* measures why narrow, briefly trained PlainNet-5s fall below the "
+       "paper's level.")
+glue("scale_note", Markdown(ffl.report.scale_note(base, "factors", data_root=data_root, why=why)), display=False)
 
 # %% [markdown]
 # ## Reading the result
+#
+# {glue:md}`scale_note` The paper printed no number for Figures 4 and 5; it describes its
+# settings' chains as identifying their tasks almost always. The baseline's own $\Theta$ classifies
+# {glue:text}`baseline_chain_top1_1:.1f` / {glue:text}`baseline_chain_top1_2:.1f` /
+# {glue:text}`baseline_chain_top1_3:.1f` % of its held-out runs at chains 1 / 2 / 3 (rank-1 on
+# unseen tasks {glue:text}`baseline_chain_rank1_1:.1f` / {glue:text}`baseline_chain_rank1_2:.1f` /
+# {glue:text}`baseline_chain_rank1_3:.1f` %).
 #
 # At chain 1, the baseline's own $\Theta$ classifies {glue:text}`within_Baseline_top1:.1f` % of
 # its held-out runs correctly. Applied to the other zoos it classifies

@@ -160,11 +160,24 @@ chain = results[results.feature == "chain"].set_index(["protocol", "metric", "in
 layer = results[results.feature == "layer"].set_index(["protocol", "metric", "index"])["value"].sort_index()
 for name, values in (("chain", chain), ("layer", layer)):
     for protocol, metric in (("classification", "top1"), ("retrieval", "rank1")):
-        glue(f"{name}_{metric}_1", 100 * float(values.loc[(protocol, metric, 1)]), display=False)
+        for l in reported_indices:
+            glue(f"{name}_{metric}_{l}", 100 * float(values.loc[(protocol, metric, l)]), display=False)
         glue(f"best_{name}_{metric}", 100 * float(values.loc[(protocol, metric)].max()), display=False)
+why = ("The chapter *Why narrow CNNs fall short* measures why: narrow PlainNet-5s trained for a few hundred SGD "
+       "steps stay close to their random initialization, and that start dominates their chain Grams."
+       if arch == "cnn" else "")
+glue("scale_note", Markdown(ffl.report.scale_note(exp, "tiny_imagenet", data_root=data_root, why=why)), display=False)
 
 # %% [markdown]
 # ## Reading the result
+#
+# At indices 1 / 2 / 3 the aligned chains classify {glue:text}`chain_top1_1:.1f` /
+# {glue:text}`chain_top1_2:.1f` / {glue:text}`chain_top1_3:.1f` % of the held-out runs into their
+# task (rank-1 on unseen tasks: {glue:text}`chain_rank1_1:.1f` / {glue:text}`chain_rank1_2:.1f` /
+# {glue:text}`chain_rank1_3:.1f` %), the raw layers {glue:text}`layer_top1_1:.1f` /
+# {glue:text}`layer_top1_2:.1f` / {glue:text}`layer_top1_3:.1f` %.
+#
+# {glue:md}`scale_note`
 #
 # At index 1 the aligned chain classifies {glue:text}`chain_top1_1:.1f` % of the held-out runs
 # into their task and the raw first layer {glue:text}`layer_top1_1:.1f` %; on tasks never seen
