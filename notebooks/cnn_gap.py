@@ -156,18 +156,21 @@ glue("best_theta_top1", float(best.max()), display=False)
 zoo_view = zoos.set_index("zoo")
 adopted = table.xs(study.adopted_theta, level="theta")
 reference = table.xs(study.reference_theta, level="theta")
-summary = pd.DataFrame({
+diagnostics = pd.DataFrame({
     "changes": zoo_view["changes"], "steps": zoo_view["steps"],
     "own-task acc. (%)": (100 * zoo_view["test_accuracy"]).round(1),
     **{f"drift {l}": zoo_view[f"drift_{l}"].round(3) for l in (1, 2, 3, 4)},
     **{f"within {l}": zoo_view[f"centred_cos_within_{l}"].round(3) for l in (1, 2, 3)},
     **{f"between {l}": zoo_view[f"centred_cos_between_{l}"].round(3) for l in (1, 2, 3)},
+    "seconds": zoo_view["zoo_seconds"].round(0),
+})
+display(Markdown("**What each zoo carries**"), diagnostics)
+accuracy = pd.DataFrame({
     **{f"top-1 {l}": adopted[f"top1 {l}"] for l in (1, 2, 3)},
     **{f"rank-1 {l}": adopted[f"rank1 {l}"] for l in (1, 2, 3)},
     **{f"top-1 {l}, paper's Θ": reference[f"top1 {l}"] for l in (1, 2, 3)},
-    "seconds": zoo_view["zoo_seconds"],
 })
-summary
+display(Markdown(f"**Chain accuracy (%), Θ: {study.adopted_theta} and the paper's**"), accuracy)
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
