@@ -55,6 +55,7 @@ from ffl.data import N_LETTERS, load_task
 from ffl.chain import measure
 from ffl.experiment import protocol_rows
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
+from ffl.files import write_json_atomic
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures, block_sizes, explicit_is_cheaper
 from ffl.protocols import ProtocolSplit
 from ffl.engine import (PRECISIONS, NetworkData, TrainConfig, init_stacked, precision_scope, total_steps,
@@ -712,6 +713,10 @@ PAPER_SHAPES = {"mlp": {"hidden": [500, 500, 500]}, "cnn": {}}
 QUICK_SHAPES = {"mlp": {"hidden": [16, 16, 16]}, "cnn": {"widths": [4, 8, 8, 8]}}  # tests only
 
 
+#: the file that marks a zoo of :func:`random_weight_zoo` (random weights, never trained)
+RANDOM_MARK = "random_weights.json"
+
+
 def random_weight_zoo(arch: str, root: str | os.PathLike, *, tasks: int, runs: int,
                       model_kwargs: dict[str, Any] | None = None, seed: int = 0, task_share: float = 0.5,
                       batch_networks: int = 100) -> Zoo:
@@ -721,11 +726,11 @@ def random_weight_zoo(arch: str, root: str | os.PathLike, *, tasks: int, runs: i
     does not care whether weights were trained; the task share gives the protocols something to
     find. Loaded, not rebuilt, when ``root`` holds it already."""
     spec = ZooSpec(arch=arch, dataset="synthetic", tasks=list(range(tasks)), runs=runs,
-                   model_kwargs=dict(model_kwargs or {}), seed=seed, epochs=1,  # never trained: data_kwargs say so
-                   data_kwargs={"weights": f"random, untrained (task share {task_share})"})
+                   model_kwargs=dict(model_kwargs or {}), seed=seed, epochs=1)  # never trained: RANDOM_MARK says so
     root = Path(root)
     if (root / "manifest.json").is_file():
         return Zoo.load(root)
+
     k = prepare_zoo(spec, root, batch_networks=batch_networks)
     kw = dict(spec.model_kwargs)
     if arch == "mlp":
@@ -760,6 +765,7 @@ def random_weight_zoo(arch: str, root: str | os.PathLike, *, tasks: int, runs: i
             write_piece(root, spec, piece, state, slice(0, n), nets, _jsonable_kw(kw))
     zoo = finalize_zoo(root)
     assert zoo is not None
+    write_json_atomic(root / RANDOM_MARK, {"weights": f"random, untrained (task share {task_share})"})
     return zoo
 
 
@@ -863,7 +869,7 @@ def bench_ffl(arch: str, networks: int, *, device: str = "cpu", precision: str =
     t0 = time.perf_counter()
     zoo = random_weight_zoo(arch, root, tasks=tasks, runs=runs, model_kwargs=shapes[arch])
     # a zoo given by ``zoo_root`` may be a trained one (a chapter's): say which was timed
-    trained = "weights" not in zoo.spec.data_kwargs
+    trained = not (Path(zoo.root) / RANDOM_MARK).is_file()
     weights = (f"trained: {zoo.spec.dataset}, {len(zoo.spec.tasks)} tasks x {zoo.spec.runs} runs" if trained
                else "random, untrained (seeded; real zoo format)")
     tasks, runs = len(zoo.spec.tasks), zoo.spec.runs

@@ -53,12 +53,14 @@ from IPython.display import Markdown, display
 from myst_nb import glue
 
 import ffl.baselines
+import ffl.checks
 import ffl.experiment
 import ffl.plots
 import ffl.profiles
 import ffl.provenance
 
 # Checked before any work: a wrong choice stops here with the valid ones.
+seed, data_root = ffl.checks.check_parameters(seed=seed, data_root=data_root).values()  # checked and normalized
 section = ffl.profiles.load_profile(profile).get("beyond")
 if not section:
     raise ValueError(f"profile {profile!r} has no beyond: section")

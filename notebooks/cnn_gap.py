@@ -50,11 +50,14 @@ import pandas as pd
 from IPython.display import Markdown, display
 from myst_nb import glue
 
+import ffl.checks
 import ffl.gap
 import ffl.paper
 import ffl.provenance
 
-study = ffl.gap.StudySettings.from_profile(profile)  # a profile without the study stops here
+# Checked before any work: a wrong value or a profile without the study stops here.
+seed, data_root = ffl.checks.check_parameters(seed=seed, data_root=data_root).values()  # checked and normalized
+study = ffl.gap.StudySettings.from_profile(profile)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device="cpu", arch=study.arch, profile=profile, dataset=study.dataset, seed=seed))))
 

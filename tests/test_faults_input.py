@@ -570,7 +570,7 @@ def test_odd_run_parameter_values_are_named(given, message):
 @pytest.mark.parametrize("raw,message", [
     ("namedata: {split: {seed: 1}}\n".encode("utf-16"), "not valid YAML"),
     (b"namedata: !!python/object:os.system {}\n", "not valid YAML: could not determine a constructor"),
-    (b"cifar10:\n  zoo: {tasks: 3}\n", r"cifar10: unknown key; expected one of \['alignment_proof_check', 'book_dir'"),
+    (b"cifar10:\n  zoo: {tasks: 3}\n", r"cifar10: unknown key; expected one of \['alignment_proof_check', 'beyond', 'book_dir'"),
     (b"cifar100:\n  features: {fold_bm: false}\n", r"cifar100\.features\.fold_bm: unknown key"),
     (b"cifar100:\n  features: {mlp: {}, fold_bn: true}\n", r"cifar100\.features\.fold_bn: unknown key"),
 ])

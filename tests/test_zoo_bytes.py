@@ -21,9 +21,14 @@ SPECS = {
     "mlp": dict(arch="mlp", model_kwargs={"hidden": [8, 6]}, augment=False),
     "resnet5": dict(arch="resnet5", model_kwargs={"widths": [4, 6, 6, 8]}, augment=True),
 }
+# Each pin holds the value of every CPU this project's machines have had: matrix products round
+# differently on another CPU's kernels (the same code, at 3c94253, gives the second MLP value on an
+# AMD EPYC). ResNet-5 was re-pinned when the CPU engine's convolutions became one grouped NHWC
+# convolution instead of one per network (other rounding; the same math, tests/test_engine.py).
 PINNED = {
-    "mlp": "17299578dd604259377778dc87efea89e8ec5fc0a61ba8e76fa218f1b65579ec",
-    "resnet5": "7adf9bd88f75fad405cd29a1938300ecde1b7f8254e14ee47e5286d7c2c30e94",
+    "mlp": {"17299578dd604259377778dc87efea89e8ec5fc0a61ba8e76fa218f1b65579ec",
+            "56fa020e64fb69d4a779871854a94f1704327975f262eb68b6648150ee623daf"},
+    "resnet5": {"5a491fee5e1c3a622a5a96ecbeee41c51e558991219d06e650575869666d9fad"},
 }
 
 
@@ -41,4 +46,4 @@ def test_tiny_zoo_bytes_are_pinned(name, tmp_path):
     zoo = train_zoo(ZooSpec.from_dict({**COMMON, **SPECS[name]}), tmp_path / name, progress=False,
                     batch_networks=3)
     zoo.verify()
-    assert zoo_checksum(zoo) == PINNED[name]
+    assert zoo_checksum(zoo) in PINNED[name]
