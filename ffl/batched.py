@@ -7,7 +7,7 @@ dimension (``(K, out, in)`` for a linear layer). Activations use the *folded* la
 networks sit side by side in the channel/feature dimension, ``(B, K*C, H, W)`` for images and
 ``(B, K*F)`` for vectors, so that
 
-* a convolution is one grouped convolution (``groups=K``; per network on CPU, see below),
+* a convolution is one grouped convolution (``groups=K``; in channels-last layout on CPU, see below),
 * a BatchNorm over the K*C channels is exactly per-network BatchNorm (own statistics, own running
   averages),
 * element-wise activations, pooling, ``flatten(1)`` and residual additions act per network,
@@ -23,8 +23,9 @@ keeps its own forward (convolutions, BatchNorm, the shortcut addition and global
 per network in the folded layout).
 
 Kernels were chosen by measurement (``python -m ffl.bench zoo`` and ``conv``; the figures are in
-README.md): on CPU, large linear layers run one GEMM per network instead of one ``bmm``, and
-convolutions one per network instead of oneDNN's grouped convolution; on CUDA convolutions are
+docs/performance.md): on CPU, large linear layers run one GEMM per network instead of one ``bmm``,
+and convolutions run as oneDNN's grouped convolution in channels-last (NHWC) layout (one per network
+under bf16 autocast, :class:`BatchedConv2d`); on CUDA convolutions are
 grouped (cuDNN, autotuned). ``torch.func.vmap`` measured slower than either and is not used.
 """
 from __future__ import annotations

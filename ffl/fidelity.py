@@ -1,6 +1,6 @@
 """Where this book differs from the paper or from the authors' code, one row per difference.
 
-Three sources can disagree: the paper's text (``/work/shared/paper``), the official code
+Three sources can disagree: the paper's text (``../shared/paper``), the official code
 (``Wanggcong/SolutionSimilarityLearning``, read for facts; file:line in each row) and this book.
 Each :class:`Difference` says what each of them does and why the book chose what it did. The
 book's cell is read from the library and the profiles where a setting decides it, so the table

@@ -33,7 +33,7 @@
 # (`ffl.invariance`); this chapter only calls them.
 
 # %% tags=["parameters"]
-profile = "smoke"  # sizes: "smoke" (a minute on a CPU) or "paper" (full widths)
+profile = "smoke"  # sizes: "smoke" (a minute on a CPU), "laptop" (the book's narrow widths) or "paper" (full widths)
 seed = 0  # seeds the networks, the inputs and the permutations
 device = "cpu"  # "cpu" or "cuda"
 

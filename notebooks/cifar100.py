@@ -44,7 +44,7 @@
 
 # %% tags=["parameters"]
 arch = "mlp"  # "mlp" (MLP-4) or "cnn" (PlainNet-5)
-profile = "smoke"  # sizes: "smoke" (minutes on a CPU) or "paper" (the paper's settings)
+profile = "smoke"  # sizes: "smoke" (minutes on a CPU), "laptop" (the book's) or "paper" (the paper's settings)
 dataset = "cifar100"  # "cifar100" (the paper's data), "cifar10" (real images in its place) or "synthetic"
 data_root = None  # where the dataset lives or is downloaded to (None: $FFL_DATA_ROOT, else ./data)
 download = True  # download the dataset (md5-checked) if it is missing

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The feature-learning stage at N = 5,000 on one GPU (issue: paper scale on one H100, item 3):
-# `python -m ffl.bench ffl` for PlainNet-5 (chains 1-5, TF32, the README's H100 row at full size)
+# `python -m ffl.bench ffl` for PlainNet-5 (chains 1-5, TF32, docs/performance.md's H100 row at full size)
 # and MLP-4 (chains and layers, FP32 as the chapters use), each under its own timeout.
 #
 #   bash scripts/gpu_bench_ffl.sh [ARCH ...]     # cnn and/or mlp (default: cnn mlp)

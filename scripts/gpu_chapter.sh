@@ -13,7 +13,7 @@
 #   .gpu/data/   what the chapters read ($FFL_DATA_ROOT), e.g. names/<Language>.txt for NameData
 #   .gpu/site.tar.xz  papermill, ipykernel and what `from myst_nb import glue` needs, for the
 #                machine's Python 3.12 (built from .whl by scripts/gpu_site.sh), unpacked to /tmp/site
-#   .whl/        else: the wheels themselves (pip download ... --python-version 3.12, see README),
+#   .whl/        else: the wheels themselves (pip download ... --python-version 3.12, see docs/gpu.md),
 #                installed to /tmp/site; too big to travel with the tiny ImageNet copy
 # Check the size before a run: python3 scripts/gpu_payload_size.py .gpu  (64 MiB at most).
 # The commit the run reports comes from $FFL_COMMIT when the copy carries no git history.

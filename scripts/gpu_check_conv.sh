@@ -19,7 +19,7 @@
 #           grouped (cuDNN), implicit (Triton), dense (one ordinary convolution: the ceiling)
 #   zoo     PlainNet-5 zoo time at paper epochs, bf16, 2 chunks each: cuDNN + PyTorch BatchNorm,
 #           Triton convolution, Triton convolution + fused BatchNorm (python -m ffl.bench zoo-time);
-#           chunks of $ZOO_K networks (default: sized by memory, at most 252; the README's table used 126)
+#           chunks of $ZOO_K networks (default: sized by memory, at most 252; docs/performance.md's table used 126)
 #   compile the same three through torch.compile
 #   profile where a training step's time goes with both kernels (torch.profiler table; K = $ZOO_K, default 126)
 #   sweep   TFLOP/s of each pass of each layer under a grid of blockings, bf16, K = $ZOO_K (default

@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_site.sh [WHEEL_DIR] [TARBALL]   # defaults: the repository's .whl, .gpu/site.tar.xz
 #
-# WHEEL_DIR holds py3.12 x86-64 wheels (see README); only KEEP below is installed, unpacked for
+# WHEEL_DIR holds py3.12 x86-64 wheels (see docs/gpu.md); only KEEP below is installed, unpacked for
 # CPython 3.12 with pip --target (local files, no index), then stripped of what never runs:
 # bytecode, tests, console scripts, type stubs, C headers, install records, IPython's Sphinx
 # extension, docutils' writers, parsers and math (myst_nb's glue imports docutils.nodes alone) and

@@ -1,5 +1,5 @@
 """ffl.data (§4 tasks): split bookkeeping, synthetic generator, and loaders run against tiny fake
-datasets written in the *real on-disk formats* (and, where /work/shared/data exists, real data).
+datasets written in the *real on-disk formats* (and, where ../shared/data exists beside the repository, real data).
 
 Fixture writers live in this file (they write dataset formats only these tests need; conftest.py
 holds the fixtures shared by several test files).
@@ -342,7 +342,7 @@ def write_fake_cifar10_pickles(root: Path, n_train: int = 3, n_test: int = 2) ->
 
 
 def write_fake_cifar10_npz(path: Path, n_train: int = 3, n_test: int = 2) -> None:
-    """A small .npz in the format of /work/shared/data/cifar10_substitute: JPEG bytes + offsets,
+    """A small .npz in the format of ../shared/data/cifar10_substitute: JPEG bytes + offsets,
     class-major, files ``<class>/0000.jpg``."""
     import io
 
@@ -588,7 +588,7 @@ def test_tiny_imagenet_download_moves_complete_folder(tmp_path, monkeypatch):
 
 
 def write_fake_tiny_npz(path: Path, n_classes: int = 5, n_train: int = 2, n_val: int = 2) -> None:
-    """A small .npz in the format of /work/shared/data/tiny_imagenet (JPEG bytes + offsets)."""
+    """A small .npz in the format of ../shared/data/tiny_imagenet (JPEG bytes + offsets)."""
     from PIL import Image
     import io
 

@@ -236,7 +236,7 @@ def materialize_tiny_imagenet(npz_path: str | os.PathLike, out_root: str | os.Pa
                               overwrite: bool = False) -> Path:
     """Write the official ``tiny-imagenet-200/`` layout under ``out_root`` from the offline
     ``.npz`` copy (keys ``wnids, words, {train,val}_{jpeg,offsets,labels,files}``; see
-    ``/work/shared/data/tiny_imagenet/PROVENANCE.md``), so ``load_task('tiny_imagenet', …,
+    ``../shared/data/tiny_imagenet/PROVENANCE.md``), so ``load_task('tiny_imagenet', …,
     data_root=out_root)`` works offline (§4).
 
     ``classes``: indices into the npz's ``wnids`` (official order) or wnids to write (default all 200). ``wnids.txt`` always lists all
