@@ -19,7 +19,7 @@
 # # Why narrow CNNs fall short, and what closes the gap
 #
 # At the paper's scale the aligned chains of PlainNet-5 identify a network's task almost always
-# (Figure 2 b: 99.3–99.6 % top-1 at indices 1–3 on tiny ImageNet). The laptop book trains much
+# (Figure 2 b: top-1 at indices 1–3 on tiny ImageNet, in the last section below). The laptop book trains much
 # smaller zoos on two CPU cores, and its PlainNet-5 chapters fell far below that. Two kinds of
 # cause could be at work, and a reader cannot tell them apart from one page: *the method needs
 # scale* (narrow networks, few SGD steps, so each network's weights are mostly its random start)
@@ -54,6 +54,8 @@ import ffl.checks
 import ffl.gap
 import ffl.paper
 import ffl.provenance
+import ffl.report
+import ffl.zoo
 
 # Checked before any work: a wrong value or a profile without the study stops here.
 seed, data_root = ffl.checks.check_parameters(seed=seed, data_root=data_root).values()  # checked and normalized
@@ -78,6 +80,9 @@ glue("base_widths", Markdown(sizes["widths"]), display=False)
 glue("base_steps", int(base["steps"]), display=False)
 glue("base_acc", 100 * float(base["test_accuracy"]), display=False)
 glue("adopted_theta", Markdown(f"*{study.adopted_theta}*"), display=False)
+glue("paper_zoo", Markdown(ffl.report.PAPER_ZOOS[(study.section, study.arch)]), display=False)
+paper_spec = ffl.zoo.spec_from_profile("paper", study.section, arch=study.arch, dataset=study.section)
+glue("paper_steps", ffl.report.steps_per_network(paper_spec, ffl.report.PAPER_TRAIN_PER_CLASS * ffl.report.PAPER_DATA[study.section][1]), display=False)
 display(Markdown(sizes["table"]))
 
 # %% [markdown]
@@ -88,7 +93,7 @@ display(Markdown(sizes["table"]))
 # point, one query a rank-1 by several: differences of a few points are noise. The first zoo is
 # the laptop profile's PlainNet-5 (widths {glue:md}`base_widths`, {glue:text}`base_steps` SGD
 # steps per network, {glue:text}`base_acc:.1f` % mean accuracy on its own task's test images);
-# the paper's networks have widths 32–256 and about 1,600 steps.
+# the paper: {glue:md}`paper_zoo`, about {glue:text}`paper_steps:,` steps per network.
 #
 # ## $\Theta$'s training, on the first zoo
 #
@@ -206,7 +211,7 @@ glue_row("paper", pd.Series({**{f"top1 {i}": paper_top1[i] for i in (1, 2, 3)},
 #
 # Chain top-1 at indices 1–3 for every zoo setting, with the paper's $\Theta$ (left) and the
 # adopted one (right). Dashed lines: the paper's top-1 at indices 1–3 (tiny ImageNet, PlainNet-5,
-# widths 32–256, 100 runs per task).
+# {glue:md}`paper_zoo`).
 # ```
 #
 # ## What the study says
