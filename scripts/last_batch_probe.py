@@ -51,7 +51,8 @@ def probe(name: str, overrides: dict, args) -> tuple[dict, pd.Series]:
            "at chance (train acc <= 30 %)": round(100 * float((train <= 0.3).float().mean()), 1),
            "test acc mean": round(100 * float(exp.zoo.accuracy["test"].float().mean()), 1),
            "seconds": round(time.perf_counter() - start)}
-    table = exp.results.set_index(["index", "feature", "protocol", "metric"])["value"]
+    scores = exp.results[~exp.results["metric"].str.startswith("theta_")]  # Θ's own fit is not a score
+    table = scores.set_index(["index", "feature", "protocol", "metric"])["value"]
     return row, (100 * table).round(1).rename(name)
 
 
