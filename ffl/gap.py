@@ -38,6 +38,7 @@ from ffl.profiles import load_profile
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, retrieval_protocol,
                            retrieval_split)
 from ffl.report import data_note
+from ffl.report import steps_per_network as report_steps
 from ffl.data import load_task
 from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, spec_from_profile, train_zoo
 
@@ -256,9 +257,7 @@ def overrides_label(overrides: dict[str, Any]) -> dict[str, str]:
 
 
 def steps_per_network(zoo: Zoo) -> int:
-    """SGD steps each network of ``zoo`` took: batches per epoch × epochs (or the fixed step count)."""
+    """SGD steps each network of ``zoo`` took (:func:`ffl.report.steps_per_network` on its first task)."""
     spec = zoo.spec
-    if spec.steps is not None:
-        return int(spec.steps)
     first = load_task(spec.dataset, spec.tasks[0], data_root=spec.data_root, **spec.data_kwargs)
-    return -(-len(first.x_train) // spec.batch_size) * spec.epochs
+    return report_steps(spec, len(first.x_train))
