@@ -170,13 +170,20 @@ def weight_matching_pairs(models: list[nn.Module], pairs: list[tuple[int, int]],
     layer features at every index; and each pair's seconds (matching and cosines)."""
     own = [[f.double() for f in features.of(m, "layer")] for m in models]
     sims, seconds = {}, {}
-    for a, b in tqdm(pairs, desc="weight matching", disable=not progress):
-        start = time.perf_counter()
-        perms, _ = match_permutations(models[a], models[b], seed=seed, max_sweeps=max_sweeps)
-        aligned = features.of(permute_hidden(models[b], perms), "layer")
-        sims[(a, b)] = [float(fa @ fb.double() / (fa.norm() * fb.norm()).clamp_min(1e-300))
-                        for fa, fb in zip(own[a], aligned)]
-        seconds[(a, b)] = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    # matrices of at most a few hundred rows: one thread, since a thread team's hand-offs on every small op
+    # cost more than the op, and far more on shared cores
+    torch.set_num_threads(1)
+    try:
+        for a, b in tqdm(pairs, desc="weight matching", disable=not progress):
+            start = time.perf_counter()
+            perms, _ = match_permutations(models[a], models[b], seed=seed, max_sweeps=max_sweeps)
+            aligned = features.of(permute_hidden(models[b], perms), "layer")
+            sims[(a, b)] = [float(fa @ fb.double() / (fa.norm() * fb.norm()).clamp_min(1e-300))
+                            for fa, fb in zip(own[a], aligned)]
+            seconds[(a, b)] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     return sims, seconds
 
 

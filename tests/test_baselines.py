@@ -80,6 +80,22 @@ def test_weight_matching_finds_a_permuted_copy_at_every_index_and_it_wins(arch, 
     assert all(s > 0 for s in secs.values())
 
 
+def test_weight_matching_runs_on_one_thread_and_gives_the_callers_threads_back():
+    """Its small assignment problems run single-threaded (a thread team's hand-offs cost more than
+    the ops, many times more on shared cores); the caller's thread count is restored, also on error."""
+    nets = [build_model("mlp", 3, in_features=8, hidden=(5, 4)).eval() for _ in range(2)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weight_matching_pairs(nets, [(0, 1)], FeatureConfig())
+        assert torch.get_num_threads() == 2
+        with pytest.raises(IndexError):
+            weight_matching_pairs(nets, [(0, 5)], FeatureConfig())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_method_runs_on_a_zoo_under_the_papers_splits(tmp_path, one_thread):
     spec = ZooSpec.from_dict(dict(arch="mlp", dataset="synthetic", tasks=[0, 1, 2, 3, 4], runs=5,
                                   model_kwargs={"hidden": [6, 6, 6]}, epochs=2, lr=0.05, lr_step_epochs=[1],
