@@ -399,15 +399,20 @@ def _stored_chunk_size(root: Path, spec: ZooSpec, batch_networks: int | None, *,
     if not spath.is_file():
         return None
     stored = read_record(spath, _SPEC_FIELDS)
-    diff = spec_diff(stored["spec"], spec.identity())
-    if diff:
-        raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
-                         + "\nUse another root (or delete it) to train this spec.")
+    _check_same_spec(root, stored["spec"], spec)
     stored_k = int(stored["batch_networks"])
     if batch_networks is not None and batch_networks != stored_k:
         warnings.warn(f"zoo at {root} was started with batch_networks={stored_k}; using that "
                       f"(not {batch_networks}) so resumed chunks match", stacklevel=stacklevel)
     return stored_k
+
+
+def _check_same_spec(root: Path, stored: dict[str, Any], spec: ZooSpec) -> None:
+    """``ValueError`` listing the differing fields unless the spec identity recorded at ``root`` is ``spec``'s."""
+    diff = spec_diff(stored, spec.identity())
+    if diff:
+        raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
+                         + "\nUse another root (or delete it) to train this spec.")
 
 
 def _write_spec(root: Path, spec: ZooSpec, k: int) -> None:

@@ -40,10 +40,10 @@ from ffl.files import clean_stale_temp, folder_lock, free_bytes, sha256_file, wr
 from ffl.models import CONV_ARCHS, PLAIN_CONV_ARCHS, build_model
 from ffl.provenance import hardware
 from ffl.triton_support import available, runs_on, triton
-from ffl.zoo.spec import ZooSpec, _jsonable, data_seed, run_seed, spec_diff
+from ffl.zoo.spec import ZooSpec, _jsonable, data_seed, run_seed
 from ffl.zoo.store import (_MANIFEST_FIELDS, Piece, TrainingDivergedError, Zoo, _check_piece, _check_root,
-                           _check_shards_belong, _finalize, _read_sidecar, _stored_chunk_size, _write_spec,
-                           check_task_data, chunks, read_record, recorded_task_data, write_piece)
+                           _check_same_spec, _check_shards_belong, _finalize, _read_sidecar, _stored_chunk_size,
+                           _write_spec, check_task_data, chunks, read_record, recorded_task_data, write_piece)
 
 
 #: most networks per engine batch of a convolutional zoo on CUDA: on one H100, PlainNet-5 chunks of
@@ -283,10 +283,7 @@ def train_zoo(
     mpath = root / "manifest.json"
     if mpath.is_file():
         zoo = Zoo.load(root)
-        diff = spec_diff(zoo.manifest["spec"], spec.identity())
-        if diff:
-            raise ValueError(f"a different zoo exists at {root}; differing fields:\n  " + "\n  ".join(diff)
-                             + "\nUse another root (or delete it) to train this spec.")
+        _check_same_spec(root, zoo.manifest["spec"], spec)
         recorded = recorded_task_data(zoo.manifest["shards"])
         if recorded:
             try:
