@@ -3,7 +3,7 @@
 A profile is a YAML file in ``profiles/`` with one section per notebook; a notebook reads its own
 section. The ``chapters`` section lists the chapters the book build runs (``python -m ffl.book``)
 and their papermill parameters. A section's ``zoo`` settings become a zoo spec through
-:func:`ffl.zoo.spec_from_profile`; ``profiles/paper.yaml`` is the one home of the paper's settings.
+:func:`ffl.profile_zoo.spec_from_profile`; ``profiles/paper.yaml`` is the one home of the paper's settings.
 
 Every file is checked when it is loaded against :data:`SCHEMA` (known keys, value types; YAML
 syntax; no duplicate keys): a typo or a wrong type stops with the file and the key path, e.g.
@@ -137,7 +137,7 @@ def _extends(value: Any, where: str) -> None:
 
 
 _TRAINING = {**_fields(TrainConfig), "model_kwargs": "dict"}
-#: ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA (see :func:`ffl.zoo.cuda_engine_from_profile`)
+#: ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA (see :func:`ffl.profile_zoo.cuda_engine_from_profile`)
 CUDA_ENGINE = {"batch_networks": "int", "conv_backend": "str", "bn_backend": "str", "conv_tiles": "str"}
 _ZOO = Keys({"tasks": "int", "runs": "int",
              "data_kwargs": Each(DATASETS, lambda dataset: Keys(data_kwargs_types(dataset))),

@@ -63,7 +63,7 @@ def test_a_profile_names_a_tile_table_under_profiles(tmp_path, monkeypatch):
     (tmp_path / "tuned.yaml").write_text(json.dumps(
         {"cifar100": {"zoo": {"cuda": {"cnn": {"conv_backend": "triton", "conv_tiles": "tiles.json"}}}}}))
     monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
-    monkeypatch.setattr("ffl.zoo.PROFILE_DIR", tmp_path)
+    monkeypatch.setattr("ffl.profile_zoo.PROFILE_DIR", tmp_path)
     assert cuda_engine_from_profile("tuned", "cifar100", arch="cnn") == {"conv_backend": "triton",
                                                                           "conv_tiles": str(table)}
 
@@ -110,7 +110,7 @@ def test_the_run_table_names_measured_blockings(tmp_path):
 
 
 def test_convolutional_zoos_train_in_chunks_of_at_most_252_on_cuda(monkeypatch):
-    import ffl.zoo as zoo_module
+    import ffl.zoo.train as zoo_module
 
     monkeypatch.setattr(zoo_module, "probe_capacity", lambda *a, **k: 700)  # what would fit in memory
     spec = lambda arch: ZooSpec.from_dict(dict(TINY_CNN, arch=arch, tasks=list(range(10)), runs=100,  # noqa: E731

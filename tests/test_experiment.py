@@ -80,7 +80,8 @@ def _retrain_with_other_weights(root: Path) -> None:
 
     from safetensors.torch import load_file
 
-    from ffl.zoo import Zoo, _finalize, chunks, write_piece
+    from ffl.zoo import Zoo, chunks, write_piece
+    from ffl.zoo.store import _finalize
 
     zoo = Zoo.load(root)
     k = int(zoo.manifest["batch_networks"])

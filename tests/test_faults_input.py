@@ -304,9 +304,9 @@ def test_a_spec_json_of_the_wrong_shape_is_named(small_zoo, text):
 
 
 def test_a_full_disk_is_found_before_training(tmp_path, monkeypatch):
-    import ffl.zoo
+    import ffl.zoo.train
 
-    monkeypatch.setattr(ffl.zoo, "free_bytes", lambda path: 10_000)
+    monkeypatch.setattr(ffl.zoo.train, "free_bytes", lambda path: 10_000)
     with pytest.raises(OSError, match=r"not enough space for the zoo at .*zoo: its 6 networks still to train need "
                                       r"about 0\.\d MiB, its disk has 0\.0 MiB free"):
         train_zoo(tiny(), tmp_path / "zoo", progress=False)
@@ -330,7 +330,7 @@ def test_a_write_that_fails_names_the_file(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_root_is_found_before_training(small_zoo, monkeypatch):
-    import ffl.zoo
+    import ffl.zoo.train
 
     (small_zoo / "manifest.json").unlink()
     (small_zoo / "shards" / "t00000-r00002-00002.json").unlink()
@@ -339,8 +339,8 @@ def test_an_unwritable_root_is_found_before_training(small_zoo, monkeypatch):
     def read_only(*args, **kw):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ffl.zoo.tempfile, "TemporaryFile", read_only)
-    monkeypatch.setattr(ffl.zoo, "train_batched", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(ffl.zoo.train.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(ffl.zoo.train, "train_batched", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(PermissionError, match=r"cannot write in .*zoo/shards \(Permission denied\), where the zoo's "
                                               "shards go"):
         train_zoo(tiny(), small_zoo, progress=False)
@@ -385,15 +385,15 @@ def test_an_empty_environment_folder_means_the_documented_default(monkeypatch, v
 
 def test_two_runs_of_different_specs_on_one_root_do_not_mix(tmp_path, monkeypatch):
     """The second run waits for the first to write spec.json, then is refused; no shard of it lands."""
-    import ffl.zoo
+    import ffl.zoo.train
 
-    load = ffl.zoo._load_tasks
+    load = ffl.zoo.train._load_tasks
 
     def slow_load(spec, tasks):
         time.sleep(0.3)  # the window in which both would pass the spec check without a lock
         return load(spec, tasks)
 
-    monkeypatch.setattr(ffl.zoo, "_load_tasks", slow_load)
+    monkeypatch.setattr(ffl.zoo.train, "_load_tasks", slow_load)
     root = tmp_path / "zoo"
     first = threading.Thread(target=train_zoo, args=(tiny(),), kwargs={"root": root, "progress": False})
     first.start()
@@ -421,7 +421,7 @@ def test_a_shard_of_another_seed_is_named_as_such_not_as_changed_data(tmp_path):
 
 
 def test_finished_shards_renamed_onto_each_other_are_found_before_training(small_zoo, monkeypatch):
-    import ffl.zoo
+    import ffl.zoo.train
 
     (small_zoo / "manifest.json").unlink()
     (small_zoo / "shards" / "t00000-r00002-00002.json").unlink()  # one chunk left to train
@@ -431,7 +431,7 @@ def test_finished_shards_renamed_onto_each_other_are_found_before_training(small
         os.replace(shards / f"t00001-r00001-00002{ext}", shards / f"t00000-r00000-00001{ext}")
         os.replace(shards / f"tmp{ext}", shards / f"t00001-r00001-00002{ext}")
     before = snapshot(small_zoo)
-    monkeypatch.setattr(ffl.zoo, "train_batched", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(ffl.zoo.train, "train_batched", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ZooCorruptError, match=r"t00000-r00000-00001\.json records other networks than its name says "
                                               r"\(task 0, runs 0-1\): \(task, run\) \[\(1, 1\), \(1, 2\)\]; renamed"):
         train_zoo(tiny(), small_zoo, progress=False)

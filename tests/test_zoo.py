@@ -76,7 +76,8 @@ def test_init_matches_build_model_seed():
     weights train_zoo hands to the engine (a zoo of 0 epochs is refused, so not through one)."""
     from ffl.engine import init_stacked
     from ffl.models import build_model
-    from ffl.zoo import _load_tasks, chunk_inputs
+    from ffl.zoo import chunk_inputs
+    from ffl.zoo.train import _load_tasks
 
     spec = tiny_spec()
     chunk = chunks(spec, 9)[0]
@@ -188,14 +189,29 @@ def _cli(args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "ffl.zoo", *args], env=e, capture_output=True, text=True, **kw)
 
 
+#: train_zoo in a process of its own; argv: spec (JSON), root, keywords (JSON), and the number of
+#: chunks after which the process kills itself from ``after_chunk`` (os._exit(99): no cleanup, like
+#: SIGKILL; 0: never)
+TRAIN_IN_A_PROCESS = (
+    "import json, os, sys; from ffl.zoo import ZooSpec, train_zoo; die = int(sys.argv[4]); "
+    "train_zoo(ZooSpec.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False, "
+    "after_chunk=(lambda n: n >= die and os._exit(99)) if die else None, **json.loads(sys.argv[3]))")
+
+
+def _train_in_a_process(spec: ZooSpec, root: Path, die_after_chunks: int = 0, **kw) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-c", TRAIN_IN_A_PROCESS, json.dumps(spec.to_dict()), str(root), json.dumps(kw),
+            str(die_after_chunks)]
+    return subprocess.run(args, env=e, capture_output=True, text=True, timeout=300)
+
+
 def test_kill_and_resume(zoo_dir, tmp_path):
-    """A run killed (os._exit, no cleanup) after its first chunk resumes without retraining that
-    chunk and ends with exactly the bytes of an uninterrupted run."""
+    """A run killed (os._exit, no cleanup) after its first chunk resumes (from the command line)
+    without retraining that chunk and ends with exactly the bytes of an uninterrupted run."""
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(tiny_spec().to_dict()))
     root = tmp_path / "z"
-    r = _cli(["train", "--spec", str(spec_file), "--root", str(root), "--quiet", "--batch-networks", "4"],
-             env={"FFL_ZOO_DIE_AFTER_CHUNKS": "1"})
+    r = _train_in_a_process(tiny_spec(), root, die_after_chunks=1, batch_networks=4)
     assert r.returncode == 99, r.stderr
     assert not (root / "manifest.json").exists()
     first = sorted((root / "shards").glob("*.safetensors"))
@@ -321,7 +337,7 @@ def test_overlap_writes_the_serial_bytes_while_the_next_chunk_trains(wide_serial
     the serial run."""
     import threading
 
-    import ffl.zoo as zoo_module
+    import ffl.zoo.train as zoo_module
 
     events, chunk0_written = [], threading.Event()
     real_write, real_train, real_start = zoo_module.write_piece, zoo_module.train_batched, zoo_module.start_init_stacked
@@ -360,18 +376,27 @@ def test_overlap_writes_the_serial_bytes_while_the_next_chunk_trains(wide_serial
 
 
 def test_overlap_on_by_default_only_on_cuda(tmp_path, monkeypatch):
-    import ffl.zoo as zoo_module
+    import ffl.zoo.train as zoo_module
 
     backgrounds = []
     real = zoo_module._ChunkWrites.__init__
 
-    def init(self, background):
+    def init(self, background, **kw):
         backgrounds.append(background)
-        real(self, background)
+        real(self, background, **kw)
 
     monkeypatch.setattr(zoo_module._ChunkWrites, "__init__", init)
     train_zoo(tiny_spec(runs=1), tmp_path / "z", progress=False, batch_networks=2)
     assert backgrounds == [False]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_after_chunk_is_called_once_each_chunk_is_on_disk(tmp_path, overlap):
+    """``after_chunk(n)``: the number of chunks written so far, once their shards are durable."""
+    root, seen = tmp_path / "z", []
+    train_zoo(tiny_spec(runs=1), root, progress=False, batch_networks=2, overlap=overlap,
+              after_chunk=lambda n: seen.append((n, len(list((root / "shards").glob("*.json"))))))
+    assert seen == [(1, 2), (2, 3)]  # chunk 0: tasks 0 and 1 (two shards), chunk 1: task 2
 
 
 def test_overlap_kill_and_resume(zoo_dir, tmp_path):
@@ -379,17 +404,12 @@ def test_overlap_kill_and_resume(zoo_dir, tmp_path):
     chunk 2's init started: only chunk 0's shards exist, and resuming (overlap on again) ends with
     the bytes of the uninterrupted serial run."""
     root = tmp_path / "z"
-    code = ("import sys, json; from ffl.zoo import ZooSpec, train_zoo; "
-            "train_zoo(ZooSpec.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False, "
-            "batch_networks=4, overlap=True)")
-    args = [sys.executable, "-c", code, json.dumps(tiny_spec().to_dict()), str(root)]
-    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    r = subprocess.run(args, env=dict(e, FFL_ZOO_DIE_AFTER_CHUNKS="1"), capture_output=True, text=True, timeout=300)
+    r = _train_in_a_process(tiny_spec(), root, die_after_chunks=1, batch_networks=4, overlap=True)
     assert r.returncode == 99, r.stderr
     first = sorted((root / "shards").glob("*"))
     assert [f.name for f in first] == shard_names(0)
     mtimes = {f: f.stat().st_mtime_ns for f in first}
-    r = subprocess.run(args, env=e, capture_output=True, text=True, timeout=300)
+    r = _train_in_a_process(tiny_spec(), root, batch_networks=4, overlap=True)
     assert r.returncode == 0, r.stderr
     assert {f: f.stat().st_mtime_ns for f in first} == mtimes  # not rewritten
     assert shard_bytes(root) == shard_bytes(zoo_dir)
@@ -404,8 +424,9 @@ def test_overlap_divergence_saves_the_earlier_chunks_only(tmp_path, monkeypatch)
     import threading
     import time
 
-    import ffl.zoo as zoo_module
-    from ffl.zoo import TrainingDivergedError, _read_sidecar
+    import ffl.zoo.train as zoo_module
+    from ffl.zoo import TrainingDivergedError
+    from ffl.zoo.store import _read_sidecar
 
     real_train, real_write, real_start, calls = (zoo_module.train_batched, zoo_module.write_piece,
                                                  zoo_module.start_init_stacked, [])
@@ -449,7 +470,7 @@ def test_overlap_write_error_propagates_and_leaves_no_shard(zoo_dir, tmp_path, m
     """A shard write that fails halfway on the writer thread: train_zoo raises its error, the
     shard is not there (not even in part), and a resumed run completes the serial bytes."""
     import ffl.files
-    import ffl.zoo as zoo_module
+    import ffl.zoo.store as store_module
 
     victim = shard_names(1, [".safetensors"])[0]  # chunk 1 = task 1 runs 1-2 + task 2 runs 0-1
 
@@ -460,7 +481,7 @@ def test_overlap_write_error_propagates_and_leaves_no_shard(zoo_dir, tmp_path, m
                 raise OSError("No space left on device (test)")
         ffl.files.write_bytes_atomic(path, data)
 
-    monkeypatch.setattr(zoo_module, "write_bytes_atomic", failing)
+    monkeypatch.setattr(store_module, "write_bytes_atomic", failing)
     root = tmp_path / "z"
     with pytest.raises(OSError, match=r"No space left on device \(test\)"):
         train_zoo(tiny_spec(), root, progress=False, batch_networks=4, overlap=True)
@@ -476,7 +497,7 @@ def test_overlap_write_error_propagates_and_leaves_no_shard(zoo_dir, tmp_path, m
 def test_overlap_init_worker_error_propagates(wide_serial, tmp_path, monkeypatch):
     """An init worker of the next chunk fails (its model build raises for one seed): train_zoo
     raises with the worker's message, and chunk 0, trained before, is saved."""
-    import ffl.zoo as zoo_module
+    import ffl.zoo.train as zoo_module
 
     real_start = zoo_module.start_init_stacked
     bad_seed = run_seed(0, 1, 2)  # chunk 1, built by a worker (not the first network: the parent builds that)
@@ -501,7 +522,7 @@ def test_overlap_init_worker_error_propagates(wide_serial, tmp_path, monkeypatch
 def test_progress_bar_ends_at_the_number_of_networks_exactly(tmp_path, monkeypatch):
     import warnings
 
-    import ffl.zoo as zoo_module
+    import ffl.zoo.train as zoo_module
 
     # Chunks of 585 at 400 steps each: fractional per-step advances summed in floats ended at
     # 5000.000000000115 and tqdm warned (the H100 run of the tiny ImageNet chapter showed it).
