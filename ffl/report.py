@@ -135,9 +135,12 @@ PAPER_ZOOS = {("tiny_imagenet", "mlp"): "50 tasks × 100 runs of MLP-4 with 500 
               ("tiny_imagenet", "cnn"): "50 tasks × 100 runs of PlainNet-5 with widths 32–256",
               ("cifar100", "mlp"): "50 tasks × 100 runs of MLP-4 with 500 hidden units",
               ("cifar100", "cnn"): "50 tasks × 100 runs of PlainNet-5 with widths 32–256",
-              ("factors", "cnn"): "50 CIFAR-100 tasks × 100 runs per setting, PlainNet-5 with widths 32–256"}
+              ("factors", "cnn"): "50 CIFAR-100 tasks × 100 runs per setting, PlainNet-5 with widths 32–256",
+              ("namedata", "gru"): "9 tasks × 100 runs of GRU-2 with 128 hidden units"}
 #: the dataset of the paper's section and its classes per task (§4)
 PAPER_DATA = {"cifar100": ("cifar100", 2), "tiny_imagenet": ("tiny_imagenet", 4), "factors": ("cifar100", 2)}
+#: what one training example of a dataset is, in prose (default: an image)
+EXAMPLE_NAMES = {"namedata": "names"}
 
 
 def steps_per_network(spec, train_images: int) -> int:
@@ -160,12 +163,17 @@ def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, s
         paper_spec = None
     model = ", ".join(f"{k} {v}" for k, v in spec.model_kwargs.items()) or "the default sizes"
     n_tasks = int(zoo.tasks.unique().numel())
+    examples = EXAMPLE_NAMES.get(spec.dataset, "images")
     text = (f"**Scale.** This page: {n_tasks} tasks × {spec.runs} runs of {spec.arch} ({model}), "
-            f"{steps:,} SGD steps per network on {len(first.y_train):,} training images per task.")
+            f"{steps:,} SGD steps per network on {len(first.y_train):,} training {examples} per task.")
     if paper_spec is not None and (section, spec.arch) in PAPER_ZOOS:
-        paper_images = PAPER_TRAIN_PER_CLASS * paper_classes
+        if section in PAPER_DATA:  # image tasks: the paper's 500 training images per class
+            paper_images = PAPER_TRAIN_PER_CLASS * paper_classes
+            on = f"{paper_images:,} images per task"
+        else:  # the same data as ours (NameData: the official split of every name)
+            paper_images, on = len(first.y_train), f"the same {examples}"
         text += (f" The paper: {PAPER_ZOOS[(section, spec.arch)]}, about "
-                 f"{steps_per_network(paper_spec, paper_images):,} steps per network on {paper_images:,} images per task.")
+                 f"{steps_per_network(paper_spec, paper_images):,} steps per network on {on}.")
     paper = reported(section, spec.arch)
     paper = paper[paper["feature"] == "chain"]
     if not len(paper):
@@ -186,7 +194,7 @@ def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, s
     other = (f" The paper's numbers are for {DATA_NAMES[paper_dataset]}, not this page's data, so the comparison "
              "is indicative." if spec.dataset != paper_dataset else "")
     if worst <= 2.0:
-        return text + f" The chains match the paper within 2 points ({listing}).{other}"
+        return text + f" The chains reach the paper's numbers, none more than 2 points below ({listing}).{other}"
     return (text + f" The chains fall short of the paper by up to {worst:.1f} points ({listing}).{other} "
             + why).rstrip()
 

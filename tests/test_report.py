@@ -1,13 +1,20 @@
 """What a chapter prints about its run (ffl.report): sizes counted independently, the paper's
 numbers placed beside ours, stage times with the zoo's recorded training time."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
+import torch
 
 from ffl import report
 from ffl.experiment import Experiment
 from ffl.features import FeatureConfig
 from ffl.protocols import ProtocolSplit
 from ffl.zoo import ZooSpec, train_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +96,29 @@ def test_data_note_names_the_data_read_from_the_data_itself(tmp_path):
     assert report.data_note(synthetic, stands_for="cifar100") == (
         "the synthetic stand-in (2 classes per task, 5 training images per class), not CIFAR-100: the "
         "paper's numbers are not drawn beside it")
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("FFL_DATA_ROOT", ROOT.parent / "shared" / "data")) / "names").is_dir(),
+                    reason="no NameData under $FFL_DATA_ROOT or ../shared/data")
+@pytest.mark.parametrize("top1, rank1, expect", [
+    (1.0, 0.95, "The chains reach the paper's numbers, none more than 2 points below (top-1 at index 1: 100.0 % "
+                "against 100.0 %; rank-1 at index 1: 95.0 % against 95.7 %)."),
+    (0.9, 0.5, "The chains fall short of the paper by up to 45.7 points (top-1 at index 1: 90.0 % against 100.0 %; "
+               "rank-1 at index 1: 50.0 % against 95.7 %). WHY")])
+def test_scale_note_states_the_namedata_scale_in_names_and_the_gap_to_table_1(top1, rank1, expect):
+    """NameData's page: its zoo against the paper's (§4.3: 9 tasks × 100 runs, 128 hidden units,
+    10,000 steps on the same names), and its index-1 chain against Table 1 (100 % / 95.7 %)."""
+    from ffl.profile_zoo import spec_from_profile
+
+    data_root = os.environ.get("FFL_DATA_ROOT", str(ROOT.parent / "shared" / "data"))
+    spec = spec_from_profile("laptop", "namedata", arch="gru", dataset="namedata", data_root=data_root)
+    zoo = SimpleNamespace(spec=spec, tasks=torch.arange(9).repeat_interleave(spec.runs))
+    results = pd.DataFrame([{"index": 1, "feature": "chain", "protocol": p, "metric": m, "value": v}
+                            for p, m, v in (("classification", "top1", top1), ("retrieval", "rank1", rank1))])
+    note = report.scale_note(Experiment(zoo=zoo, results=results, settings={}), "namedata", data_root=data_root,
+                             shown=(1,), why="WHY")
+    assert note.startswith(f"**Scale.** This page: 9 tasks × {spec.runs} runs of gru (hidden 32), "
+                           f"{spec.steps:,} SGD steps per network on ")
+    assert "training names per task. The paper: 9 tasks × 100 runs of GRU-2 with 128 hidden units, about 10,000 " \
+           "steps per network on the same names." in note
+    assert note.endswith(expect)
