@@ -67,12 +67,13 @@ def test_conv_layers_reports_every_method():
 
 def test_tile_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
     import ffl.bench as bench
+    import ffl.bench.cli  # where the subcommands look the benchmarks up
 
     def must_not_run(*a, **k):
         raise AssertionError("ran despite a bad option")
 
     for name in ("conv_sweep", "conv_layers", "zoo_time", "profile_step"):
-        monkeypatch.setattr(bench, name, must_not_run)
+        monkeypatch.setattr(ffl.bench.cli, name, must_not_run)
     with pytest.raises(SystemExit, match="--tiles-out needs --sweep"):
         bench.main(["conv", "--tiles-out", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit, match="its folder does not exist"):
