@@ -160,15 +160,33 @@ def _profile(args) -> int:
     return 0
 
 
+#: ``ffl`` without ``--networks`` or ``--full``: a few minutes on 2 CPU cores. 100 networks in 10
+#: tasks, and indices whose planned kernel time would overrun 150 s per architecture left out
+#: (PlainNet-5's chain 4 alone is planned at minutes even for 100 networks).
+QUICK_FFL = {"networks": 100, "tasks": 10, "budget_s": 150.0}
+#: ``ffl --full``: docs/performance.md's 2-CPU row at N = 1,000 (tasks = N/100), nothing left out;
+#: both architectures take more than 25 minutes on 2 CPU cores. ``--networks N`` keeps these
+#: defaults too.
+FULL_FFL = {"networks": 1000, "tasks": None, "budget_s": 1e9}
+
+
 def _ffl_arguments(ap) -> None:
     _common(ap)
     ap.add_argument("--arch", choices=tuple(PAPER_SHAPES), action="append",
                     help="mlp (MLP-4) and/or cnn (PlainNet-5); repeatable (default: both)")
-    ap.add_argument("--networks", type=int, default=1000, help="zoo size N (tasks = N/100)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--networks", type=int, default=None,
+                      help=f"zoo size N (tasks = N/100; nothing left out unless --budget-s says so); without "
+                           f"it or --full, a quick run: {QUICK_FFL['networks']} networks in {QUICK_FFL['tasks']} "
+                           f"tasks, --budget-s {QUICK_FFL['budget_s']:.0f} (a few minutes on 2 CPU cores)")
+    size.add_argument("--full", action="store_true",
+                      help=f"the full-size run: N = {FULL_FFL['networks']} (tasks = N/100), nothing left out "
+                           "(more than 25 minutes on 2 CPU cores for both architectures)")
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--memory-gib", type=float, default=2.0, help="weights + features per block (two are held)")
     ap.add_argument("--slab-mib", type=float, default=256.0, help="one Gram slab / implicit tile")
-    ap.add_argument("--budget-s", type=float, default=1e9, help="skip indices projected to overrun this")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip indices projected to overrun this (default: none skipped with --networks or --full)")
     ap.add_argument("--zoo-root", default=None, help="DIR/<arch>: the zoo to time, e.g. a link to a chapter's trained one; random weights are written there if it holds none (default under $FFL_CACHE)")
     ap.add_argument("--project-to", type=int, default=5000)
     ap.add_argument("--chains-only", action="store_true")
@@ -180,12 +198,16 @@ def _ffl_arguments(ap) -> None:
 def _ffl(args) -> int:
     _setup(args)
     precision = args.precision if args.device != "cpu" or args.precision != "tf32" else "fp32"
+    size = (dict(FULL_FFL, networks=args.networks) if args.networks is not None
+            else FULL_FFL if args.full else QUICK_FFL)
+    networks, tasks = size["networks"], args.tasks or size["tasks"]
+    budget_s = size["budget_s"] if args.budget_s is None else args.budget_s
     summary = {}
     for arch in args.arch or ["mlp", "cnn"]:
         root = None if args.zoo_root is None else Path(args.zoo_root) / arch
-        res = bench_ffl(arch, args.networks, device=args.device, precision=precision, tasks=args.tasks, zoo_root=root,
+        res = bench_ffl(arch, networks, device=args.device, precision=precision, tasks=tasks, zoo_root=root,
                         block_bytes=int(args.memory_gib * 2 ** 30), slab_bytes=int(args.slab_mib * 2 ** 20),
-                        budget_s=args.budget_s, project_to=args.project_to, chains_only=args.chains_only,
+                        budget_s=budget_s, project_to=args.project_to, chains_only=args.chains_only,
                         quick=args.quick, passes=args.passes or StreamConfig.for_device(args.device).passes)
         print_ffl(res)
         print(json.dumps({k: v for k, v in res.items() if k != "results"}, sort_keys=True, default=str), flush=True)
