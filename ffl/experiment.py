@@ -117,8 +117,9 @@ def _check_evaluation_settings(profile: str, section: str, settings: dict[str, A
         raise ValueError(f"{where}: {e}") from None
 
 
-#: modules that only present results (pages, figures, benchmarks, command lines): not in :func:`code_hash`
-PRESENTATION_MODULES = ("bench.py", "book.py", "cli.py", "fidelity.py", "paper.py", "plots.py", "provenance.py",
+#: modules (and the package ``bench/``) that only present results (pages, figures, benchmarks, command
+#: lines): not in :func:`code_hash`
+PRESENTATION_MODULES = ("bench/", "book.py", "cli.py", "fidelity.py", "paper.py", "plots.py", "provenance.py",
                         "report.py")
 
 
@@ -130,7 +131,7 @@ def code_hash() -> str:
     h = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         rel = path.relative_to(package).as_posix()
-        if rel not in PRESENTATION_MODULES:
+        if not rel.startswith(PRESENTATION_MODULES):  # a module by its name, the package by its folder
             h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -67,12 +67,13 @@ def test_conv_layers_reports_every_method():
 
 def test_tile_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
     import ffl.bench as bench
+    import ffl.bench.cli  # where the subcommands look the benchmarks up
 
     def must_not_run(*a, **k):
         raise AssertionError("ran despite a bad option")
 
     for name in ("conv_sweep", "conv_layers", "zoo_time", "profile_step"):
-        monkeypatch.setattr(bench, name, must_not_run)
+        monkeypatch.setattr(ffl.bench.cli, name, must_not_run)
     with pytest.raises(SystemExit, match="--tiles-out needs --sweep"):
         bench.main(["conv", "--tiles-out", str(tmp_path / "t.json")])
     with pytest.raises(SystemExit, match="its folder does not exist"):
@@ -82,3 +83,25 @@ def test_tile_options_are_checked_before_anything_runs(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"bad\.json, tiles\[0\]: missing dtype, C, O"):
             bench.main([*command, "--conv-tiles", str(tmp_path / "bad.json")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_ffl_runs_quick_by_default_and_full_size_on_request(monkeypatch):
+    """``python -m ffl.bench ffl`` alone is a run of minutes on 2 CPU cores; ``--full`` is the
+    1,000-network run (and ``--networks N`` keeps the old defaults: tasks N/100, nothing left out)."""
+    import ffl.bench.cli
+
+    class Called(Exception):
+        pass
+
+    def record(arch, networks, **kw):
+        raise Called(networks, kw["tasks"], kw["budget_s"])
+
+    monkeypatch.setattr(ffl.bench.cli, "bench_ffl", record)
+    for argv, expected in ((["ffl"], (100, 10, 150.0)), (["ffl", "--full"], (1000, None, 1e9)),
+                           (["ffl", "--networks", "300"], (300, None, 1e9)),
+                           (["ffl", "--tasks", "5", "--budget-s", "60"], (100, 5, 60.0))):
+        with pytest.raises(Called) as e:
+            ffl.bench.main(argv)
+        assert e.value.args == expected, argv
+    with pytest.raises(SystemExit):
+        ffl.bench.main(["ffl", "--full", "--networks", "300"])

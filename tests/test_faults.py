@@ -324,6 +324,8 @@ def test_code_hash_follows_the_source_not_the_version(tmp_path, monkeypatch):
     before = code_hash()
     (copy / "book.py").write_text((copy / "book.py").read_text() + "\n# presentation only\n")
     assert code_hash() == before
+    (copy / "bench" / "cli.py").write_text((copy / "bench" / "cli.py").read_text() + "\n# a package of them too\n")
+    assert code_hash() == before
     (copy / "metrics.py").write_text((copy / "metrics.py").read_text() + "\n# a change\n")
     assert code_hash() != before
 
