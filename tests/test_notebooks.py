@@ -1,5 +1,6 @@
 """Notebooks: pairs in sync, every chapter runs at the smoke profile, and the book builds."""
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def test_pair_in_sync_and_ipynb_without_outputs(source):
     tagged = [c for c in paired_nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     assert "profile" in tagged[0].source
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_a_chapter_imports_the_library_not_the_book_runner(source):
+    """Chapters call science and presentation modules; ffl.book (and papermill with it) runs them."""
+    assert not re.search(r"\bffl\.book\b|^\s*from ffl import .*\bbook\b", source.read_text(), flags=re.M)
 
 
 def test_every_notebook_is_a_smoke_chapter():
