@@ -83,7 +83,6 @@ def test_book_skeleton_outside_book(tmp_path):
     assert book.book_skeleton(book.BOOK_DIR) == book.BOOK_DIR  # the committed book is left alone
 
 
-@pytest.mark.slow
 def _names_fixture(root: Path) -> Path:
     """NameData in its real on-disk layout (names/<Language>.txt), 40 made-up names per language
     with a letter pattern of their own, for a machine without the real files."""
@@ -98,6 +97,7 @@ def _names_fixture(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_smoke_book_runs_every_chapter_and_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("FFL_CACHE", str(tmp_path / "cache"))
     if "FFL_DATA_ROOT" not in os.environ:  # `make test` exports ../shared/data when it is there
