@@ -34,10 +34,11 @@ import papermill
 from ffl import fidelity
 from ffl.checks import as_folder
 from ffl.cli import Command, run_command_line
-from ffl.data import DATASETS, data_label  # noqa: F401 - data_label: the notebooks call it ffl.book.data_label
+from ffl.data import DATASETS
 from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
 from ffl.profiles import load_profile
 from ffl.provenance import REPO_ROOT, git_commit, run_info
+from ffl.report import data_label
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 BOOK_DIR = REPO_ROOT / "book"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ffl.data.namedata import ALL_LETTERS, N_LETTERS  # GRU-2 reads NameData's letters one-hot
+from ffl.alphabet import ALL_LETTERS, N_LETTERS  # GRU-2 reads NameData's letters one-hot
 
 ARCHS: tuple[str, ...] = ("mlp", "cnn", "plainnet6", "resnet5", "gru")
 #: the architectures with convolutions, and those of them that are plain ConvNets (no shortcuts)

@@ -59,6 +59,18 @@ def protocol_bars(
     return _percent_axes(ax, "index l (layer W_l / chain G_l)", metric, title, legend_columns=2)
 
 
+
+def protocol_figure(results: pd.DataFrame, *, paper: pd.DataFrame | None = None) -> plt.Figure:
+    """The local-solution chapters' figure (the paper's Figures 2 and 3): :func:`protocol_bars` of
+    local-solution classification (top-1, left) and of retrieval on unseen tasks (CMC rank-1, right)
+    per index of ``results``, the paper's numbers beside ours where ``paper`` is given."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, (protocol, metric, title) in zip(axes, (("classification", "top1", "local-solution classification"),
+                                                   ("retrieval", "rank1", "retrieval on unseen tasks"))):
+        protocol_bars(results[results.protocol == protocol], metric, paper=paper, title=title, ax=ax)
+    fig.tight_layout()
+    return fig
+
 def invariance_bars(rows: pd.DataFrame, *, tolerance: float = 1e-5, ax: plt.Axes | None = None) -> plt.Axes:
     """§3.2's check as a figure: per network, the largest relative change of the raw weights W_l
     against that of the chain Grams G_l under random function-preserving permutations (log scale),

@@ -2,26 +2,65 @@
 paper's numbers beside ours, and where the time went.
 
 Tables are Markdown strings (rendered by the book) or DataFrames; they read an
-:class:`ffl.experiment.Experiment` and never compute results of their own.
+:class:`ffl.experiment.Experiment` and never compute results of their own. The numbers a chapter's
+prose names come as ``{glue name: value}`` dicts, which :func:`publish` glues for the page's
+``{glue}`` roles; the local-solution chapters (CIFAR-100, tiny ImageNet) share them all.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ffl.data import DATA_NAMES, cifar10, data_label, load_task, resolve_root, tiny_imagenet
-from ffl.paper import reported
+from ffl.data import DATA_NAMES, cifar10, load_task, resolve_root, tiny_imagenet
+from ffl.paper import caption_note, reported
 from ffl.protocols import classification_split, retrieval_split
 from ffl.zoo import spec_from_profile
 
 if TYPE_CHECKING:  # type hints only: experiment imports nothing from here
+    import torch
+
     from ffl.experiment import Experiment
 
 METRIC_NAMES = {"top1": "classification top-1 (%)", "rank1": "retrieval rank-1 (%)"}
 FEATURE_NAMES = {"chain": "aligned", "layer": "unaligned"}
+#: the measure a chapter's prose names for each protocol: top-1 of classification, rank-1 of retrieval
+HEADLINE = (("classification", "top1"), ("retrieval", "rank1"))
+#: the chain indices the paper reports (§4: chain 4 of PlainNet-5 did not fit its GPU memory)
+PAPER_INDICES = (1, 2, 3)
+#: why a narrow PlainNet-5 zoo falls short of the paper, for :func:`scale_note`
+NARROW_CNN_WHY = ("The chapter *Why narrow CNNs fall short* measures why: narrow PlainNet-5s trained for a few "
+                  "hundred SGD steps stay close to their random initialization, and that start dominates their "
+                  "chain Grams.")
+
+
+class Md(str):
+    """A Markdown string: :func:`publish` glues it for a ``{glue:md}`` role."""
+
+
+def publish(values: dict[str, Any]) -> None:
+    """Glue every value under its name for the page's ``{glue}`` roles (myst_nb), showing none; an
+    :class:`Md` as Markdown."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    for name, value in values.items():
+        glue(name, Markdown(str(value)) if isinstance(value, Md) else value, display=False)
+
+
+def data_label(dataset: str, stands_for: str | None = None) -> str:
+    """The data a chapter ran on, as its title names it: ``"CIFAR-100"``; for the synthetic tasks
+    ``"Synthetic stand-in for CIFAR-100"``; for other real data than the chapter's own
+    ``"CIFAR-10 (in place of CIFAR-100)"`` (``stands_for``: the dataset the chapter is about)."""
+    if dataset == "synthetic":
+        return f"Synthetic stand-in for {DATA_NAMES.get(stands_for, 'real data')}"
+    if dataset not in DATA_NAMES:
+        raise ValueError(f"no title name for dataset {dataset!r}; known: {sorted(DATA_NAMES)} and 'synthetic'")
+    if stands_for in DATA_NAMES and stands_for != dataset:
+        return f"{DATA_NAMES[dataset]} (in place of {DATA_NAMES[stands_for]})"
+    return DATA_NAMES[dataset]
 
 
 def _markdown(rows: list[tuple[str, str]]) -> str:
@@ -85,14 +124,20 @@ def data_note(spec, *, data_root: str | None = None, stands_for: str | None = No
     return f"{DATA_NAMES[spec.dataset]}, {train} training and {test} test images per class"
 
 
+def _splits(exp: Experiment) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The zoo's task count and its protocol splits: classification (train, test), retrieval (seen,
+    query, gallery), as network indices."""
+    zoo = exp.zoo
+    return (int(zoo.tasks.unique().numel()), *classification_split(zoo.tasks, zoo.runs, exp.split),
+            *retrieval_split(zoo.tasks, zoo.runs, exp.split))
+
+
 def run_table(exp: Experiment, *, data: str | None = None) -> str:
     """The zoo and protocol sizes behind the chapter's numbers (Markdown); ``data``, a
     :func:`data_note`, is its last row."""
-    zoo, spec, split = exp.zoo, exp.zoo.spec, exp.split
-    n_tasks = int(zoo.tasks.unique().numel())
+    zoo, spec = exp.zoo, exp.zoo.spec
+    n_tasks, cls_train, cls_test, seen, query, gallery = _splits(exp)
     acc = 100 * zoo.accuracy["test"].double()
-    cls_train, cls_test = classification_split(zoo.tasks, zoo.runs, split)
-    seen, query, gallery = retrieval_split(zoo.tasks, zoo.runs, split)
     n_seen = int(zoo.tasks[seen].unique().numel())
     model = ", ".join(f"{k}={v}" for k, v in spec.model_kwargs.items()) or "the architecture's defaults"
     return _markdown([
@@ -106,6 +151,75 @@ def run_table(exp: Experiment, *, data: str | None = None) -> str:
         ("features", ", ".join(f"{k}={v}" for k, v in vars(exp.features).items())),
         *([("data", data)] if data else []),
     ])
+
+
+def zoo_numbers(exp: Experiment, *, data_root: str | None = None, stands_for: str | None = None) -> dict[str, Any]:
+    """What a chapter's prose says of its zoo, by glue name: ``n_networks``, ``n_tasks``, ``n_runs``
+    (per task), ``test_acc`` (mean test accuracy on the own task, %), the sizes behind its
+    percentages (``n_cls_test`` networks classified, ``n_queries`` against ``n_gallery`` in
+    retrieval) and ``data_note`` (:func:`data_note`, Markdown; the last row of :func:`run_table`)."""
+    zoo = exp.zoo
+    n_tasks, _, cls_test, _, query, gallery = _splits(exp)
+    return {"n_networks": len(zoo), "n_tasks": n_tasks, "n_runs": len(zoo) // n_tasks,
+            "test_acc": 100 * float(zoo.accuracy["test"].mean()), "n_cls_test": len(cls_test),
+            "n_queries": len(query), "n_gallery": len(gallery),
+            "data_note": Md(data_note(zoo.spec, data_root=data_root, stands_for=stands_for))}
+
+
+def index_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Every index and measure of ``results`` in percent, rounded to 0.1: rows (index, feature,
+    dim), where *dim* is the length of the vector Θ acts on; columns top1, rank1, rank5, mAP."""
+    table = results.pivot_table(index=["index", "feature", "dim"], columns="metric", values="value")
+    return (100 * table[["top1", "rank1", "rank5", "mAP"]]).round(1)
+
+
+def split_at(table: pd.DataFrame, indices: tuple[int, ...] = PAPER_INDICES) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An :func:`index_table`'s rows at ``indices`` (the paper's) and the others (ours alone)."""
+    at = table.index.get_level_values("index").isin(indices)
+    return table[at], table[~at]
+
+
+def index_numbers(results: pd.DataFrame, *, indices: tuple[int, ...] = PAPER_INDICES,
+                  best_over: tuple[int, ...] | None = None) -> dict[str, float | int]:
+    """The percentages a chapter's prose names (the :data:`HEADLINE` measures), by glue name:
+    ``{feature}_{metric}_{l}`` for the aligned chain and the raw layer at each index ``l`` of
+    ``indices``; ``best_{feature}_{metric}`` over the indices ``best_over`` (every index when None)
+    and ``best_{feature}_{metric}_index``, the index that reaches it (the first of ties)."""
+    numbers: dict[str, float | int] = {}
+    for feature in FEATURE_NAMES:
+        rows = results[results.feature == feature].set_index(["protocol", "metric", "index"])["value"].sort_index()
+        for protocol, metric in HEADLINE:
+            values = rows.loc[(protocol, metric)]
+            for l in indices:
+                numbers[f"{feature}_{metric}_{l}"] = 100 * float(values.loc[l])
+            best = values if best_over is None else values[values.index.isin(best_over)]
+            numbers[f"best_{feature}_{metric}"] = 100 * float(best.max())
+            numbers[f"best_{feature}_{metric}_index"] = int(best.idxmax())
+    return numbers
+
+
+def result_numbers(exp: Experiment, section: str, *, data_root: str | None = None,
+                   indices: tuple[int, ...] = PAPER_INDICES, best_over: tuple[int, ...] | None = None
+                   ) -> dict[str, Any]:
+    """What a chapter's reading of its result names, by glue name: :func:`index_numbers` and
+    ``scale_note`` (:func:`scale_note`, Markdown; for PlainNet-5 with :data:`NARROW_CNN_WHY`)."""
+    why = NARROW_CNN_WHY if exp.zoo.spec.arch == "cnn" else ""
+    return {**index_numbers(exp.results, indices=indices, best_over=best_over),
+            "scale_note": Md(scale_note(exp, section, data_root=data_root, why=why))}
+
+
+def paper_indices(section: str, arch: str) -> tuple[int, ...]:
+    """The indices the paper printed numbers for in ``section`` with ``arch``; :data:`PAPER_INDICES`
+    where its numbers name no index (CIFAR-100's text)."""
+    return tuple(sorted(int(i) for i in reported(section, arch)["index"].dropna().unique())) or PAPER_INDICES
+
+
+def paper_drawn(section: str, arch: str, dataset: str) -> tuple[pd.DataFrame | None, Md]:
+    """The paper's numbers to draw beside a run of ``section`` on ``dataset`` (:func:`ffl.paper.reported`),
+    None beside other data than the paper's (a stand-in), and the caption's note on what is drawn
+    (:func:`ffl.paper.caption_note`, Markdown)."""
+    drawn = dataset == section
+    return (reported(section, arch) if drawn else None), Md(caption_note(section, arch, drawn=drawn))
 
 
 def paper_beside_ours(results: pd.DataFrame, paper: pd.DataFrame, *, index: int = 1) -> pd.DataFrame:
@@ -125,6 +239,17 @@ def paper_beside_ours(results: pd.DataFrame, paper: pd.DataFrame, *, index: int 
     # rounded as the chapters' other tables are (pandas), so one number reads the same in both
     table = pd.DataFrame(rows).set_index("feature").astype(float).round(1)
     table.columns = pd.MultiIndex.from_tuples(table.columns)
+    return table
+
+
+def paper_beside_ours_by_index(results: pd.DataFrame, paper: pd.DataFrame | None, indices: tuple[int, ...]
+                               ) -> pd.DataFrame:
+    """:func:`paper_beside_ours` at each of ``indices`` (an ``index`` level above the features);
+    without ``paper`` (a run on a stand-in, :func:`paper_drawn`) our columns alone."""
+    table = pd.concat({l: paper_beside_ours(results, reported("none", "none") if paper is None else paper, index=l)
+                       for l in indices}, names=["index"])
+    if paper is None:
+        table = table.drop(columns=[c for c in table.columns if c[1] == "paper"])
     return table
 
 
@@ -148,7 +273,7 @@ def steps_per_network(spec, train_images: int) -> int:
     return int(spec.steps) if spec.steps is not None else -(-train_images // spec.batch_size) * spec.epochs
 
 
-def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, shown: tuple[int, ...] = (1, 2, 3),
+def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, shown: tuple[int, ...] = PAPER_INDICES,
                why: str = "") -> str:
     """One paragraph (Markdown) for a chapter's prose: this zoo's scale against the paper's, and how
     far its chain top-1 / rank-1 at indices ``shown`` fall short of the paper's numbers there (where

@@ -54,17 +54,13 @@ device = "cpu"  # "cpu" or "cuda"
 # %%
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
-from myst_nb import glue
 
-import ffl.book
 import ffl.checks
 import ffl.data
 import ffl.experiment
-import ffl.paper
-import ffl.protocols
-import ffl.report
 import ffl.plots
 import ffl.provenance
+import ffl.report
 
 # Checked before any work: a wrong choice stops here with the valid ones.
 seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
@@ -75,8 +71,7 @@ if dataset == "cifar100":  # the data too: missing and not downloadable, this ce
     ffl.data.cifar100.ensure_cifar100(ffl.data.resolve_root(data_root), download=download)
 if dataset == "cifar10":
     ffl.data.cifar10.cifar10_source(ffl.data.resolve_root(data_root), download=download)
-data_label = ffl.book.data_label(dataset, "cifar100")  # e.g. "CIFAR-10 (in place of CIFAR-100)"
-glue("data_label", data_label, display=False)
+ffl.report.publish({"data_label": ffl.report.data_label(dataset, "cifar100")})  # e.g. "CIFAR-10 (in place of CIFAR-100)"
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch=arch, profile=profile, dataset=dataset, seed=seed))))
 
@@ -92,20 +87,9 @@ exp = ffl.experiment.run_experiment(
     "cifar100", arch=arch, profile=profile, dataset=dataset, data_root=data_root,
     download=download, seed=seed, device=device,
 )
-zoo, results = exp.zoo, exp.results
-n_tasks = int(zoo.tasks.unique().numel())
-cls_train, cls_test = ffl.protocols.classification_split(zoo.tasks, zoo.runs, exp.split)
-seen, query, gallery = ffl.protocols.retrieval_split(zoo.tasks, zoo.runs, exp.split)
-glue("n_networks", len(zoo), display=False)
-glue("n_tasks", n_tasks, display=False)
-glue("n_runs", len(zoo) // n_tasks, display=False)
-glue("test_acc", 100 * float(zoo.accuracy["test"].mean()), display=False)
-glue("n_cls_test", len(cls_test), display=False)
-glue("n_queries", len(query), display=False)
-glue("n_gallery", len(gallery), display=False)
-data_note = ffl.report.data_note(zoo.spec, data_root=data_root, stands_for="cifar100")
-glue("data_note", Markdown(data_note), display=False)
-display(Markdown(ffl.report.run_table(exp, data=data_note)))
+zoo_numbers = ffl.report.zoo_numbers(exp, data_root=data_root, stands_for="cifar100")  # sizes, accuracy, data
+ffl.report.publish(zoo_numbers)
+display(Markdown(ffl.report.run_table(exp, data=zoo_numbers["data_note"])))
 
 # %% [markdown]
 # The zoo holds {glue:text}`n_networks` networks trained on {glue:text}`data_label`:
@@ -119,27 +103,16 @@ display(Markdown(ffl.report.run_table(exp, data=data_note)))
 # holds the paper's indices, 1–3; the second the indices only this library computes.
 
 # %%
-PAPER_INDICES = (1, 2, 3)
-table = results.pivot_table(index=["index", "feature", "dim"], columns="metric", values="value")
-table = (100 * table[["top1", "rank1", "rank5", "mAP"]]).round(1)
-in_paper = table.index.get_level_values("index").isin(PAPER_INDICES)
-display(Markdown("**Chains 1–3 (the paper's indices)**"), table[in_paper])
-if (~in_paper).any():
-    display(Markdown("**Further indices (ours, not in the paper)**"), table[~in_paper])
+in_paper, further = ffl.report.split_at(ffl.report.index_table(exp.results), ffl.report.PAPER_INDICES)
+display(Markdown("**Chains 1–3 (the paper's indices)**"), in_paper)
+if len(further):
+    display(Markdown("**Further indices (ours, not in the paper)**"), further)
 
 # %%
 # The paper's CIFAR-100 numbers are drawn only beside a run on CIFAR-100 itself, not a stand-in.
-on_paper_data = dataset == "cifar100"
-paper = ffl.paper.reported("cifar100", arch) if on_paper_data else None
-paper_note = ffl.paper.caption_note("cifar100", arch, drawn=on_paper_data)
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-ffl.plots.protocol_bars(results[results.protocol == "classification"], "top1",
-                        paper=paper, title="local-solution classification", ax=axes[0])
-ffl.plots.protocol_bars(results[results.protocol == "retrieval"], "rank1",
-                        paper=paper, title="retrieval on unseen tasks", ax=axes[1])
-fig.tight_layout()
-glue("protocol_figure", fig, display=False)
-glue("paper_note", Markdown(paper_note), display=False)
+paper, paper_note = ffl.report.paper_drawn("cifar100", arch, dataset)
+fig = ffl.plots.protocol_figure(exp.results, paper=paper)
+ffl.report.publish({"protocol_figure": fig, "paper_note": paper_note})
 plt.close(fig)
 
 # %% [markdown]
@@ -153,25 +126,9 @@ plt.close(fig)
 # ```
 
 # %%
-paper_rows = results[results["index"].isin(PAPER_INDICES)]
-chain = paper_rows[paper_rows.feature == "chain"].set_index(["protocol", "metric", "index"])["value"].sort_index()
-layer = paper_rows[paper_rows.feature == "layer"].set_index(["protocol", "metric", "index"])["value"].sort_index()
-best_chain = chain.loc[("retrieval", "rank1")]
-best_layer = layer.loc[("retrieval", "rank1")]
-glue("best_chain_rank1", 100 * float(best_chain.max()), display=False)
-glue("best_chain_rank1_index", int(best_chain.idxmax()), display=False)
-glue("best_layer_rank1", 100 * float(best_layer.max()), display=False)
-glue("best_layer_rank1_index", int(best_layer.idxmax()), display=False)
-glue("best_chain_top1", 100 * float(chain.loc[("classification", "top1")].max()), display=False)
-glue("best_layer_top1", 100 * float(layer.loc[("classification", "top1")].max()), display=False)
-for name, values in (("chain", chain), ("layer", layer)):
-    for protocol, metric in (("classification", "top1"), ("retrieval", "rank1")):
-        for l in PAPER_INDICES:
-            glue(f"{name}_{metric}_{l}", 100 * float(values.loc[(protocol, metric, l)]), display=False)
-why = ("The chapter *Why narrow CNNs fall short* measures why: narrow PlainNet-5s trained for a few hundred SGD "
-       "steps stay close to their random initialization, and that start dominates their chain Grams."
-       if arch == "cnn" else "")
-glue("scale_note", Markdown(ffl.report.scale_note(exp, "cifar100", data_root=data_root, why=why)), display=False)
+# At the paper's indices 1–3, each with the best of them, and our scale against the paper's.
+ffl.report.publish(ffl.report.result_numbers(exp, "cifar100", data_root=data_root,
+                                             best_over=ffl.report.PAPER_INDICES))
 
 # %% [markdown]
 # ## Reading the result

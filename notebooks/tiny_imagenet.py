@@ -13,8 +13,6 @@
 #     name: python3
 # ---
 
-# %%
-
 # %% [markdown]
 # # tiny ImageNet: are local solutions the same function?
 #
@@ -52,14 +50,10 @@ device = "cpu"  # "cpu" or "cuda"
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 from IPython.display import Markdown, display
-from myst_nb import glue
 
 import ffl.checks
-import ffl.data
 import ffl.experiment
-import ffl.paper
 import ffl.plots
 import ffl.provenance
 import ffl.report
@@ -81,17 +75,11 @@ exp = ffl.experiment.run_experiment(
     "tiny_imagenet", arch=arch, profile=profile, dataset=dataset, data_root=data_root,
     download=download, seed=seed, device=device,
 )
-zoo, results = exp.zoo, exp.results
-n_tasks = int(zoo.tasks.unique().numel())
-# What the networks were trained on, read from the data itself (the offline copy has 100 of the
+# What the networks were trained on is read from the data itself (the offline copy has 100 of the
 # 500 training images per class).
-data_note = ffl.report.data_note(zoo.spec, data_root=data_root, stands_for="tiny_imagenet")
-glue("data_note", Markdown(data_note), display=False)
-glue("n_networks", len(zoo), display=False)
-glue("n_tasks", n_tasks, display=False)
-glue("n_runs", len(zoo) // n_tasks, display=False)
-glue("test_acc", 100 * float(zoo.accuracy["test"].mean()), display=False)
-display(Markdown(ffl.report.run_table(exp, data=data_note)))
+zoo_numbers = ffl.report.zoo_numbers(exp, data_root=data_root, stands_for="tiny_imagenet")
+ffl.report.publish(zoo_numbers)
+display(Markdown(ffl.report.run_table(exp, data=zoo_numbers["data_note"])))
 
 # %% [markdown]
 # Data: {glue:md}`data_note`. The zoo holds {glue:text}`n_networks` networks
@@ -105,26 +93,14 @@ display(Markdown(ffl.report.run_table(exp, data=data_note)))
 # retrieval on unseen tasks, in percent.
 
 # %%
-on_paper_data = dataset == "tiny_imagenet"
-paper = ffl.paper.reported("tiny_imagenet", arch) if on_paper_data else None
-reported_indices = sorted(int(i) for i in ffl.paper.reported("tiny_imagenet", arch)["index"].dropna().unique())
-beside = pd.concat({l: ffl.report.paper_beside_ours(results, paper if paper is not None else
-                                                    ffl.paper.reported("none", arch), index=l)
-                    for l in reported_indices}, names=["index"])
-if paper is None:  # a stand-in: the paper's columns stay empty
-    beside = beside.drop(columns=[c for c in beside.columns if c[1] == "paper"])
-beside
+# The paper's bars are drawn only beside a run on tiny ImageNet itself; beside a stand-in, ours alone.
+paper, paper_note = ffl.report.paper_drawn("tiny_imagenet", arch, dataset)
+reported_indices = ffl.report.paper_indices("tiny_imagenet", arch)
+ffl.report.paper_beside_ours_by_index(exp.results, paper, reported_indices)
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-shown = results[results["index"].isin(reported_indices)]
-ffl.plots.protocol_bars(shown[shown.protocol == "classification"], "top1", paper=paper,
-                        title="local-solution classification", ax=axes[0])
-ffl.plots.protocol_bars(shown[shown.protocol == "retrieval"], "rank1", paper=paper,
-                        title="retrieval on unseen tasks", ax=axes[1])
-fig.tight_layout()
-glue("figure_2", fig, display=False)
-glue("paper_note", Markdown(ffl.paper.caption_note("tiny_imagenet", arch, drawn=on_paper_data)), display=False)
+fig = ffl.plots.protocol_figure(exp.results[exp.results["index"].isin(reported_indices)], paper=paper)
+ffl.report.publish({"figure_2": fig, "paper_note": paper_note})
 plt.close(fig)
 
 # %% [markdown]
@@ -142,9 +118,8 @@ plt.close(fig)
 # classifier (index 5). No number of the paper belongs here.
 
 # %%
-table = results.pivot_table(index=["index", "feature", "dim"], columns="metric", values="value")
-table = (100 * table[["top1", "rank1", "rank5", "mAP"]]).round(1)
-extra = table[table.index.get_level_values("index") > max(reported_indices)]
+table = ffl.report.index_table(exp.results)
+_, extra = ffl.report.split_at(table, reported_indices)
 extra
 
 # %% [markdown]
@@ -156,17 +131,8 @@ extra
 table
 
 # %%
-chain = results[results.feature == "chain"].set_index(["protocol", "metric", "index"])["value"].sort_index()
-layer = results[results.feature == "layer"].set_index(["protocol", "metric", "index"])["value"].sort_index()
-for name, values in (("chain", chain), ("layer", layer)):
-    for protocol, metric in (("classification", "top1"), ("retrieval", "rank1")):
-        for l in reported_indices:
-            glue(f"{name}_{metric}_{l}", 100 * float(values.loc[(protocol, metric, l)]), display=False)
-        glue(f"best_{name}_{metric}", 100 * float(values.loc[(protocol, metric)].max()), display=False)
-why = ("The chapter *Why narrow CNNs fall short* measures why: narrow PlainNet-5s trained for a few hundred SGD "
-       "steps stay close to their random initialization, and that start dominates their chain Grams."
-       if arch == "cnn" else "")
-glue("scale_note", Markdown(ffl.report.scale_note(exp, "tiny_imagenet", data_root=data_root, why=why)), display=False)
+# At the indices the paper reports, the best over every index, and our scale against the paper's.
+ffl.report.publish(ffl.report.result_numbers(exp, "tiny_imagenet", data_root=data_root, indices=reported_indices))
 
 # %% [markdown]
 # ## Reading the result

@@ -24,7 +24,8 @@ from ffl.permute import permute_hidden, random_hidden_permutations
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-DATA = Path("/work/shared/data") if Path("/work/shared/data").is_dir() else ROOT / "data"
+SHARED = ROOT.parent / "shared" / "data"  # the shared folder beside the repository
+DATA = Path(os.environ.get("FFL_DATA_ROOT") or (SHARED if SHARED.is_dir() else ROOT / "data"))
 CASES = {
     "mlp": dict(in_features=48, hidden=(6, 7, 8)),
     "cnn": dict(widths=(6, 7, 8, 9)),

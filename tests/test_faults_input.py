@@ -143,7 +143,7 @@ def test_unknown_data_kwargs_name_what_the_loader_takes():
 def _small_cifar10_npz(root):
     from ffl.data.cifar10 import CIFAR10_NPZ, write_cifar10_subset
 
-    full = Path(os.environ.get("FFL_DATA_ROOT", "/work/shared/data")) / CIFAR10_NPZ
+    full = Path(os.environ.get("FFL_DATA_ROOT") or REPO.parent / "shared" / "data") / CIFAR10_NPZ  # ../shared/data
     if not full.is_file():
         pytest.skip("needs the offline CIFAR-10 copy under $FFL_DATA_ROOT")
     return write_cifar10_subset(full, root, train_per_class=3, test_per_class=2)

@@ -1,4 +1,8 @@
 """Architectures (§4): shapes, names, state dicts, configuration errors."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -173,3 +177,14 @@ def test_mlp_from_layer_matrices_computes_the_paper_form():
     torch.testing.assert_close(net(x), h @ w2)
     with pytest.raises(ValueError, match="layer 1 has 3 neurons but layer 2 has 2 inputs"):
         MLP.from_layer_matrices([w1, w2[:2]])
+
+
+def test_importing_the_models_imports_no_dataset():
+    """GRU-2's letter set lives in ffl.alphabet: a model does not drag in every dataset module."""
+    code = "import sys, ffl.models; print([m for m in sys.modules if m.startswith('ffl.data')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+    from ffl import alphabet, data
+
+    assert data.ALL_LETTERS is alphabet.ALL_LETTERS and data.N_LETTERS == alphabet.N_LETTERS == 58

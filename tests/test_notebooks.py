@@ -1,5 +1,6 @@
 """Notebooks: pairs in sync, every chapter runs at the smoke profile, and the book builds."""
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def test_pair_in_sync_and_ipynb_without_outputs(source):
     tagged = [c for c in paired_nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     assert "profile" in tagged[0].source
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_a_chapter_imports_the_library_not_the_book_runner(source):
+    """Chapters call science and presentation modules; ffl.book (and papermill with it) runs them."""
+    assert not re.search(r"\bffl\.book\b|^\s*from ffl import .*\bbook\b", source.read_text(), flags=re.M)
 
 
 def test_every_notebook_is_a_smoke_chapter():
@@ -76,7 +83,6 @@ def test_book_skeleton_outside_book(tmp_path):
     assert book.book_skeleton(book.BOOK_DIR) == book.BOOK_DIR  # the committed book is left alone
 
 
-@pytest.mark.slow
 def _names_fixture(root: Path) -> Path:
     """NameData in its real on-disk layout (names/<Language>.txt), 40 made-up names per language
     with a letter pattern of their own, for a machine without the real files."""
@@ -91,6 +97,7 @@ def _names_fixture(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_smoke_book_runs_every_chapter_and_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("FFL_CACHE", str(tmp_path / "cache"))
     if "FFL_DATA_ROOT" not in os.environ:  # `make test` exports ../shared/data when it is there

@@ -122,3 +122,63 @@ def test_scale_note_states_the_namedata_scale_in_names_and_the_gap_to_table_1(to
     assert "training names per task. The paper: 9 tasks × 100 runs of GRU-2 with 128 hidden units, about 10,000 " \
            "steps per network on the same names." in note
     assert note.endswith(expect)
+
+
+def test_zoo_numbers_are_the_run_tables_sizes(tiny_experiment):
+    """The counts a chapter's prose glues are the ones its run table states (one split, counted once)."""
+    numbers = report.zoo_numbers(tiny_experiment, stands_for="cifar100")
+    assert {k: numbers[k] for k in ("n_networks", "n_tasks", "n_runs", "n_cls_test", "n_queries", "n_gallery")} == (
+        {"n_networks": 25, "n_tasks": 5, "n_runs": 5, "n_cls_test": 10, "n_queries": 2, "n_gallery": 8})
+    assert isinstance(numbers["data_note"], report.Md) and "not CIFAR-100" in numbers["data_note"]
+    assert 0 <= numbers["test_acc"] <= 100
+    assert f"| data | {numbers['data_note']} |" in report.run_table(tiny_experiment, data=numbers["data_note"])
+
+
+def _results(values: dict[tuple[str, int], float]) -> pd.DataFrame:
+    return pd.DataFrame([{"index": i, "feature": f, "protocol": p, "metric": m, "dim": 10 * i, "value": v}
+                         for (f, i), v in values.items()
+                         for p, m in (("classification", "top1"), ("retrieval", "rank1"))])
+
+
+def test_index_numbers_name_each_index_and_the_best_over_the_indices_asked():
+    results = _results({("chain", 1): 0.5, ("chain", 2): 0.8, ("chain", 3): 0.8, ("chain", 4): 0.9,
+                        ("layer", 1): 0.4, ("layer", 2): 0.2, ("layer", 3): 0.1, ("layer", 4): 0.3})
+    paper = report.index_numbers(results, best_over=report.PAPER_INDICES)
+    assert paper["chain_top1_2"] == 80.0 and paper["layer_rank1_3"] == pytest.approx(10.0)
+    assert "chain_top1_4" not in paper
+    assert (paper["best_chain_rank1"], paper["best_chain_rank1_index"]) == (80.0, 2)  # the first of ties
+    assert (paper["best_layer_top1"], paper["best_layer_top1_index"]) == (40.0, 1)
+    every = report.index_numbers(results)
+    assert (every["best_chain_top1"], every["best_chain_top1_index"]) == (90.0, 4)
+
+
+def test_index_table_and_its_split_at_the_papers_indices():
+    results = _results({(f, i): 0.5 for f in ("chain", "layer") for i in (1, 2, 3, 4)})
+    results = pd.concat([results, results.assign(metric="rank5"), results.assign(metric="mAP")])
+    table = report.index_table(results)
+    assert list(table.columns) == ["top1", "rank1", "rank5", "mAP"] and (table == 50.0).all().all()
+    at, others = report.split_at(table)
+    assert set(at.index.get_level_values("index")) == {1, 2, 3}
+    assert set(others.index.get_level_values("index")) == {4}
+
+
+def test_the_papers_numbers_are_drawn_only_on_its_own_data():
+    paper, note = report.paper_drawn("tiny_imagenet", "mlp", "tiny_imagenet")
+    assert len(paper) and "drawn beside ours" in note
+    stand_in, note = report.paper_drawn("tiny_imagenet", "mlp", "synthetic")
+    assert stand_in is None and "none of its numbers are drawn" in note
+    assert report.paper_indices("tiny_imagenet", "cnn") == (1, 2, 3)
+    assert report.paper_indices("cifar100", "mlp") == report.PAPER_INDICES  # its text names no index
+    results = _results({(f, i): 0.5 for f in ("chain", "layer") for i in (1, 2, 3)})
+    beside = report.paper_beside_ours_by_index(results, paper, (1, 2, 3))
+    assert {source for _, source in beside.columns} == {"paper", "ours"} and len(beside) == 6
+    ours = report.paper_beside_ours_by_index(results, stand_in, (1, 2, 3))
+    assert {source for _, source in ours.columns} == {"ours"} and (ours == 50.0).all().all()
+
+
+def test_data_label_is_the_presentations_and_the_books():
+    from ffl import book
+
+    assert report.data_label("cifar10", "cifar100") == "CIFAR-10 (in place of CIFAR-100)"
+    assert report.data_label("synthetic", "tiny_imagenet") == "Synthetic stand-in for Tiny ImageNet"
+    assert book.data_label is report.data_label

@@ -54,14 +54,14 @@ from ffl.data.cifar100 import CIFAR100_FILES, CIFAR100_MEAN, CIFAR100_STD, CIFAR
 from ffl.data.namedata import (ALL_LETTERS, N_LETTERS, NAMEDATA_LANGUAGES, NAMEDATA_URL, load_namedata,
                                name_to_tensor, read_names, unicode_to_ascii)
 from ffl.data.synthetic import synthetic_task
-from ffl.data.tasks import (DATA_NAMES, DATASETS, TaskData, check_dataset, check_task, data_label, num_tasks,
+from ffl.data.tasks import (DATA_NAMES, DATASETS, TaskData, check_dataset, check_task, num_tasks,
                             resolve_root, task_classes)
 from ffl.data.tiny_imagenet import (TINY_IMAGENET_DIR, TINY_IMAGENET_MD5, TINY_IMAGENET_MEAN, TINY_IMAGENET_NPZ,
                                     TINY_IMAGENET_STD, TINY_IMAGENET_URL, load_tiny_imagenet,
                                     materialize_tiny_imagenet)
 
 __all__ = [
-    "DATA_NAMES", "DATASETS", "TaskData", "check_data_kwargs", "data_kwargs_types", "data_label",
+    "DATA_NAMES", "DATASETS", "TaskData", "check_data_kwargs", "data_kwargs_types",
     "load_task", "num_tasks", "task_classes", "synthetic_task",
     "materialize_tiny_imagenet", "ALL_LETTERS", "N_LETTERS", "NAMEDATA_LANGUAGES", "NAMEDATA_URL",
     "name_to_tensor", "read_names", "unicode_to_ascii", "CIFAR10_MEAN", "CIFAR10_NPZ", "CIFAR10_STD",

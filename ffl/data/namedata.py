@@ -1,10 +1,9 @@
 """NameData (§4, GRU-2): surnames of 18 languages from the PyTorch char-RNN tutorial
 (``<data_root>/names/<Language>.txt``); task ``r`` = languages ``2r, 2r+1``, names as padded one-hot
-sequences over :data:`ALL_LETTERS`, the one definition of the letter set."""
+sequences over :data:`ALL_LETTERS` (defined in :mod:`ffl.alphabet`, re-exported here)."""
 from __future__ import annotations
 
 import os
-import string
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +12,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import utils as tv_utils  # module attribute: tests stub the download
 
+from ffl.alphabet import ALL_LETTERS, N_LETTERS  # the letter set; ffl.data re-exports it from here
 from ffl.data.tasks import TaskData, download_failure, task_classes
 from ffl.files import atomic_path
 from ffl.seeds import derive_seed
 
-#: The 58 symbols of the official code's NameData (the char-RNN tutorial's 57 plus ``-``): names
-#: are folded to them and GRU-2 reads them one-hot (:mod:`ffl.models` takes its input size from here).
-ALL_LETTERS = string.ascii_letters + " .,;'-"
-N_LETTERS = len(ALL_LETTERS)  # 58
 #: How a language's names are split into train and test (see :func:`load_namedata`).
 NAMEDATA_SPLITS = ("official", "fraction")
 NAMEDATA_URL = "https://download.pytorch.org/tutorial/data.zip"

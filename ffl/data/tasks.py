@@ -65,22 +65,9 @@ class TaskData:
         return h.hexdigest()
 
 
-#: what each dataset is called in a chapter title
+#: what each dataset is called in a chapter title (:func:`ffl.report.data_label`)
 DATA_NAMES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "tiny_imagenet": "Tiny ImageNet",
               "namedata": "NameData"}
-
-
-def data_label(dataset: str, stands_for: str | None = None) -> str:
-    """The data a chapter ran on, as its title names it: ``"CIFAR-100"``; for the synthetic tasks
-    ``"Synthetic stand-in for CIFAR-100"``; for other real data than the chapter's own
-    ``"CIFAR-10 (in place of CIFAR-100)"`` (``stands_for``: the dataset the chapter is about)."""
-    if dataset == "synthetic":
-        return f"Synthetic stand-in for {DATA_NAMES.get(stands_for, 'real data')}"
-    if dataset not in DATA_NAMES:
-        raise ValueError(f"no title name for dataset {dataset!r}; known: {sorted(DATA_NAMES)} and 'synthetic'")
-    if stands_for in DATA_NAMES and stands_for != dataset:
-        return f"{DATA_NAMES[dataset]} (in place of {DATA_NAMES[stands_for]})"
-    return DATA_NAMES[dataset]
 
 
 def check_dataset(dataset: str) -> None:
