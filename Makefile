@@ -1,6 +1,6 @@
 # The two commands of the README: `make book` and `make test`. Each sets up .venv on first use.
 #   make book                      the book people read: every chapter at the laptop profile
-#                                  (about 100 minutes on 2 shared CPU cores from scratch; minutes from the
+#                                  (up to about 2 hours on 2 shared CPU cores from scratch; minutes from the
 #                                  caches), written to book/chapters, then the HTML
 #   make book PROFILE=smoke        a quick check; goes to _build/smoke/, never to book/
 #   make test                      unit tests, the whole smoke book (in a temporary folder), the HTML
