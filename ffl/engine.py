@@ -256,7 +256,6 @@ def augment_batch(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, p
     return out.reshape(*lead, C, H, W)
 
 
-
 def gather(x: torch.Tensor, task_index: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``x[task_index[k], idx[k, b]]`` of x (U, n, *shape) for idx (K, B), as (K, B, *shape)
     (one row gather: much faster than 2-D advanced indexing on CPU)."""
