@@ -174,8 +174,10 @@ glue("n_cells", cells, display=False)
 glue("n_lost", len(losses), display=False)
 glue("losses", Markdown("\n".join(losses) if losses else "* none"), display=False)
 mean_cost = results[results["mode"] == "unsupervised"].groupby("method")["us_per_pair"].median()
-for method in ("chain", "layer", "weight_matching", "cka"):
-    glue(f"cost_{method}", float(mean_cost.get(method, float("nan"))), display=False)
+for method in ("chain", "layer", "weight_matching", "cka"):  # a method no zoo here admits has no cost to state
+    cost = mean_cost.get(method)
+    glue(f"cost_{method}", Markdown(f"{cost:.1f} µs" if cost is not None and cost == cost else "not applicable"),
+         display=False)
 learned = shown.set_index(["zoo", "protocol", "index", "method", "mode"])["value"].unstack("mode").dropna()
 gain = 100 * (learned["learned"] - learned["unsupervised"])
 glue("theta_gain_chain", float(gain.xs("chain", level="method").mean()), display=False)
@@ -191,9 +193,8 @@ glue("theta_gain_layer", float(gain.xs("layer", level="method").mean()), display
 #
 # A learned Θ changes the chains' numbers by {glue:text}`theta_gain_chain:+.1f` percentage points
 # on average over the cells, the raw layers' by {glue:text}`theta_gain_layer:+.1f`. The median cost
-# per pair: FFL chain {glue:text}`cost_chain:.1f` µs, raw layer {glue:text}`cost_layer:.1f` µs,
-# weight matching {glue:text}`cost_weight_matching:.1f` µs, CKA {glue:text}`cost_cka:.1f` µs (NaN:
-# no zoo the method applies to). Weight matching solves one assignment problem per hidden layer
+# per pair: FFL chain {glue:md}`cost_chain`, raw layer {glue:md}`cost_layer`, weight matching
+# {glue:md}`cost_weight_matching`, CKA {glue:md}`cost_cka`. Weight matching solves one assignment problem per hidden layer
 # and sweep for every pair; FFL forms each network's chain once and a pair costs one inner product;
 # CKA needs data and a forward pass per network, after which a pair also costs one inner product.
 # With few networks behind a percentage (the runs table), one network or query moves it in large
