@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffl.bench import _mlp_flops_per_sample, conv_layers, im2col_conv3x3, loop_vs_batched, zoo_time
+from ffl.bench import _mlp_flops_per_sample, chunk_sweep, conv_layers, im2col_conv3x3, loop_vs_batched, zoo_time
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,3 +105,11 @@ def test_ffl_runs_quick_by_default_and_full_size_on_request(monkeypatch):
         assert e.value.args == expected, argv
     with pytest.raises(SystemExit):
         ffl.bench.main(["ffl", "--full", "--networks", "300"])
+
+
+def test_chunk_sweep_times_every_chunk_size_against_the_gemm_rate():
+    rows = chunk_sweep([4, 4, 8, 8], (1, 2), steps=2, repeat=1)
+    assert [r["K"] for r in rows] == [1, 2] and all(r["widths"] == "4-4-8-8" for r in rows)
+    for r in rows:
+        assert r["ms_per_network_step"] > 0 and 0 < r["fraction_of_gemm"] < 1.5
+        assert r["model_gflops"] == pytest.approx(r["fraction_of_gemm"] * r["gemm_gflops"])

@@ -11,7 +11,7 @@ import ffl.zoo
 
 @pytest.mark.parametrize("module, commands", [
     (ffl.zoo, ["train", "spec", "merge", "info"]),
-    (ffl.bench, ["zoo", "zoo-time", "conv", "profile", "ffl"]),
+    (ffl.bench, ["zoo", "zoo-time", "conv", "profile", "chunks", "ffl"]),
     (ffl.book, ["run", "html"]),
 ])
 def test_help_lists_the_subcommands(module, commands, capsys):

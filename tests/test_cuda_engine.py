@@ -118,7 +118,7 @@ def test_convolutional_zoos_train_in_chunks_of_at_most_252_on_cuda(monkeypatch):
     for arch in ("cnn", "plainnet6", "resnet5"):
         assert zoo_module.default_batch_networks(spec(arch), "cuda") == 252
     assert zoo_module.default_batch_networks(spec("mlp"), "cuda") == 700
-    assert zoo_module.default_batch_networks(spec("cnn"), "cpu") == 64
+    assert zoo_module.default_batch_networks(spec("cnn"), "cpu") == 16  # widths 32-256 on CPU: test_zoo.py
 
 
 def test_kernels_used_says_what_runs_where():

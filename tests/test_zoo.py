@@ -635,3 +635,19 @@ def test_a_zoo_from_before_data_digests_is_read_as_it_is(tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     _cifar10_copy(data_root, shade=9)
     assert len(train_zoo(spec, root, progress=False)) == 4
+
+
+@pytest.mark.parametrize("arch, widths, batch_size, chunk", [
+    ("cnn", [8, 16, 32, 64], 16, 64), ("cnn", [8, 16, 32, 64], 64, 64),  # the laptop zoos' chunks, any batch
+    ("plainnet6", [8, 16, 32, 64, 64], 16, 64), ("resnet5", [8, 16, 32, 64], 16, 64),
+    ("cnn", [16, 32, 64, 128], 16, 32), ("cnn", [32, 64, 128, 256], 128, 16)])
+def test_cpu_chunks_of_convolutional_zoos_shrink_with_their_activations(arch, widths, batch_size, chunk):
+    """On CPU a convolutional zoo's default chunk is the largest power of two up to 64 whose
+    convolution outputs per image fit the budget; the count against PlainNet-5's by hand."""
+    from ffl.zoo.train import CPU_CONV_CHUNK_FLOATS, conv_outputs_per_image, default_batch_networks
+    spec = tiny_spec(arch=arch, model_kwargs={"widths": widths}, batch_size=batch_size, tasks=list(range(20)), runs=20)
+    if arch == "cnn":  # conv l at 32 / 2^l pixels a side (pools after units 1-3)
+        assert conv_outputs_per_image(spec) == sum(c * (32 >> l) ** 2 for l, c in enumerate(widths))
+    assert default_batch_networks(spec, "cpu") == chunk
+    assert conv_outputs_per_image(spec) * chunk <= CPU_CONV_CHUNK_FLOATS
+    assert default_batch_networks(tiny_spec(), "cpu") == 9  # an MLP zoo: min(N, 64)

@@ -1,4 +1,4 @@
-"""The command line: ``python -m ffl.bench zoo|zoo-time|conv|profile|ffl`` (:func:`main`;
+"""The command line: ``python -m ffl.bench zoo|zoo-time|conv|profile|chunks|ffl`` (:func:`main`;
 ``--help`` lists the subcommands, ``<command> --help`` their options). Each subcommand parses its
 options, checks them before anything runs, calls the public functions of :mod:`ffl.bench` and
 prints their results (a table or JSON lines)."""
@@ -15,7 +15,7 @@ import torch
 from ffl import implicit_conv, triton_support
 from ffl.batched import kernel_settings
 from ffl.bench.conv import PLAINNET5_CONVS, best_tiles, conv_layers, conv_sweep
-from ffl.bench.engine import bench_zoo, print_table, profile_step, zoo_time
+from ffl.bench.engine import bench_zoo, chunk_sweep, print_table, profile_step, zoo_time
 from ffl.bench.features import PAPER_SHAPES, bench_ffl, print_ffl
 from ffl.bench.timing import _gemm_rate
 from ffl.cli import Command, run_command_line
@@ -144,6 +144,24 @@ def _conv(args) -> int:
     return 0
 
 
+def _chunks_arguments(ap) -> None:
+    _common(ap)
+    ap.add_argument("--widths", action="append", default=None,
+                    help="PlainNet-5 widths, e.g. 16,32,64,128 (repeatable; default: 8-64 and 16-128)")
+    ap.add_argument("--chunks", default="8,16,32,64", help="chunk sizes K to time")
+    ap.add_argument("--batch", type=int, default=16, help="images per network per step")
+
+
+def _chunks(args) -> int:
+    _setup(args)
+    widths = args.widths or ["8,16,32,64", "16,32,64,128"]
+    for w in widths:
+        for row in chunk_sweep([int(x) for x in w.split(",")], tuple(int(k) for k in args.chunks.split(",")),
+                               batch=args.batch, repeat=args.repeat or 2, device=args.device):
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    return 0
+
+
 def _profile_arguments(ap) -> None:
     _common(ap)
     ap.add_argument("--arch", default="mlp")
@@ -222,6 +240,8 @@ COMMANDS = (
     Command("zoo-time", "time a CIFAR-100-scale zoo at the paper profile's epochs", _zoo_time_arguments, _zoo_time),
     Command("conv", "PlainNet-5 convolutions for K networks: grouped vs im2col+bmm vs dense", _conv_arguments, _conv),
     Command("profile", "torch.profiler kernel table of engine steps", _profile_arguments, _profile),
+    Command("chunks", "PlainNet-5 training per network against the engine's chunk size K (CPU chunking)",
+            _chunks_arguments, _chunks),
     Command("ffl", "feature learning streamed over a zoo on disk: time, peak memory, GEMM fraction",
             _ffl_arguments, _ffl),
 )

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
-from ffl.bench.timing import _data, _models, _sync, _timeit, _timeit_interleaved
+from ffl.bench.timing import _data, _gemm_rate, _models, _sync, _timeit, _timeit_interleaved
 from ffl.data import N_LETTERS, load_task
 from ffl.engine import (NetworkData, TrainConfig, init_stacked, precision_scope, total_steps, train_batched,
                         train_loop)
@@ -134,6 +134,36 @@ def step_rate(arch: str, K: int, steps: int, device: torch.device, repeat: int, 
                    lambda: stamps.append(time.perf_counter()))
         best = min(best, stamps[1] - stamps[0])
     return steps / best
+
+
+def chunk_sweep(widths: list[int], chunks: tuple[int, ...] = (8, 16, 32, 64), *, batch: int = 16, steps: int = 8,
+                repeat: int = 2, device: str = "cpu") -> list[dict[str, Any]]:
+    """Milliseconds per network-step of PlainNet-5 (``widths``) training in the batched engine for
+    each chunk size K (networks per engine batch), the sizes alternating within each round (best
+    of ``repeat``; one warm-up step excluded), with the model's GFLOP/s as a fraction of a
+    1024³ GEMM's measured in the same run: what :func:`ffl.zoo.default_batch_networks` sizes CPU
+    chunks by (docs/performance.md)."""
+    dev = torch.device(device)
+    data = _data(batch * 4, dev)
+    cfg = _steps_config(batch, True, "fp32")
+    protos = {K: _models("cnn", K, widths=widths) for K in chunks}
+    hw, cin, macs = 32, 3, 0
+    for layer, width in enumerate(widths):  # PlainNet-5: pools after units 1-3
+        macs += hw * hw * 9 * cin * width
+        cin, hw = width, hw // 2 if layer < 3 else hw
+    flops = 3 * 2 * macs * batch  # forward and backward (twice the forward) of the convolutions
+    gemm = _gemm_rate((1, 1024, 1024, 1024), "fp32", dev) * 2
+    best = dict.fromkeys(chunks, math.inf)
+    for _ in range(max(1, repeat)):
+        for K in chunks:
+            stamps: list[float] = []
+            _run_steps(protos[K], data, cfg, dev, 1, steps, lambda: stamps.append(time.perf_counter()),
+                       lambda: stamps.append(time.perf_counter()))
+            best[K] = min(best[K], (stamps[1] - stamps[0]) / steps / K)
+    gemm = max(gemm, _gemm_rate((1, 1024, 1024, 1024), "fp32", dev) * 2)
+    return [{"widths": "-".join(map(str, widths)), "K": K, "ms_per_network_step": 1e3 * t,
+             "model_gflops": flops / t / 1e9, "gemm_gflops": gemm / 1e9, "fraction_of_gemm": flops / t / gemm}
+            for K, t in best.items()]
 
 
 def gemm_reference_gflops(widths: list[int], batch: int, K: int, device: torch.device, repeat: int,
