@@ -63,6 +63,8 @@ class StudySettings:
     reference_theta: str
     adopted_theta: str
     max_index: int = 3
+    features: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    feature_zoo: str | None = None
 
     @classmethod
     def from_profile(cls, profile: str) -> "StudySettings":
@@ -73,7 +75,12 @@ class StudySettings:
                     zoos={k: dict(v or {}) for k, v in raw["zoos"].items()},
                     thetas={k: dict(v or {}) for k, v in raw["thetas"].items()},
                     reference_theta=raw["reference_theta"], adopted_theta=raw["adopted_theta"],
-                    max_index=int(raw.get("max_index", 3)))
+                    max_index=int(raw.get("max_index", 3)),
+                    features={k: dict(v or {}) for k, v in (raw.get("features") or {}).items()},
+                    feature_zoo=raw.get("feature_zoo"))
+        if study.features and study.feature_zoo not in study.zoos:
+            raise ValueError(f"profiles/{profile}.yaml: cnn_gap.feature_zoo: {study.feature_zoo!r} is not one of "
+                             f"its zoos {sorted(study.zoos)}")
         for key in ("reference_theta", "adopted_theta"):
             if getattr(study, key) not in study.thetas:
                 raise ValueError(f"profiles/{profile}.yaml: cnn_gap.{key}: {getattr(study, key)!r} is not one of "
@@ -200,9 +207,45 @@ def run_study(profile: str, *, seed: int = 0, data_root: str | None = None, cach
             write_results(result_file, frame, made_by)
         zoo_info = frame[frame.feature == "zoo"].set_index("metric")["value"].to_dict()
         zoo_rows.append({"zoo": zoo_name, **overrides_label(overrides), **zoo_info, "zoo_seconds": seconds,
+                         "widths": "–".join(str(w) for w in spec.model_kwargs.get("widths", [])),
                          "steps": steps_per_network(zoo)})
         protocol_frames.append(frame[frame.feature != "zoo"].assign(zoo=zoo_name))
     return pd.concat(protocol_frames, ignore_index=True), pd.DataFrame(zoo_rows)
+
+
+def run_feature_variants(profile: str, *, seed: int = 0, data_root: str | None = None,
+                         cache_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """The BatchNorm treatment of the features, one variant at a time (``cnn_gap.features``: name →
+    :class:`FeatureConfig` overrides of the section's features), on the zoo ``cnn_gap.feature_zoo``
+    with the adopted Θ: raw kernels (the official code's), BatchNorm folded into them, or every
+    output channel's kernel at unit norm. A long table (variant, feature, index, protocol, metric,
+    value); empty when the profile names no variants. The zoo must be trained (:func:`run_study`)."""
+    study = StudySettings.from_profile(profile)
+    if not study.features:
+        return pd.DataFrame(columns=["variant", "feature", "index", "protocol", "metric", "value"])
+    settings = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    base = dataclasses.asdict(dataclasses.replace(features_for_arch(settings.get("features"), study.arch),
+                                                  max_index=study.max_index))
+    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
+    theta = ProjectionConfig.from_dict({**dataclasses.asdict(projection_for_arch(settings.get("projection"), study.arch,
+                                                                                 seed=seed)),
+                                        **study.thetas[study.adopted_theta]})
+    spec = spec_from_profile(profile, study.section, arch=study.arch, dataset=study.dataset, seed=seed,
+                             data_root=data_root, **study.zoos[study.feature_zoo])
+    root = cached_zoo_root(spec, cache)
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(f"the study's zoo {study.feature_zoo!r} is not trained yet ({root}); run run_study first")
+    zoo = Zoo.load(root)
+    rows = []
+    for name, overrides in tqdm(study.features.items(), desc="feature variants", disable=not progress):
+        features = FeatureConfig.from_dict({**base, **overrides})
+        for (kind, index), rep in zoo_kernels(zoo, features, cache, progress=progress).items():
+            for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
+                for metric, value in fn(rep, zoo.tasks, zoo.runs, theta, split).items():
+                    rows.append({"variant": name, "feature": kind, "index": index, "protocol": protocol,
+                                 "metric": metric, "value": value})
+    return pd.DataFrame(rows)
 
 
 def _training_seconds(root: Path) -> float:

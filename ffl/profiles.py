@@ -173,7 +173,9 @@ SCHEMA = Keys({
     "cnn_gap": Keys({"section": "str", "arch": "str", "dataset": "str", "max_index": "int",
                      "reference_theta": "str", "adopted_theta": "str",
                      "zoos": Each(None, lambda _: Keys({"tasks": "int", "runs": "int", **_TRAINING})),
-                     "thetas": Each(None, lambda _: Keys(_fields(ProjectionConfig)))},
+                     "thetas": Each(None, lambda _: Keys(_fields(ProjectionConfig))),
+                     "feature_zoo": "str",
+                     "features": Each(None, lambda _: Keys(_fields(FeatureConfig)))},
                     required=("section", "arch", "dataset", "zoos", "thetas", "reference_theta", "adopted_theta")),
 })
 

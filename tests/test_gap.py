@@ -1,9 +1,13 @@
 """The CNN-gap study's diagnostics (ffl.gap) against independent computations."""
+from pathlib import Path
+
 import torch
 
 from ffl.features import Representation
 from ffl.gap import drift, gram_cosines, initial_model
 from ffl.zoo import ZooSpec, train_zoo
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def small_cnn_spec(**kw) -> ZooSpec:
@@ -40,3 +44,31 @@ def test_gram_cosines_against_explicit_vectors():
         assert abs(out[f"{name}_within"] - float(torch.stack(within).mean())) < 1e-12
         assert abs(out[f"{name}_between"] - float(torch.stack(between).mean())) < 1e-12
     assert out["centred_cos_within"] > out["centred_cos_between"]
+
+
+def _study_profile(tmp_path, monkeypatch, **changes) -> str:
+    """A profile holding smoke's tiny ImageNet section and its cnn_gap section with ``changes``."""
+    import yaml
+
+    import ffl.profiles
+
+    smoke = yaml.safe_load((REPO / "profiles" / "smoke.yaml").read_text())
+    study = {**smoke["cnn_gap"], **changes}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"tiny_imagenet": smoke["tiny_imagenet"], "cnn_gap": study},
+                                                        allow_unicode=True))
+    monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
+    return "study"
+
+
+def test_feature_variants_need_a_zoo_of_the_grid(tmp_path, monkeypatch):
+    import pytest
+
+    from ffl.gap import StudySettings
+    from ffl.profiles import ProfileError
+
+    with pytest.raises(ValueError, match=r"profiles/study.yaml: cnn_gap.feature_zoo: 'nowhere' is not one of its zoos"):
+        StudySettings.from_profile(_study_profile(tmp_path, monkeypatch, feature_zoo="nowhere"))
+    with pytest.raises(ProfileError, match=r"cnn_gap.features.folded.fold_batchnorm"):
+        StudySettings.from_profile(_study_profile(tmp_path, monkeypatch, features={"folded": {"fold_batchnorm": True}}))
+    study = StudySettings.from_profile(_study_profile(tmp_path, monkeypatch))
+    assert study.feature_zoo in study.zoos and study.features["BatchNorm folded"] == {"fold_bn": True}
