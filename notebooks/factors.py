@@ -198,8 +198,7 @@ for metric in ("top1", "rank1"):
     glue(f"within_Baseline_{metric}", value(within, "Baseline", "chain", 1, metric), display=False)
     for l in (1, 2, 3):
         glue(f"baseline_chain_{metric}_{l}", value(within, "Baseline", "chain", l, metric), display=False)
-why = ("The chapter *Why narrow CNNs fall short* measures why narrow, briefly trained PlainNet-5s fall below the "
-       "paper's level.")
+why = ffl.report.NARROW_CNN_WHY
 glue("scale_note", Markdown(ffl.report.scale_note(base, "factors", data_root=data_root, why=why)), display=False)
 
 # %% [markdown]
