@@ -3,12 +3,14 @@
 A profile is a YAML file in ``profiles/`` with one section per notebook; a notebook reads its own
 section. The ``chapters`` section lists the chapters the book build runs (``python -m ffl.book``)
 and their papermill parameters. A section's ``zoo`` settings become a zoo spec through
-:func:`ffl.profile_zoo.spec_from_profile`; ``profiles/paper.yaml`` is the one home of the paper's settings.
+:meth:`ffl.profile_settings.Section.spec`; ``profiles/paper.yaml`` is the one home of the paper's settings.
 
 Every file is checked when it is loaded against :data:`SCHEMA` (known keys, value types; YAML
 syntax; no duplicate keys): a typo or a wrong type stops with the file and the key path, e.g.
-``profiles/x.yaml: tiny_imagenet.zoo.tasks: expected an integer, got 2.5``. Ranges and what the
-values mean are checked where they are used (:class:`ffl.zoo.ZooSpec`, :func:`ffl.experiment.check_choices`).
+``profiles/x.yaml: tiny_imagenet.zoo.tasks: expected an integer, got 2.5``. This module reads the
+files; the library reads a profile through :func:`ffl.profile_settings.load`, once per process, as
+typed settings whose values are checked as they are typed (ranges, backends, tile tables); what
+depends on a chapter's choices is checked by :func:`ffl.experiment.check_choices`.
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def _extends(value: Any, where: str) -> None:
 
 
 _TRAINING = {**_fields(TrainConfig), "model_kwargs": "dict"}
-#: ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA (see :func:`ffl.profile_zoo.cuda_engine_from_profile`)
+#: ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA (see :class:`ffl.profile_settings.CudaEngine`)
 CUDA_ENGINE = {"batch_networks": "int", "conv_backend": "str", "bn_backend": "str", "conv_tiles": "str"}
 _ZOO = Keys({"tasks": "int", "runs": "int",
              "data_kwargs": Each(DATASETS, lambda dataset: Keys(data_kwargs_types(dataset))),
@@ -255,7 +257,8 @@ def read_profile_file(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
 def load_profile(name: str) -> dict[str, Any]:
     """The settings of profile ``name`` (``profiles/<name>.yaml``), a dict of its own; unknown →
     ``ValueError``. A profile with ``extends: <base>`` is the base profile with its own settings
-    merged in, mapping by mapping (a list or a value replaces the base's)."""
+    merged in, mapping by mapping (a list or a value replaces the base's). The library reads a
+    profile once per process, typed: :func:`ffl.profile_settings.load`."""
     return read_profile(name)[1]
 
 
