@@ -39,16 +39,16 @@ from tqdm import tqdm
 
 from ffl.cka import hidden_activations
 from ffl.data import load_task
-from ffl.experiment import code_hash, features_for_arch, projection_for_arch, protocol_rows, read_results, write_results
+from ffl.experiment import code_hash, protocol_rows, read_results, write_results
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
 from ffl.kernels import StreamConfig, ZooFeatures
 from ffl.metrics import cmc, mean_average_precision, top1
 from ffl.models import GRUNet
 from ffl.permute import permute_hidden
-from ffl.profiles import load_profile
+from ffl.profile_settings import Section
 from ffl.protocols import ProtocolSplit, classification_split, retrieval_split
 from ffl.weight_matching import match_permutations
-from ffl.zoo import Zoo, ZooSpec, cached_zoo_root, default_cache_dir, spec_from_profile, train_zoo
+from ffl.zoo import Zoo, ZooSpec, cached_zoo_root, default_cache_dir, train_zoo
 
 METHODS = {"chain": "FFL chain", "layer": "raw layer", "weight_matching": "weight matching", "cka": "CKA"}
 COLUMNS = ["method", "mode", "index", "protocol", "metric", "value", "reference", "scored", "pairs", "us_per_pair"]
@@ -265,17 +265,16 @@ class MethodComparison:
     seconds: dict[str, float | str]
 
 
-def run_comparison(section: str, *, arch: str, profile: str, dataset: str, config: BaselineConfig,
+def run_comparison(section: Section, *, arch: str, dataset: str, config: BaselineConfig,
                    data_root: str | None = None, download: bool = False, seed: int = 0,
                    cache_dir: str | Path | None = None, progress: bool = True) -> MethodComparison:
-    """The zoo of ``section`` (trained, or loaded from the cache its chapter fills: the same spec, the
-    same folder) and every method on it (cached under the zoo's weights and every setting)."""
-    settings = load_profile(profile)[section]
-    spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
-                             download=download, seed=seed)
-    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    projection = projection_for_arch(settings.get("projection"), arch, seed=seed)
-    features = features_for_arch(settings.get("features"), arch)
+    """The zoo of ``section`` (as :func:`ffl.experiment.check_choices` returned it for ``arch`` and
+    ``dataset``; trained, or loaded from the cache its chapter fills: the same spec, the same folder)
+    and every method on it (cached under the zoo's weights and every setting)."""
+    spec = section.spec(arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed)
+    split = section.split_for(seed)
+    projection = section.projection_for(arch, seed=seed)
+    features = section.features_for(arch)
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir)
     root = cached_zoo_root(spec, cache)
     seconds: dict[str, float | str] = {}
@@ -286,7 +285,7 @@ def run_comparison(section: str, *, arch: str, profile: str, dataset: str, confi
                "projection": dataclasses.asdict(projection), "features": dataclasses.asdict(features),
                "config": dataclasses.asdict(config), "code": code_hash()}
     key = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = cache / "results" / f"beyond-{section}-{arch}-{dataset}-{key}.csv"
+    path = cache / "results" / f"beyond-{section.name}-{arch}-{dataset}-{key}.csv"
     results = read_results(path, made_by)
     if results is not None:
         seconds["methods"] = "cached"

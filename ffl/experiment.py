@@ -7,6 +7,7 @@ notebook is cheap.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -22,17 +23,17 @@ import torch
 from tqdm import tqdm
 
 import ffl
-from ffl.checks import as_float, as_folder, as_int, check_parameters  # check_parameters: also public here
+from ffl.checks import as_folder, check_parameters  # check_parameters: also public here
 from ffl.data import DATASETS
 from ffl.features import FeatureConfig, ProjectionConfig, Representation, zoo_representations
 from ffl.kernels import KernelStats, StreamConfig, ZooFeatures
 from ffl.models import ARCHS
-from ffl.profiles import available_profiles, load_profile
+from ffl.profile_settings import Section, load
+from ffl.profiles import available_profiles
 from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, cross_condition_protocol,
                            retrieval_protocol, retrieval_split)
 from ffl.files import clean_stale_temp, write_bytes_atomic, write_json_atomic
-from ffl.zoo import (Zoo, ZooSpec, cached_zoo_root, cuda_engine_from_profile, default_cache_dir, spec_from_profile,
-                     train_zoo)
+from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, train_zoo
 
 FEATURE_KINDS = ("layer", "chain")
 
@@ -41,80 +42,64 @@ _UNSET: Any = object()
 
 
 def check_choices(*, arch: str, dataset: str, profile: str, section: str, seed: Any = _UNSET,
-                  device: Any = _UNSET, download: Any = _UNSET, data_root: Any = _UNSET) -> dict[str, Any]:
+                  device: Any = _UNSET, download: Any = _UNSET, data_root: Any = _UNSET) -> Section:
     """Fail at once, with the valid choices, on an unknown arch/dataset/profile or a bad run
     parameter (``seed`` an integer >= 0, ``device`` one this machine has, ``download`` a bool,
-    ``data_root`` a folder path or None; see :func:`check_parameters`); also check the section's
-    zoo spec (every training field's type and range). Return the profile's settings for
-    ``section``. Nothing is written."""
-    given = {"seed": seed, "device": device, "download": download, "data_root": data_root}
+    ``data_root`` a folder path or None; see :func:`check_parameters`); also check what the choices
+    make of the section: its zoo spec for ``arch`` on ``dataset`` (every training field's type and
+    range), Θ's and the features' settings for ``arch``, and protocol splits its tasks × runs
+    allow. Return the section, typed (:class:`ffl.profile_settings.Section`), for the chapter to
+    pass down (:func:`run_experiment`): a chapter checks once, in its first cell. Nothing is written."""
+    checked = _checked_section(profile, section, dataset, arch,
+                               {"seed": seed, "device": device, "download": download, "data_root": data_root})
+    _check_zoo(checked, arch, dataset)
+    return checked
+
+
+def check_factors(*, profile: str, dataset: str, seed: Any = _UNSET, device: Any = _UNSET, download: Any = _UNSET,
+                  data_root: Any = _UNSET) -> Section:
+    """:func:`check_choices` for the factors chapter (§4.4): every setting's arch and zoo, its
+    overrides applied (:func:`factor_settings`). Return the ``factors`` section for
+    :func:`run_factors`."""
+    checked = _checked_section(profile, "factors", dataset, None,
+                               {"seed": seed, "device": device, "download": download, "data_root": data_root})
+    for setting in factor_settings(checked).values():
+        _check_arch(setting["arch"])
+        _check_zoo(checked, setting["arch"], dataset, setting["overrides"])
+    return checked
+
+
+def _checked_section(profile: str, section: str, dataset: str, arch: str | None, given: dict[str, Any]) -> Section:
+    """The run parameters given, the profile's name, the dataset and the arch checked; the section, loaded."""
     check_parameters(**{name: value for name, value in given.items() if value is not _UNSET})
     if profile not in available_profiles():
         raise ValueError(f"unknown profile {profile!r}; choose one of {available_profiles()}")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    if arch is not None:
+        _check_arch(arch)
+    return load(profile).section(section)
+
+
+def _check_arch(arch: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
-    settings = load_profile(profile).get(section)
-    if settings is None:
-        raise ValueError(f"profile {profile!r} has no settings for {section!r}")
-    if arch not in settings["zoo"]["arch"]:
-        raise ValueError(
-            f"profile {profile!r} defines no {arch!r} zoo for {section!r}; "
-            f"it has {sorted(settings['zoo']['arch'])}"
-        )
-    spec = spec_from_profile(profile, section, arch=arch, dataset=dataset)  # the spec's fields, checked
-    _check_evaluation_settings(profile, section, settings, spec)
-    return settings
 
 
-def _for_arch(name: str, setting: dict[str, Any] | None, arch: str) -> dict[str, Any]:
-    """A profile section's ``name:`` settings for ``arch``: one dict for every arch, or one dict
-    per arch (``{mlp: {...}, cnn: {...}}``, keys from :data:`ARCHS`)."""
-    setting = dict(setting or {})
-    per_arch = [k for k in setting if k in ARCHS]
-    if not per_arch:
-        return setting
-    if len(per_arch) != len(setting):
-        raise ValueError(f"{name}: mixes per-arch entries {per_arch} with settings "
-                         f"{sorted(set(setting) - set(per_arch))}; give one dict, or one dict per arch")
-    if arch not in setting:
-        raise ValueError(f"{name}: has entries for {per_arch} but none for {arch!r}")
-    return dict(setting[arch] or {})
-
-
-def features_for_arch(setting: dict[str, Any] | None, arch: str) -> FeatureConfig:
-    """The :class:`FeatureConfig` of a profile section's ``features:`` for ``arch``: one dict for
-    every arch, or one dict per arch where the section's archs need different settings."""
-    return FeatureConfig.from_dict(_for_arch("features", setting, arch))
-
-
-def projection_for_arch(setting: dict[str, Any] | None, arch: str, *, seed: int = 0) -> ProjectionConfig:
-    """The :class:`ProjectionConfig` (Θ's training, §3.3) of a profile section's ``projection:``
-    for ``arch``, seeded with ``seed``: one dict for every arch, or one dict per arch."""
-    return ProjectionConfig.from_dict({"seed": seed, **_for_arch("projection", setting, arch)})
-
-
-def _check_evaluation_settings(profile: str, section: str, settings: dict[str, Any], spec: ZooSpec) -> None:
-    """The section's ``projection``, ``split`` and ``features`` settings: known keys, numbers in
-    range, and protocol splits that the zoo's tasks × runs allow (before the zoo is trained)."""
-    where = f"profile {profile!r}, section {section!r}"
+def _check_zoo(section: Section, arch: str, dataset: str, overrides: dict[str, Any] | None = None) -> None:
+    """The spec of ``arch``'s zoo on ``dataset`` (its fields checked as it is built), Θ's and the
+    features' settings for ``arch``, and protocol splits that the zoo's tasks × runs allow (before
+    the zoo is trained)."""
+    spec = section.spec(arch=arch, dataset=dataset, **(overrides or {}))
     try:
-        projection = projection_for_arch(settings.get("projection"), spec.arch)
-        split = ProtocolSplit(**settings.get("split", {}))
+        section.projection_for(arch)
+        section.features_for(arch)
         tasks = torch.tensor(spec.tasks).repeat_interleave(spec.runs)  # the zoo's order: task-major
         runs = torch.arange(spec.runs).repeat(len(spec.tasks))
-        classification_split(tasks, runs, split)
-        retrieval_split(tasks, runs, split)
-        features_for_arch(settings.get("features"), spec.arch)
-        as_float("projection lr", projection.lr, positive=True)
-        as_float("projection momentum", projection.momentum, minimum=0.0, below=1.0)
-        as_float("projection weight_decay", projection.weight_decay, minimum=0.0)
-        as_float("projection lr_gamma", projection.lr_gamma, positive=True)
-        as_int("projection epochs", projection.epochs, minimum=1)
-        as_int("projection batch_size", projection.batch_size, minimum=1)
+        classification_split(tasks, runs, section.split)
+        retrieval_split(tasks, runs, section.split)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"profile {section.profile!r}, section {section.name!r}: {e}") from None
 
 
 #: modules (and the package ``bench/``) that only present results (pages, figures, benchmarks, command
@@ -258,18 +243,18 @@ class Experiment:
 
     zoo: Zoo
     results: pd.DataFrame
-    settings: dict[str, Any]
+    section: Section | None = None  # the profile section it ran from
     split: ProtocolSplit = dataclasses.field(default_factory=ProtocolSplit)
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
     seconds: dict[str, float | str] = dataclasses.field(default_factory=dict)
 
 
 def run_experiment(
-    section: str,
+    section: Section | str,
     *,
     arch: str,
-    profile: str,
     dataset: str,
+    profile: str | None = None,
     data_root: str | None = None,
     download: bool = False,
     seed: int = 0,
@@ -278,16 +263,19 @@ def run_experiment(
     progress: bool = True,
     zoo_overrides: dict[str, Any] | None = None,
 ) -> Experiment:
-    """Train or load the zoo of a paper section and evaluate it (cached). ``zoo_overrides``
-    replace fields of the profile's zoo spec (a setting of §4.4)."""
-    settings = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
+    """Train or load the zoo of a paper section and evaluate it (cached). ``section``: as
+    :func:`check_choices` returned it for ``arch`` and ``dataset`` (not checked again), or the
+    section's name with ``profile``'s (checked here). ``zoo_overrides`` replace fields of the
+    profile's zoo spec (a setting of §4.4)."""
+    if not isinstance(section, Section):
+        section = check_choices(arch=arch, dataset=dataset, profile=profile, section=section)
     params = check_parameters(seed=seed, device=device, download=download, data_root=data_root)
     seed, device, download, data_root = params["seed"], params["device"], params["download"], params["data_root"]
-    spec = spec_from_profile(profile, section, arch=arch, dataset=dataset, data_root=data_root,
-                             download=download, seed=seed, **(zoo_overrides or {}))
-    projection = projection_for_arch(settings.get("projection"), arch, seed=seed)
-    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    features = features_for_arch(settings.get("features"), arch)
+    spec = section.spec(arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed,
+                        **(zoo_overrides or {}))
+    projection = section.projection_for(arch, seed=seed)
+    split = section.split_for(seed)
+    features = section.features_for(arch)
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     for folder in (cache, cache / "zoos", cache / "results"):  # not a file: found now, not after training
@@ -298,14 +286,14 @@ def run_experiment(
     start = time.perf_counter()
     zoo_was_cached = (zoo_root / "manifest.json").is_file()  # complete zoos only have one
     # how the zoo trains on a GPU (chunk size, kernels): the profile's zoo.cuda settings
-    engine = cuda_engine_from_profile(profile, section, arch=arch) if torch.device(device).type == "cuda" else {}
+    engine = section.cuda_engine(arch) if torch.device(device).type == "cuda" else {}
     zoo = train_zoo(spec, zoo_root, device=device, progress=progress, **engine)
     seconds["zoo"] = "cached" if zoo_was_cached else round(time.perf_counter() - start, 1)
 
     made_by = {"zoo": spec_dict, "zoo_weights": zoo.weights_sha256, "projection": dataclasses.asdict(projection),
                "split": dataclasses.asdict(split), "features": dataclasses.asdict(features),
                "code": code_hash()}
-    result_file = cache / "results" / f"{section}-{arch}-{dataset}-{_key(made_by)}.csv"
+    result_file = cache / "results" / f"{section.name}-{arch}-{dataset}-{_key(made_by)}.csv"
     clean_stale_temp(result_file.parent)
     results = read_results(result_file, made_by)
     if results is not None:
@@ -316,7 +304,7 @@ def run_experiment(
                                stream=StreamConfig.for_device(device))
         seconds["features and protocols"] = round(time.perf_counter() - start, 1)
         write_results(result_file, results, made_by)
-    return Experiment(zoo=zoo, results=results, settings=settings, split=split, features=features,
+    return Experiment(zoo=zoo, results=results, section=section, split=split, features=features,
                       seconds=seconds)
 
 
@@ -335,25 +323,26 @@ class FactorsExperiment:
 
     experiments: dict[str, Experiment]
     cross: pd.DataFrame
-    settings: dict[str, Any]
+    section: Section  # the profile's factors section
     seconds: dict[str, float | str] = dataclasses.field(default_factory=dict)
 
 
-def factor_settings(profile: str) -> dict[str, dict[str, Any]]:
-    """The settings of a profile's ``factors`` section, baseline first: name -> ``{arch, overrides}``
-    where ``overrides`` replace fields of that architecture's zoo spec (``model_kwargs`` are merged
-    into the architecture's)."""
-    section = load_profile(profile).get("factors") or {}
-    named = section.get("settings") or {}
+def factor_settings(section: Section | str) -> dict[str, dict[str, Any]]:
+    """The settings of a profile's ``factors`` section (the section, or the profile's name), baseline
+    first: name -> ``{arch, overrides}`` where ``overrides`` replace fields of that architecture's
+    zoo spec (``model_kwargs`` are merged into the architecture's)."""
+    if not isinstance(section, Section):
+        section = load(section).section("factors")
+    named = section.extra.get("settings") or {}
     if BASELINE not in named:
-        raise ValueError(f"profile {profile!r}: the factors section needs a {BASELINE!r} setting")
+        raise ValueError(f"profile {section.profile!r}: the factors section needs a {BASELINE!r} setting")
     out = {}
     for name in [BASELINE, *(n for n in named if n != BASELINE)]:
-        overrides = dict(named[name])
+        overrides = copy.deepcopy(dict(named[name]))
         arch = overrides.pop("arch")
         if "model_kwargs" in overrides:
-            base = section["zoo"]["arch"].get(arch, {}).get("model_kwargs", {})
-            overrides["model_kwargs"] = {**base, **overrides["model_kwargs"]}
+            base = section.zoo.arch.get(arch, {}).get("model_kwargs", {}) if section.zoo else {}
+            overrides["model_kwargs"] = {**copy.deepcopy(base), **overrides["model_kwargs"]}
         out[name] = {"arch": arch, "overrides": overrides}
     return out
 
@@ -385,12 +374,12 @@ def cross_condition_results(source: Experiment, target: Experiment, *, progress:
 
 
 def _projection(exp: Experiment) -> ProjectionConfig:
-    return projection_for_arch(exp.settings.get("projection"), exp.zoo.spec.arch, seed=exp.split.seed)
+    return exp.section.projection_for(exp.zoo.spec.arch, seed=exp.split.seed)
 
 
 def run_factors(
+    section: Section | str,
     *,
-    profile: str,
     dataset: str,
     data_root: str | None = None,
     download: bool = False,
@@ -400,14 +389,16 @@ def run_factors(
     progress: bool = True,
 ) -> FactorsExperiment:
     """§4.4: every setting's zoo and protocols (Figure 4), then Θ of the baseline read on every
-    other setting (Figure 5); each step cached."""
-    named = factor_settings(profile)
-    for spec in named.values():  # every choice checked before any training
-        check_choices(arch=spec["arch"], dataset=dataset, profile=profile, section="factors")
+    other setting (Figure 5); each step cached. ``section``: the ``factors`` section as
+    :func:`check_factors` returned it for ``dataset`` (not checked again), or a profile's name
+    (checked here)."""
+    if not isinstance(section, Section):
+        section = check_factors(profile=section, dataset=dataset)
+    named = factor_settings(section)
     experiments = {
-        name: run_experiment("factors", arch=spec["arch"], profile=profile, dataset=dataset,
-                             data_root=data_root, download=download, seed=seed, device=device,
-                             cache_dir=cache_dir, progress=progress, zoo_overrides=spec["overrides"])
+        name: run_experiment(section, arch=spec["arch"], dataset=dataset, data_root=data_root, download=download,
+                             seed=seed, device=device, cache_dir=cache_dir, progress=progress,
+                             zoo_overrides=spec["overrides"])
         for name, spec in named.items()
     }
     base = experiments[BASELINE]
@@ -431,5 +422,4 @@ def run_factors(
             write_results(path, frame, made_by)
         frames.append(frame.assign(setting=name))
     cross = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return FactorsExperiment(experiments=experiments, cross=cross, settings=load_profile(profile)["factors"],
-                             seconds=seconds)
+    return FactorsExperiment(experiments=experiments, cross=cross, section=section, seconds=seconds)

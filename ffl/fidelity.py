@@ -14,9 +14,8 @@ from dataclasses import dataclass, fields
 import pandas as pd
 
 from ffl.data import CIFAR100_MEAN, DATA_NAMES, TINY_IMAGENET_MEAN
-from ffl.experiment import features_for_arch
 from ffl.features import FeatureConfig, ProjectionConfig
-from ffl.profiles import load_profile
+from ffl.profile_settings import load
 
 
 @dataclass(frozen=True)
@@ -37,17 +36,18 @@ def _on(flag: bool, yes: str, no: str) -> str:
 
 def rows(profile: str = "paper") -> list[Difference]:
     """The differences, with the book's cells read from ``profile`` and the library defaults."""
-    p = load_profile(profile)
+    loaded = load(profile)
+    p = loaded.settings
     cifar = p["cifar100"]["zoo"]["arch"]
     mlp, cnn = cifar["mlp"], cifar["cnn"]
     gru = p["namedata"]["zoo"]["arch"]["gru"]
-    feats = {a: features_for_arch(p["cifar100"].get("features"), a) for a in ("mlp", "cnn", "resnet5")}
-    gru_feats = features_for_arch(p["namedata"].get("features"), "gru")
+    feats = {a: loaded.section("cifar100").features_for(a) for a in ("mlp", "cnn", "resnet5")}
+    gru_feats = loaded.section("namedata").features_for("gru")
     theta = ProjectionConfig.from_dict(p["cifar100"].get("projection"))
     ours = FeatureConfig()
     tiny = p.get("tiny_imagenet", {}).get("zoo", {}).get("arch", {})
     laptop_cifar = sorted({c.get("parameters", {}).get("dataset", "cifar100")
-                           for c in load_profile("laptop")["chapters"] if c["notebook"] == "cifar100"})
+                           for c in load("laptop").settings["chapters"] if c["notebook"] == "cifar100"})
 
     def epochs(spec: dict) -> str:
         return f"{spec['epochs']} epochs, lr/10 after {', '.join(map(str, spec['lr_step_epochs']))}"

@@ -28,19 +28,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ffl.experiment import (check_choices, code_hash, features_for_arch, projection_for_arch, read_results,
-                            write_results)
+from ffl.experiment import check_choices, code_hash, read_results, write_results
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
 from ffl.files import write_bytes_atomic
 from ffl.kernels import StreamConfig, ZooFeatures
 from ffl.models import build_model
-from ffl.profiles import load_profile
-from ffl.protocols import (ProtocolSplit, classification_protocol, classification_split, retrieval_protocol,
-                           retrieval_split)
+from ffl.profile_settings import load
+from ffl.protocols import classification_protocol, classification_split, retrieval_protocol, retrieval_split
 from ffl.report import data_note
 from ffl.report import steps_per_network as report_steps
 from ffl.data import load_task
-from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, spec_from_profile, train_zoo
+from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, train_zoo
 
 FEATURE_KINDS = ("chain", "layer")
 
@@ -68,7 +66,7 @@ class StudySettings:
 
     @classmethod
     def from_profile(cls, profile: str) -> "StudySettings":
-        raw = load_profile(profile).get("cnn_gap")
+        raw = load(profile).settings.get("cnn_gap")
         if not raw:
             raise ValueError(f"profile {profile!r} has no cnn_gap section (the study's grid)")
         study = cls(section=raw["section"], arch=raw["arch"], dataset=raw["dataset"],
@@ -168,17 +166,16 @@ def run_study(profile: str, *, seed: int = 0, data_root: str | None = None, cach
     Returns ``(protocols, zoos)``: a long table (zoo, theta, feature, index, protocol, metric,
     value) and one row per zoo (its size, accuracy, drift, Gram cosines, training seconds)."""
     study = StudySettings.from_profile(profile)
-    settings = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
+    section = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    features = dataclasses.replace(features_for_arch(settings.get("features"), study.arch), max_index=study.max_index)
-    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    base_theta = dataclasses.asdict(projection_for_arch(settings.get("projection"), study.arch, seed=seed))
+    features = dataclasses.replace(section.features_for(study.arch), max_index=study.max_index)
+    split = section.split_for(seed)
+    base_theta = dataclasses.asdict(section.projection_for(study.arch, seed=seed))
     protocol_frames, zoo_rows = [], []
     for zoo_name, overrides in study.zoos.items():
         if only_zoos is not None and zoo_name not in only_zoos:
             continue
-        spec = spec_from_profile(profile, study.section, arch=study.arch, dataset=study.dataset, seed=seed,
-                                 data_root=data_root, **overrides)
+        spec = section.spec(arch=study.arch, dataset=study.dataset, seed=seed, data_root=data_root, **overrides)
         root = cached_zoo_root(spec, cache)
         zoo = train_zoo(spec, root, progress=progress)
         seconds = _training_seconds(root)
@@ -223,16 +220,14 @@ def run_feature_variants(profile: str, *, seed: int = 0, data_root: str | None =
     study = StudySettings.from_profile(profile)
     if not study.features:
         return pd.DataFrame(columns=["variant", "feature", "index", "protocol", "metric", "value"])
-    settings = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
+    section = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    base = dataclasses.asdict(dataclasses.replace(features_for_arch(settings.get("features"), study.arch),
-                                                  max_index=study.max_index))
-    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
-    theta = ProjectionConfig.from_dict({**dataclasses.asdict(projection_for_arch(settings.get("projection"), study.arch,
-                                                                                 seed=seed)),
+    base = dataclasses.asdict(dataclasses.replace(section.features_for(study.arch), max_index=study.max_index))
+    split = section.split_for(seed)
+    theta = ProjectionConfig.from_dict({**dataclasses.asdict(section.projection_for(study.arch, seed=seed)),
                                         **study.thetas[study.adopted_theta]})
-    spec = spec_from_profile(profile, study.section, arch=study.arch, dataset=study.dataset, seed=seed,
-                             data_root=data_root, **study.zoos[study.feature_zoo])
+    spec = section.spec(arch=study.arch, dataset=study.dataset, seed=seed, data_root=data_root,
+                        **study.zoos[study.feature_zoo])
     root = cached_zoo_root(spec, cache)
     if not (root / "manifest.json").is_file():
         raise FileNotFoundError(f"the study's zoo {study.feature_zoo!r} is not trained yet ({root}); run run_study first")
@@ -261,19 +256,19 @@ def protocol_sizes(profile: str, *, seed: int = 0, data_root: str | None = None)
     networks classified, the retrieval queries and unseen tasks, the data (a
     :func:`ffl.report.data_note`), and the same as a Markdown run table."""
     study = StudySettings.from_profile(profile)
-    settings = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
-    spec = spec_from_profile(profile, study.section, arch=study.arch, dataset=study.dataset, seed=seed,
-                             data_root=data_root, **next(iter(study.zoos.values())))
+    section = check_choices(arch=study.arch, dataset=study.dataset, profile=profile, section=study.section)
+    spec = section.spec(arch=study.arch, dataset=study.dataset, seed=seed, data_root=data_root,
+                        **next(iter(study.zoos.values())))
     tasks = torch.tensor(spec.tasks).repeat_interleave(spec.runs)
     runs = torch.arange(spec.runs).repeat(len(spec.tasks))
-    split = ProtocolSplit(**{"seed": seed, **settings.get("split", {})})
+    split = section.split_for(seed)
     _, classified = classification_split(tasks, runs, split)
     _, queries, gallery = retrieval_split(tasks, runs, split)
     data = data_note(spec, data_root=data_root, stands_for=study.section)
     widths = "–".join(str(w) for w in spec.model_kwargs.get("widths", [])) or "the defaults"
     out = {"tasks": len(spec.tasks), "runs": spec.runs, "classified": len(classified), "queries": len(queries),
            "unseen": int(tasks[queries].unique().numel()), "data": data, "widths": widths}
-    theta = projection_for_arch(settings.get("projection"), study.arch)
+    theta = section.projection_for(study.arch)
     out["table"] = "\n".join([
         "| | |", "|---|---|",
         f"| zoos | {study.arch} on {study.dataset}, {out['tasks']} tasks × {out['runs']} runs each; "

@@ -3,16 +3,20 @@
 A profile is a YAML file in ``profiles/`` with one section per notebook; a notebook reads its own
 section. The ``chapters`` section lists the chapters the book build runs (``python -m ffl.book``)
 and their papermill parameters. A section's ``zoo`` settings become a zoo spec through
-:func:`ffl.profile_zoo.spec_from_profile`; ``profiles/paper.yaml`` is the one home of the paper's settings.
+:meth:`ffl.profile_settings.Section.spec`; ``profiles/paper.yaml`` is the one home of the paper's settings.
 
 Every file is checked when it is loaded against :data:`SCHEMA` (known keys, value types; YAML
 syntax; no duplicate keys): a typo or a wrong type stops with the file and the key path, e.g.
-``profiles/x.yaml: tiny_imagenet.zoo.tasks: expected an integer, got 2.5``. Ranges and what the
-values mean are checked where they are used (:class:`ffl.zoo.ZooSpec`, :func:`ffl.experiment.check_choices`).
+``profiles/x.yaml: tiny_imagenet.zoo.tasks: expected an integer, got 2.5``. This module reads the
+files; the library reads a profile through :func:`ffl.profile_settings.load`, once per process, as
+typed settings whose values are checked as they are typed (ranges, backends, tile tables); what
+depends on a chapter's choices is checked by :func:`ffl.experiment.check_choices`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -137,7 +141,7 @@ def _extends(value: Any, where: str) -> None:
 
 
 _TRAINING = {**_fields(TrainConfig), "model_kwargs": "dict"}
-#: ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA (see :func:`ffl.profile_zoo.cuda_engine_from_profile`)
+#: ``<section>.zoo.cuda.<arch>``: how a zoo trains on CUDA (see :class:`ffl.profile_settings.CudaEngine`)
 CUDA_ENGINE = {"batch_networks": "int", "conv_backend": "str", "bn_backend": "str", "conv_tiles": "str"}
 _ZOO = Keys({"tasks": "int", "runs": "int",
              "data_kwargs": Each(DATASETS, lambda dataset: Keys(data_kwargs_types(dataset))),
@@ -216,43 +220,60 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def profile_files(name: str, _seen: tuple[str, ...] = ()) -> list[Path]:
+def profile_files(name: str) -> list[Path]:
     """The files profile ``name`` is read from: its own, then those it extends, in order."""
-    settings = read_profile_file(name, _seen)
-    base = settings.get("extends")
-    return [PROFILE_DIR / f"{name}.yaml"] + (profile_files(base, (*_seen, name)) if base else [])
+    return [path for path, _ in read_profile(name)[0]]
+
+
+#: each file as last read: its bytes and its settings, checked (a file is parsed again only when it changes)
+_READ: dict[Path, tuple[bytes, dict[str, Any]]] = {}
 
 
 def read_profile_file(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The settings of ``profiles/<name>.yaml`` alone (``extends`` not resolved), checked against
-    :data:`SCHEMA`; unknown name → ``ValueError`` listing the profiles."""
+    :data:`SCHEMA` (a copy: the file is parsed once per process, again when it changes); unknown
+    name → ``ValueError`` listing the profiles."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or not (PROFILE_DIR / f"{name}.yaml").is_file():
         raise ValueError(f"unknown profile {name!r}; choose one of {available_profiles()}")
     if name in _seen:
         raise ValueError(f"profiles extend each other in a cycle: {' -> '.join((*_seen, name))}")
     path = PROFILE_DIR / f"{name}.yaml"
     shown = f"{PROFILE_DIR.name}/{path.name}"
+    data = path.read_bytes()
+    if path in _READ and _READ[path][0] == data:
+        return copy.deepcopy(_READ[path][1])
     try:
-        with path.open(encoding="utf-8") as f:  # a stream: YAML's errors name the file
-            settings = yaml.load(f, Loader=_Loader)
+        stream = io.StringIO(data.decode("utf-8"))
+        stream.name = str(path)  # YAML's errors name the file
+        settings = yaml.load(stream, Loader=_Loader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ProfileError(f"{shown}: not valid YAML: {e}") from None
     try:
         _check({} if settings is None else settings, SCHEMA, "")
     except ProfileError as e:
         raise ProfileError(f"{shown}: {e}") from None
-    return settings or {}
+    _READ[path] = (data, settings or {})
+    return copy.deepcopy(settings or {})
 
 
-def load_profile(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The settings of profile ``name`` (``profiles/<name>.yaml``); unknown → ``ValueError``.
-    A profile with ``extends: <base>`` is the base profile with its own settings merged in,
-    mapping by mapping (a list or a value replaces the base's)."""
-    settings = dict(read_profile_file(name, _seen))
-    base = settings.pop("extends", None)
+def load_profile(name: str) -> dict[str, Any]:
+    """The settings of profile ``name`` (``profiles/<name>.yaml``), a dict of its own; unknown →
+    ``ValueError``. A profile with ``extends: <base>`` is the base profile with its own settings
+    merged in, mapping by mapping (a list or a value replaces the base's). The library reads a
+    profile once per process, typed: :func:`ffl.profile_settings.load`."""
+    return read_profile(name)[1]
+
+
+def read_profile(name: str, _seen: tuple[str, ...] = ()) -> tuple[list[tuple[Path, dict[str, Any]]], dict[str, Any]]:
+    """Each file of profile ``name`` with its own settings (its own file first, then those it
+    extends), and the settings merged (:func:`load_profile`): one reading of every file."""
+    own = dict(read_profile_file(name, _seen))
+    base = own.pop("extends", None)
+    sources = [(PROFILE_DIR / f"{name}.yaml", own)]
     if base is None:
-        return settings
-    return _merged(load_profile(base, (*_seen, name)), settings)
+        return sources, own
+    base_sources, base_settings = read_profile(base, (*_seen, name))
+    return sources + base_sources, _merged(base_settings, own)
 
 
 def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import ffl
-from ffl.profiles import load_profile, profile_files
+from ffl.profiles import read_profile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,8 @@ def profile_record(profile: str) -> dict[str, Any]:
     extends), whether git holds them as they are (``committed``, ``modified``, ``untracked``,
     ``unknown``: the commit alone does not say, e.g. for an edited or a new profile) and its
     resolved settings."""
-    files = profile_files(profile)
+    sources, settings = read_profile(profile)  # as the chapter read it (ffl.profiles reads a file once)
+    files = [path for path, _ in sources]
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -69,7 +70,7 @@ def profile_record(profile: str) -> dict[str, Any]:
         state = ("untracked" if codes & {"??", "!!"} else "modified") if codes else "committed"
     except (OSError, subprocess.SubprocessError):
         state = "unknown"
-    return {"profile_sha256": h.hexdigest()[:16], "profile_state": state, "profile_settings": load_profile(profile)}
+    return {"profile_sha256": h.hexdigest()[:16], "profile_state": state, "profile_settings": settings}
 
 
 def run_info(device: str = "cpu", **params: Any) -> dict[str, Any]:

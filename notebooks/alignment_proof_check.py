@@ -46,11 +46,11 @@ from myst_nb import glue
 import ffl.checks
 import ffl.invariance
 import ffl.plots
-import ffl.profiles
+import ffl.profile_settings
 import ffl.provenance
 
 seed, device = ffl.checks.check_parameters(seed=seed, device=device).values()  # checked, normalized
-cfg = ffl.profiles.load_profile(profile)["alignment_proof_check"]
+cfg = ffl.profile_settings.load(profile).settings["alignment_proof_check"]
 # Exact single precision on GPUs too: TF32 convolutions would round at ~1e-3 and hide the check.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False

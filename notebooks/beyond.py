@@ -56,19 +56,18 @@ import ffl.baselines
 import ffl.checks
 import ffl.experiment
 import ffl.plots
-import ffl.profiles
+import ffl.profile_settings
 import ffl.provenance
 
 # Checked before any work: a wrong choice stops here with the valid ones.
 seed, data_root = ffl.checks.check_parameters(seed=seed, data_root=data_root).values()  # checked and normalized
-section = ffl.profiles.load_profile(profile).get("beyond")
-if not section:
+beyond = ffl.profile_settings.load(profile).settings.get("beyond")
+if not beyond:
     raise ValueError(f"profile {profile!r} has no beyond: section")
-config = ffl.baselines.BaselineConfig.from_section(section)
-zoos = section["zoos"]
-for z in zoos:
-    ffl.experiment.check_choices(arch=z["arch"], dataset=z["dataset"], profile=profile, section=z["section"],
-                                 seed=seed, data_root=data_root)
+config = ffl.baselines.BaselineConfig.from_section(beyond)
+zoos = beyond["zoos"]
+sections = [ffl.experiment.check_choices(arch=z["arch"], dataset=z["dataset"], profile=profile, section=z["section"],
+                                         seed=seed, data_root=data_root) for z in zoos]
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(profile=profile, seed=seed))))
 
 # %% [markdown]
@@ -80,10 +79,10 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(profile=p
 # %%
 ARCH_NAMES = {"mlp": "MLP-4", "cnn": "PlainNet-5", "gru": "GRU-2"}
 runs, rows = {}, []
-for z in zoos:
+for z, section in zip(zoos, sections):
     name = f"{ARCH_NAMES[z['arch']]}, {z['dataset']}"
     runs[name] = run = ffl.baselines.run_comparison(
-        z["section"], arch=z["arch"], profile=profile, dataset=z["dataset"], config=config, data_root=data_root,
+        section, arch=z["arch"], dataset=z["dataset"], config=config, data_root=data_root,
         seed=seed, progress=False)
     r, n_tasks = run.results, int(run.zoo.tasks.unique().numel())
     cls, ret = (r.query("method == 'chain' and protocol == @p").iloc[0] for p in ("classification", "retrieval"))

@@ -65,8 +65,8 @@ import ffl.report
 # Checked before any work: a wrong choice stops here with the valid ones.
 seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
     seed=seed, device=device, download=download, data_root=data_root).values()
-settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="cifar100",
-                                       seed=seed, device=device, download=download, data_root=data_root)
+section = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="cifar100",
+                                      seed=seed, device=device, download=download, data_root=data_root)
 if dataset == "cifar100":  # the data too: missing and not downloadable, this cell says what to do
     ffl.data.cifar100.ensure_cifar100(ffl.data.resolve_root(data_root), download=download)
 if dataset == "cifar10":
@@ -83,9 +83,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # protocols behind every percentage below.
 
 # %%
-exp = ffl.experiment.run_experiment(
-    "cifar100", arch=arch, profile=profile, dataset=dataset, data_root=data_root,
-    download=download, seed=seed, device=device,
+exp = ffl.experiment.run_experiment(  # the section checked above, passed down
+    section, arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed, device=device,
 )
 zoo_numbers = ffl.report.zoo_numbers(exp, data_root=data_root, stands_for="cifar100")  # sizes, accuracy, data
 ffl.report.publish(zoo_numbers)

@@ -71,9 +71,8 @@ import ffl.report
 # Checked before any work: a wrong choice stops here with the valid ones.
 seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
     seed=seed, device=device, download=download, data_root=data_root).values()
-named = ffl.experiment.factor_settings(profile)
-for spec in named.values():
-    ffl.experiment.check_choices(arch=spec["arch"], dataset=dataset, profile=profile, section="factors")
+section = ffl.experiment.check_factors(profile=profile, dataset=dataset)  # every setting's zoo
+named = ffl.experiment.factor_settings(section)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch=", ".join(sorted({s["arch"] for s in named.values()})), profile=profile,
     dataset=dataset, seed=seed))))
@@ -86,7 +85,7 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # networks solve their own tasks.
 
 # %%
-fx = ffl.experiment.run_factors(profile=profile, dataset=dataset, data_root=data_root,
+fx = ffl.experiment.run_factors(section, dataset=dataset, data_root=data_root,  # checked above, passed down
                                 download=download, seed=seed, device=device, progress=False)
 base = fx.experiments[ffl.experiment.BASELINE]
 display(Markdown(ffl.report.run_table(base, data=ffl.report.data_note(base.zoo.spec, data_root=data_root,

@@ -59,8 +59,8 @@ import ffl.report
 # Checked before any work: a wrong choice stops here with the valid ones.
 seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
     seed=seed, device=device, download=download, data_root=data_root).values()
-settings = ffl.experiment.check_choices(arch="gru", dataset="namedata", profile=profile, section="namedata",
-                                          seed=seed, device=device, download=download, data_root=data_root)
+section = ffl.experiment.check_choices(arch="gru", dataset="namedata", profile=profile, section="namedata",
+                                      seed=seed, device=device, download=download, data_root=data_root)
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch="gru", profile=profile, dataset="namedata", seed=seed))))
 
@@ -73,9 +73,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # to a hundredfold).
 
 # %%
-exp = ffl.experiment.run_experiment(
-    "namedata", arch="gru", profile=profile, dataset="namedata", data_root=data_root,
-    download=download, seed=seed, device=device,
+exp = ffl.experiment.run_experiment(  # the section checked above, passed down
+    section, arch="gru", dataset="namedata", data_root=data_root, download=download, seed=seed, device=device,
 )
 zoo, results = exp.zoo, exp.results
 n_tasks = int(zoo.tasks.unique().numel())

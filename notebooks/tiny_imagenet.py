@@ -61,7 +61,7 @@ import ffl.report
 # Checked before any work: a wrong choice stops here with the valid ones.
 seed, device, download, data_root = ffl.checks.check_parameters(  # checked and normalized
     seed=seed, device=device, download=download, data_root=data_root).values()
-settings = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="tiny_imagenet")
+section = ffl.experiment.check_choices(arch=arch, dataset=dataset, profile=profile, section="tiny_imagenet")
 display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
     device=device, arch=arch, profile=profile, dataset=dataset, seed=seed))))
 
@@ -71,9 +71,8 @@ display(Markdown(ffl.provenance.markdown_table(ffl.provenance.run_info(
 # Every run of every task is trained (or loaded from the cache) with the profile's settings.
 
 # %%
-exp = ffl.experiment.run_experiment(
-    "tiny_imagenet", arch=arch, profile=profile, dataset=dataset, data_root=data_root,
-    download=download, seed=seed, device=device,
+exp = ffl.experiment.run_experiment(  # the section checked above, passed down
+    section, arch=arch, dataset=dataset, data_root=data_root, download=download, seed=seed, device=device,
 )
 # What the networks were trained on is read from the data itself (the offline copy has 100 of the
 # 500 training images per class).

@@ -63,7 +63,6 @@ def test_a_profile_names_a_tile_table_under_profiles(tmp_path, monkeypatch):
     (tmp_path / "tuned.yaml").write_text(json.dumps(
         {"cifar100": {"zoo": {"cuda": {"cnn": {"conv_backend": "triton", "conv_tiles": "tiles.json"}}}}}))
     monkeypatch.setattr(ffl.profiles, "PROFILE_DIR", tmp_path)
-    monkeypatch.setattr("ffl.profile_zoo.PROFILE_DIR", tmp_path)
     assert cuda_engine_from_profile("tuned", "cifar100", arch="cnn") == {"conv_backend": "triton",
                                                                           "conv_tiles": str(table)}
 
@@ -102,7 +101,7 @@ def test_the_run_table_names_measured_blockings(tmp_path):
     prov = json.loads((zoo.root / "provenance.json").read_text())
     prov["kernels"] = {"conv": "triton", "bn": "triton", "conv_tiles": "h100.json (sha256 0123456789ab)"}
     (zoo.root / "provenance.json").write_text(json.dumps(prov))
-    row = report.run_table(Experiment(zoo=zoo, results=pd.DataFrame(), settings={},
+    row = report.run_table(Experiment(zoo=zoo, results=pd.DataFrame(),
                                       split=ProtocolSplit(train_run_fraction=0.5, query_fraction=0.5),
                                       features=FeatureConfig(), seconds={}))
     assert ("convolution: Triton (ffl) (measured blockings: h100.json (sha256 0123456789ab)), BatchNorm + "
@@ -160,7 +159,7 @@ def test_train_zoo_trains_with_the_kernels_asked_for_and_records_them(tmp_path):
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
     # the chapter's run table names the engine of the zoo that used Triton, and only of that one
     def table(zoo):
-        return report.run_table(Experiment(zoo=zoo, results=pd.DataFrame(), settings={},
+        return report.run_table(Experiment(zoo=zoo, results=pd.DataFrame(),
                                            split=ProtocolSplit(train_run_fraction=0.5, query_fraction=0.5),
                                            features=FeatureConfig(), seconds={}))
     assert ("| training engine | 4 networks per batch; convolution: PyTorch's, BatchNorm + activation "

@@ -53,24 +53,28 @@ def test_smoke_zoo_chains_beat_layers_and_rerun_is_cached(tmp_path):
 def test_features_per_arch_resolve_and_bad_keys_fail():
     """A section's `features:` is one dict for all archs, or one per arch (the official settings
     differ between MLP and CNN)."""
-    from ffl.experiment import features_for_arch
     from ffl.features import FeatureConfig
-    from ffl.profiles import load_profile
+    from ffl.profile_settings import Profile, load
+    from ffl.profiles import ProfileError
 
-    per_arch = load_profile("paper")["cifar100"]["features"]
-    mlp, cnn = features_for_arch(per_arch, "mlp"), features_for_arch(per_arch, "cnn")
+    paper = load("paper").section("cifar100")
+    mlp, cnn = paper.features_for("mlp"), paper.features_for("cnn")
     assert (mlp.chain_normalize, mlp.layer_normalize, mlp.fold_bn) == (True, True, True)
     assert (cnn.chain_normalize, cnn.fold_bn) == (False, False)
-    res = features_for_arch(per_arch, "resnet5")
+    res = paper.features_for("resnet5")
     assert (res.fold_bn, res.resnet_skips) == (False, False)
-    assert features_for_arch({"gru_lags": 0}, "gru") == FeatureConfig(gru_lags=0)
-    assert features_for_arch(None, "mlp") == FeatureConfig()
-    with pytest.raises(ValueError, match="none for 'gru'"):
-        features_for_arch(per_arch, "gru")
-    with pytest.raises(ValueError, match="mixes per-arch entries"):
-        features_for_arch({"mlp": {}, "fold_bn": False}, "mlp")
-    with pytest.raises(ValueError, match="unknown feature settings"):
-        features_for_arch({"mlp": {"fold": False}}, "mlp")
+
+    def features(setting):
+        return Profile.from_settings("p", {"cifar100": {} if setting is None else {"features": setting}}
+                                     ).section("cifar100").features
+    assert features({"gru_lags": 0})("gru") == FeatureConfig(gru_lags=0)
+    assert features(None)("mlp") == FeatureConfig()
+    with pytest.raises(ValueError, match=r"paper\.yaml: cifar100\.features: has entries for \['mlp', 'cnn'.* none for 'gru'"):
+        paper.features_for("gru")
+    with pytest.raises(ProfileError, match="mixes per-arch entries"):
+        features({"mlp": {}, "fold_bn": False})
+    with pytest.raises(ProfileError, match=r"p\.yaml: cifar100\.features\.mlp: unknown feature settings"):
+        features({"mlp": {"fold": False}})
 
 
 def _retrain_with_other_weights(root: Path) -> None:

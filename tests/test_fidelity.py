@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from ffl import fidelity
+from ffl.profile_settings import Profile
 from ffl.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_book_column_follows_the_profile(monkeypatch):
     changed["cifar100"]["zoo"]["arch"]["mlp"]["weight_decay"] = 1e-4
     changed["namedata"]["zoo"]["arch"]["gru"]["sampling"] = "epochs"
     changed["cifar100"]["features"]["cnn"] = {"fold_bn": True}
-    monkeypatch.setattr(fidelity, "load_profile", lambda name: changed)
+    monkeypatch.setattr(fidelity, "load", lambda name: Profile.from_settings(name, changed))
     by_topic = {r.topic: r.book for r in fidelity.rows()}
     assert "0.0001" in by_topic["weight decay"]
     assert by_topic["GRU-2 sampling"].startswith("each network shuffles")

@@ -23,7 +23,7 @@ def tiny_experiment(tmp_path_factory):
                                   model_kwargs={"hidden": [8, 8]}, epochs=1, lr=0.05, batch_size=64,
                                   data_kwargs={"n_train": 64, "n_test": 32}))
     zoo = train_zoo(spec, tmp_path_factory.mktemp("zoo"), progress=False)
-    return Experiment(zoo=zoo, results=pd.DataFrame(), settings={}, split=ProtocolSplit(),
+    return Experiment(zoo=zoo, results=pd.DataFrame(), split=ProtocolSplit(),
                       features=FeatureConfig(), seconds={"zoo": "cached", "features and protocols": 1.5})
 
 
@@ -108,14 +108,14 @@ def test_data_note_names_the_data_read_from_the_data_itself(tmp_path):
 def test_scale_note_states_the_namedata_scale_in_names_and_the_gap_to_table_1(top1, rank1, expect):
     """NameData's page: its zoo against the paper's (§4.3: 9 tasks × 100 runs, 128 hidden units,
     10,000 steps on the same names), and its index-1 chain against Table 1 (100 % / 95.7 %)."""
-    from ffl.profile_zoo import spec_from_profile
+    from ffl.profile_settings import spec_from_profile
 
     data_root = os.environ.get("FFL_DATA_ROOT", str(ROOT.parent / "shared" / "data"))
     spec = spec_from_profile("laptop", "namedata", arch="gru", dataset="namedata", data_root=data_root)
     zoo = SimpleNamespace(spec=spec, tasks=torch.arange(9).repeat_interleave(spec.runs))
     results = pd.DataFrame([{"index": 1, "feature": "chain", "protocol": p, "metric": m, "value": v}
                             for p, m, v in (("classification", "top1", top1), ("retrieval", "rank1", rank1))])
-    note = report.scale_note(Experiment(zoo=zoo, results=results, settings={}), "namedata", data_root=data_root,
+    note = report.scale_note(Experiment(zoo=zoo, results=results), "namedata", data_root=data_root,
                              shown=(1,), why="WHY")
     assert note.startswith(f"**Scale.** This page: 9 tasks × {spec.runs} runs of gru (hidden 32), "
                            f"{spec.steps:,} SGD steps per network on ")

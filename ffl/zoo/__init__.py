@@ -13,8 +13,9 @@ zoo with the batched engine (:mod:`ffl.engine`), stores it in one directory and 
   the chunks' inputs and writes;
 * ``python -m ffl.zoo train|spec|merge|info`` (``--help``): the command line (:mod:`ffl.zoo.__main__`).
 
-Specs from profiles: :func:`ffl.profile_zoo.spec_from_profile` (the paper's settings are the
-``paper`` profile) and :func:`ffl.profile_zoo.cuda_engine_from_profile`, also importable from here.
+Specs from profiles: :meth:`ffl.profile_settings.Section.spec` (the paper's settings are the
+``paper`` profile); by names :func:`ffl.profile_settings.spec_from_profile` and
+:func:`ffl.profile_settings.cuda_engine_from_profile`, also importable from here.
 Every name listed in DESIGN.md is importable as ``ffl.zoo.<name>``.
 """
 import importlib
@@ -26,10 +27,10 @@ from ffl.zoo.store import (FORMAT, FORMAT_VERSION, Piece, StaleDataError, Traini
 from ffl.zoo.train import (CONV_CHUNK_CAP, ChunkInputs, chunk_inputs, default_batch_networks, kernels_used, prepare_zoo,
                            train_zoo)
 
-# Handed out on first use: ffl.profile_zoo imports ffl.zoo.spec (so this package), and importing the
+# Handed out on first use: ffl.profile_settings imports ffl.zoo.spec (so this package), and importing the
 # command line's module here would make `python -m ffl.zoo` find it loaded twice (runpy warns).
-_LAZY = {"spec_from_profile": "ffl.profile_zoo", "cuda_engine_from_profile": "ffl.profile_zoo",
-         "CUDA_ENGINE_KEYS": "ffl.profile_zoo", "main": "ffl.zoo.__main__", "COMMANDS": "ffl.zoo.__main__"}
+_LAZY = {"spec_from_profile": "ffl.profile_settings", "cuda_engine_from_profile": "ffl.profile_settings",
+         "CUDA_ENGINE_KEYS": "ffl.profile_settings", "main": "ffl.zoo.__main__", "COMMANDS": "ffl.zoo.__main__"}
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """The zoo's command line (torchrun-able): ``python -m ffl.zoo train|spec|merge|info`` (``--help``).
 
 ``train`` trains or resumes a zoo given by ``--spec FILE`` or ``--profile NAME --arch ARCH``
-(:func:`ffl.profile_zoo.spec_from_profile`; on CUDA with the profile's ``zoo.cuda`` settings),
+(:func:`ffl.profile_settings.spec_from_profile`; on CUDA with the profile's ``zoo.cuda`` settings),
 into ``--root`` or the folder the chapters read (:func:`ffl.zoo.store.cached_zoo_root`); under
 ``torchrun`` each rank trains its share and rank 0 finalizes. ``spec`` prints a profile's spec as
 JSON, ``merge`` merges zoos trained in parts, ``info`` summarizes a zoo. Every command calls
@@ -21,7 +21,7 @@ import ffl.zoo
 from ffl.checks import as_int
 from ffl.cli import Command, run_command_line
 from ffl.engine import tune_malloc
-from ffl.profile_zoo import cuda_engine_from_profile, spec_from_profile
+from ffl.profile_settings import cuda_engine_from_profile, spec_from_profile
 from ffl.zoo.spec import ZooSpec
 from ffl.zoo.store import Zoo, cached_zoo_root, finalize_zoo, merge_zoos
 from ffl.zoo.train import prepare_zoo, train_zoo

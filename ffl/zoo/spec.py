@@ -11,7 +11,7 @@ Seeds: network (task t, run r) is initialized from ``run_seed(spec.seed, t, r)``
 minibatch order/augmentation from ``data_seed(spec.seed, t, r)``; both are SHA-256 derived, so
 they differ across runs and tasks and do not depend on how the zoo is chunked or sharded.
 
-A profile's zoo settings become a spec through :func:`ffl.profile_zoo.spec_from_profile`.
+A profile's zoo settings become a spec through :meth:`ffl.profile_settings.Section.spec`.
 """
 from __future__ import annotations
 

@@ -283,7 +283,7 @@ def train_zoo(
     chunk's shards (a thread) while a chunk trains; same bytes as without. Default: on CUDA only
     (on a CPU those workers would take the cores the training uses).
     ``conv_backend``, ``bn_backend``: the :mod:`ffl.batched` backends to train with (default: as
-    set; see :func:`ffl.profile_zoo.cuda_engine_from_profile`); ``conv_tiles``: a tile table of measured blockings
+    set; see :class:`ffl.profile_settings.CudaEngine`); ``conv_tiles``: a tile table of measured blockings
     for the Triton convolution (:func:`ffl.implicit_conv.read_tile_table`). ``provenance.json``
     records what ran.
     ``after_chunk(n)``: called on this thread once the n-th chunk this call trains is on disk (its
