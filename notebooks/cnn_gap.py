@@ -329,7 +329,7 @@ for i in (1, 2, 3):
 # eight of them at the narrowest — most of all. The BatchNorm treatment is not where the gap lies:
 # no alternative beats the official raw kernels at every index (the section above). The laptop
 # PlainNet-5 chapters therefore train networks of widths 16–128 (twice the old laptop's; the
-# paper's widths cost several times as much, the training times above) for 500–630 steps, with
+# paper's widths cost several times as much per step on this CPU, docs/performance.md) for 500–630 steps, with
 # $\Theta$ at {glue:md}`adopted_theta`; the factors chapter keeps widths 8–64 for the book's time.
 # The paper-scale profile keeps the paper's settings.
 
