@@ -164,6 +164,8 @@ unsup = shown[shown["mode"] == "unsupervised"].set_index(["zoo", "protocol", "in
 losses, cells = [], 0
 for (name, protocol, index), group in unsup.groupby(level=[0, 1, 2], sort=False):
     values = group.droplevel([0, 1, 2])
+    if "chain" not in values.index:  # an index the chains are not computed at (the profile's max_index)
+        continue
     cells += 1
     better = values[values > values["chain"]]
     if len(better):
