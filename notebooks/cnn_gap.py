@@ -244,15 +244,19 @@ fig.tight_layout()
 glue("figure_curve", fig, display=False)
 plt.close(fig)
 
-# the two axes read off the grid: the longest training at the first zoo's widths, and the widest
-# zoo against the zoo of the first zoo's widths trained for as many steps
+# the width axis read off the grid: the widest zoo against the zoo of the first zoo's widths whose
+# other settings are the same
 first_widths = zoo_view.loc[base["zoo"], "widths"]
-narrow = zoo_view[zoo_view["widths"] == first_widths]
-longest = narrow["steps"].idxmax()
-widest = zoo_view.index[[int(w.split("–")[0]) for w in zoo_view["widths"]].index(
-    max(int(w.split("–")[0]) for w in zoo_view["widths"]))]
-same_steps = narrow[narrow["steps"] == zoo_view.loc[widest, "steps"]].index[0]
-for prefix, name in (("longest", longest), ("widest", widest), ("same_steps", same_steps)):
+widest = max(zoo_view.index, key=lambda name: [int(w) for w in zoo_view.loc[name, "widths"].split("–") if w])
+
+
+def _besides_width(name: str) -> dict:
+    return {k: v for k, v in study.zoos[name].items() if k != "model_kwargs"}
+
+
+same_steps = next(name for name in zoo_view.index
+                  if zoo_view.loc[name, "widths"] == first_widths and _besides_width(name) == _besides_width(widest))
+for prefix, name in (("widest", widest), ("same_steps", same_steps)):
     glue(prefix, Markdown(f"*{name}*"), display=False)
     glue(f"{prefix}_steps", int(zoo_view.loc[name, "steps"]), display=False)
     glue(f"{prefix}_widths", Markdown(zoo_view.loc[name, "widths"]), display=False)
@@ -266,11 +270,11 @@ for prefix, name in (("longest", longest), ("widest", widest), ("same_steps", sa
 # width; the star is the paper's zoo and its reported top-1.
 # ```
 #
-# **Training length.** At the first zoo's widths, the longest training of the grid,
-# {glue:md}`longest` ({glue:text}`longest_steps:,` steps per network), reaches chain top-1
-# {glue:text}`longest_top1_1:.1f` / {glue:text}`longest_top1_2:.1f` /
-# {glue:text}`longest_top1_3:.1f` % at indices 1–3 (rank-1 {glue:text}`longest_rank1_1:.1f` /
-# {glue:text}`longest_rank1_2:.1f` / {glue:text}`longest_rank1_3:.1f` %).
+# **Training length.** At the first zoo's widths and with {glue:md}`adopted_theta`, chain top-1
+# rises from {glue:text}`adopted_top1_1:.1f` / {glue:text}`adopted_top1_2:.1f` /
+# {glue:text}`adopted_top1_3:.1f` % at {glue:text}`base_steps` SGD steps per network to
+# {glue:text}`same_steps_top1_1:.1f` / {glue:text}`same_steps_top1_2:.1f` /
+# {glue:text}`same_steps_top1_3:.1f` % at {glue:text}`same_steps_steps:,` ({glue:md}`same_steps`).
 #
 # **Width.** At {glue:text}`widest_steps:,` steps per network, the widest zoo, {glue:md}`widest`
 # (widths {glue:md}`widest_widths`), reaches {glue:text}`widest_top1_1:.1f` /
