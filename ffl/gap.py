@@ -191,10 +191,7 @@ def run_study(profile: str, *, seed: int = 0, data_root: str | None = None, cach
                 cfg = ProjectionConfig.from_dict({**base_theta, **theta})
                 for (kind, index), rep in reps.items():
                     t0 = time.perf_counter()
-                    for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
-                        for metric, value in fn(rep, zoo.tasks, zoo.runs, cfg, split).items():
-                            rows.append({"theta": theta_name, "feature": kind, "index": index, "protocol": protocol,
-                                         "metric": metric, "value": value})
+                    rows += _protocol_rows(rep, zoo, cfg, split, theta=theta_name, feature=kind, index=index)
                     rows.append({"theta": theta_name, "feature": kind, "index": index, "protocol": "both",
                                  "metric": "seconds", "value": time.perf_counter() - t0})
             frame = pd.DataFrame(rows)
@@ -228,19 +225,21 @@ def run_feature_variants(profile: str, *, seed: int = 0, data_root: str | None =
                                         **study.thetas[study.adopted_theta]})
     spec = section.spec(arch=study.arch, dataset=study.dataset, seed=seed, data_root=data_root,
                         **study.zoos[study.feature_zoo])
-    root = cached_zoo_root(spec, cache)
-    if not (root / "manifest.json").is_file():
-        raise FileNotFoundError(f"the study's zoo {study.feature_zoo!r} is not trained yet ({root}); run run_study first")
-    zoo = Zoo.load(root)
+    zoo = Zoo.load(cached_zoo_root(spec, cache))  # names the folder when the study has not trained it
     rows = []
     for name, overrides in tqdm(study.features.items(), desc="feature variants", disable=not progress):
         features = FeatureConfig.from_dict({**base, **overrides})
         for (kind, index), rep in zoo_kernels(zoo, features, cache, progress=progress).items():
-            for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol)):
-                for metric, value in fn(rep, zoo.tasks, zoo.runs, theta, split).items():
-                    rows.append({"variant": name, "feature": kind, "index": index, "protocol": protocol,
-                                 "metric": metric, "value": value})
+            rows += _protocol_rows(rep, zoo, theta, split, variant=name, feature=kind, index=index)
     return pd.DataFrame(rows)
+
+
+def _protocol_rows(rep: Representation, zoo: Zoo, cfg: ProjectionConfig, split, **labels: Any) -> list[dict[str, Any]]:
+    """Both protocols (§4) on one representation of ``zoo``: one row per (protocol, metric), each
+    carrying ``labels``."""
+    return [{**labels, "protocol": protocol, "metric": metric, "value": value}
+            for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol))
+            for metric, value in fn(rep, zoo.tasks, zoo.runs, cfg, split).items()]
 
 
 def _training_seconds(root: Path) -> float:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.profiler import ProfilerActivity, profile
 
+from ffl.bench.conv import _conv3x3_flops
 from ffl.bench.timing import _data, _gemm_rate, _models, _sync, _timeit, _timeit_interleaved
 from ffl.data import N_LETTERS, load_task
 from ffl.engine import (NetworkData, TrainConfig, init_stacked, precision_scope, total_steps, train_batched,
@@ -147,11 +148,9 @@ def chunk_sweep(widths: list[int], chunks: tuple[int, ...] = (8, 16, 32, 64), *,
     data = _data(batch * 4, dev)
     cfg = _steps_config(batch, True, "fp32")
     protos = {K: _models("cnn", K, widths=widths) for K in chunks}
-    hw, cin, macs = 32, 3, 0
-    for layer, width in enumerate(widths):  # PlainNet-5: pools after units 1-3
-        macs += hw * hw * 9 * cin * width
-        cin, hw = width, hw // 2 if layer < 3 else hw
-    flops = 3 * 2 * macs * batch  # forward and backward (twice the forward) of the convolutions
+    # forward and backward (twice the forward) of the convolutions; PlainNet-5 pools after units 1-3
+    flops = 3 * sum(_conv3x3_flops(1, batch, c_in, c_out, 32 >> min(layer, 3))
+                    for layer, (c_in, c_out) in enumerate(zip([3, *widths], widths)))
     gemm = _gemm_rate((1, 1024, 1024, 1024), "fp32", dev) * 2
     best = dict.fromkeys(chunks, math.inf)
     for _ in range(max(1, repeat)):
