@@ -286,7 +286,7 @@ def run_comparison(section: Section, *, arch: str, dataset: str, config: Baselin
                "config": dataclasses.asdict(config), "code": code_hash()}
     key = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache / "results" / f"beyond-{section.name}-{arch}-{dataset}-{key}.csv"
-    results = read_results(path, made_by)
+    results = read_results(path, made_by, kinds=None, key=("method", "mode", "index", "protocol", "metric"))
     if results is not None:
         seconds["methods"] = "cached"
     else:

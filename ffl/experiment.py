@@ -121,6 +121,9 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
+RESULT_KEY = ("feature", "index", "protocol", "metric")
+
+
 def write_results(path: Path, results: pd.DataFrame, made_by: dict[str, Any]) -> None:
     """The table as CSV, then a sidecar ``<name>.json`` with its SHA-256 and ``made_by`` (the
     settings and :func:`code_hash`); both atomic, the sidecar last (it vouches for the table)."""
@@ -130,12 +133,12 @@ def write_results(path: Path, results: pd.DataFrame, made_by: dict[str, Any]) ->
                                                   "made_by": made_by})
 
 
-def read_results(path: Path, made_by: dict[str, Any], *, kinds: tuple[str, ...] | None = FEATURE_KINDS
-                 ) -> pd.DataFrame | None:
+def read_results(path: Path, made_by: dict[str, Any], *, kinds: tuple[str, ...] | None = FEATURE_KINDS,
+                 key: tuple[str, ...] = RESULT_KEY) -> pd.DataFrame | None:
     """The cached table at ``path`` if its sidecar vouches for it (same SHA-256, same settings and
     code, every value finite) and it has the shape of a results table (:func:`table_gaps`; ``kinds``:
-    the features every table of this kind has); else ``None`` (with a warning saying why), so it is
-    recomputed."""
+    the features every table of this kind has; ``key``: the columns naming a row); else ``None``
+    (with a warning saying why), so it is recomputed."""
     side = path.with_suffix(".json")
     if not path.is_file() and not side.is_file():
         return None
@@ -154,7 +157,7 @@ def read_results(path: Path, made_by: dict[str, Any], *, kinds: tuple[str, ...] 
             if len(results) != record.get("rows") or not results["value"].map(math.isfinite).all():
                 why = "it has missing or non-finite values"
             else:
-                why = table_gaps(results, kinds)
+                why = table_gaps(results, kinds, key)
                 if why is None:
                     return results
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as e:
@@ -163,18 +166,20 @@ def read_results(path: Path, made_by: dict[str, Any], *, kinds: tuple[str, ...] 
     return None
 
 
-def table_gaps(results: pd.DataFrame, kinds: tuple[str, ...] | None = FEATURE_KINDS) -> str | None:
-    """What keeps ``results`` from being a whole results table, or ``None``: every (feature, index)
-    has the same (protocol, metric) rows, once each; with ``kinds``, each of those features is
-    there at indices 1, 2, … without a gap."""
-    columns = ["feature", "index", "protocol", "metric"]
-    if not {*columns, "value"} <= set(results.columns):
-        return f"it lacks the columns {sorted({*columns, 'value'} - set(results.columns))}"
-    if results[columns].duplicated().any():
+def table_gaps(results: pd.DataFrame, kinds: tuple[str, ...] | None = FEATURE_KINDS,
+               key: tuple[str, ...] = RESULT_KEY) -> str | None:
+    """What keeps ``results`` from being a whole results table, or ``None``: each row's ``key``
+    once; within each group of the key's other columns (a feature, a Θ setting, a method), every
+    index has the same (protocol, metric) rows; with ``kinds``, each of those features is there at
+    indices 1, 2, … without a gap."""
+    if missing := sorted({*key, "value"} - set(results.columns)):
+        return f"it lacks the columns {missing}"
+    if results[list(key)].duplicated().any():
         return "it repeats rows"
-    measures = results.groupby(["feature", "index"]).apply(lambda g: frozenset(zip(g.protocol, g.metric)),
-                                                           include_groups=False)
-    if measures.nunique() > 1:
+    groups = [c for c in key if c not in ("index", "protocol", "metric")]
+    measures = results.groupby(groups + ["index"], dropna=False).apply(
+        lambda g: frozenset(zip(g.protocol, g.metric)), include_groups=False)
+    if (measures.groupby(level=list(range(len(groups))), dropna=False).nunique() > 1).any():
         return "some indices lack measures the others have (rows dropped)"
     if kinds is not None:
         indices = {kind: sorted(results.loc[results.feature == kind, "index"].unique()) for kind in kinds}

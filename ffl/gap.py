@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ffl.experiment import check_choices, code_hash, read_results, write_results
+from ffl.experiment import RESULT_KEY, check_choices, code_hash, read_results, write_results
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
 from ffl.files import write_bytes_atomic
 from ffl.kernels import StreamConfig, ZooFeatures
@@ -184,7 +184,7 @@ def run_study(profile: str, *, seed: int = 0, data_root: str | None = None, cach
                    "split": dataclasses.asdict(split), "thetas": study.thetas, "base_theta": base_theta,
                    "code": code_hash()}
         result_file = cache / "results" / f"cnn_gap-{zoo_name}-{_key(made_by)}.csv"
-        frame = read_results(result_file, made_by)
+        frame = read_results(result_file, made_by, key=("theta", *RESULT_KEY))
         if frame is None:
             rows = []
             for theta_name, theta in tqdm(study.thetas.items(), desc=f"Θ settings ({zoo_name})", disable=not progress):

@@ -13,6 +13,8 @@ import urllib.error
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -655,3 +657,30 @@ def test_zoo_info_on_a_file_says_there_is_no_zoo(tmp_path):
     (tmp_path / "f").write_text("x")
     r = zoo_cli("info", str(tmp_path / "f"))
     assert r.returncode != 0 and f"no complete zoo at {tmp_path / 'f'}" in r.stderr
+
+
+def test_a_results_table_with_one_row_per_setting_is_read_back(tmp_path):
+    """The CNN-gap study's and the beyond chapter's tables repeat (feature, index, protocol, metric)
+    once per Θ setting or method: with that column in the key they are whole tables and come back
+    from the cache; a repeated or dropped row within one setting still sends them to recompute."""
+    from ffl.experiment import RESULT_KEY, read_results, table_gaps, write_results
+
+    rows = [{"theta": theta, "feature": kind, "index": index, "protocol": protocol, "metric": metric,
+             "value": 0.5 + 0.01 * index}
+            for theta in ("lr 1e-3", "lr 1e-1") for kind in ("layer", "chain") for index in (1, 2)
+            for protocol, metric in (("classification", "top1"), ("retrieval", "rank1"))]
+    rows.append({"theta": "", "feature": "zoo", "index": 0, "protocol": "", "metric": "drift", "value": 1.6})
+    table = pd.DataFrame(rows)
+    key = ("theta", *RESULT_KEY)
+    path = tmp_path / "study.csv"
+    write_results(path, table, {"settings": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning here would mean the cache is refused
+        back = read_results(path, {"settings": 1}, key=key)
+    assert back is not None and len(back) == len(table) and np.allclose(back["value"], table["value"])
+    assert table_gaps(table, key=key) is None
+    assert table_gaps(table) == "it repeats rows"  # without the setting in the key, rows repeat
+    assert table_gaps(pd.concat([table, table.iloc[[3]]]), key=key) == "it repeats rows"
+    dropped = table.drop(index=[5])  # one measure of one index of one Θ setting
+    assert table_gaps(dropped, key=key) == "some indices lack measures the others have (rows dropped)"
+    assert table_gaps(table.drop(columns="theta"), key=key) == "it lacks the columns ['theta']"
