@@ -34,10 +34,11 @@ from ffl.files import write_bytes_atomic
 from ffl.kernels import StreamConfig, ZooFeatures
 from ffl.models import build_model
 from ffl.profile_settings import load
-from ffl.protocols import classification_protocol, classification_split, retrieval_protocol, retrieval_split
+from ffl.protocols import (classification_predictions, classification_protocol, classification_split, retrieval_protocol,
+                           retrieval_split)
 from ffl.report import data_note
 from ffl.report import steps_per_network as report_steps
-from ffl.data import load_task
+from ffl.data import load_task, task_classes
 from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, train_zoo
 
 FEATURE_KINDS = ("chain", "layer")
@@ -63,6 +64,7 @@ class StudySettings:
     max_index: int = 3
     features: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     feature_zoo: str | None = None
+    throughput: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, profile: str) -> "StudySettings":
@@ -75,7 +77,7 @@ class StudySettings:
                     reference_theta=raw["reference_theta"], adopted_theta=raw["adopted_theta"],
                     max_index=int(raw.get("max_index", 3)),
                     features={k: dict(v or {}) for k, v in (raw.get("features") or {}).items()},
-                    feature_zoo=raw.get("feature_zoo"))
+                    feature_zoo=raw.get("feature_zoo"), throughput=dict(raw.get("throughput") or {}))
         if study.features and study.feature_zoo not in study.zoos:
             raise ValueError(f"profiles/{profile}.yaml: cnn_gap.feature_zoo: {study.feature_zoo!r} is not one of "
                              f"its zoos {sorted(study.zoos)}")
@@ -232,6 +234,73 @@ def run_feature_variants(profile: str, *, seed: int = 0, data_root: str | None =
         for (kind, index), rep in zoo_kernels(zoo, features, cache, progress=progress).items():
             rows += _protocol_rows(rep, zoo, theta, split, variant=name, feature=kind, index=index)
     return pd.DataFrame(rows)
+
+
+def cpu_throughput(profile: str) -> pd.DataFrame:
+    """What this CPU's batched engine does with a PlainNet-5 of each of the profile's
+    ``cnn_gap.throughput.widths``, measured in one run (:func:`ffl.bench.engine.chunk_sweep`, in the
+    chunk size :func:`ffl.zoo.default_batch_networks` trains a zoo of 64 or more networks in):
+    milliseconds per network-step
+    (batches of ``batch``), the convolutions' GFLOP/s and their fraction of a 1024³ GEMM's."""
+    from ffl.bench.engine import chunk_sweep
+    from ffl.zoo import default_batch_networks
+
+    study = StudySettings.from_profile(profile)
+    settings = study.throughput
+    if not settings.get("widths"):
+        raise ValueError(f"profiles/{profile}.yaml: cnn_gap.throughput.widths names no widths to measure")
+    section = load(profile).section(study.section)
+    rows = []
+    for widths in settings["widths"]:
+        spec = section.spec(arch=study.arch, dataset="synthetic", runs=64, model_kwargs={"widths": list(widths)})
+        chunk = default_batch_networks(spec, "cpu")
+        (row,) = chunk_sweep(list(widths), (chunk,), batch=int(settings.get("batch", 16)),
+                             steps=int(settings.get("steps", 8)), repeat=int(settings.get("repeat", 2)))
+        rows.append({"widths": "–".join(map(str, widths)), "chunk": chunk, "ms per network-step": row["ms_per_network_step"],
+                     "conv GFLOP/s": row["model_gflops"], "GEMM GFLOP/s": row["gemm_gflops"],
+                     "fraction of GEMM": row["fraction_of_gemm"]})
+    return pd.DataFrame(rows)
+
+
+def shared_class_tasks(dataset: str, tasks: list[int]) -> dict[int, set[int]]:
+    """For each of ``tasks``, the others that share a class with it (none for the paper's splits,
+    whose tasks are disjoint; CIFAR-10's 45 class pairs overlap)."""
+    classes = {t: set(task_classes(dataset, t)) for t in tasks}
+    return {t: {u for u in tasks if u != t and classes[t] & classes[u]} for t in tasks}
+
+
+def overlap_errors(exp, *, indices: tuple[int, ...] = (1, 2, 3), cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Where the aligned chains' classification errors land when a zoo's tasks share classes: per
+    chain index, the networks classified, the errors, how many of them went to a task sharing a
+    class with the true one, and the share a wrong task chosen at random would have (the mean, over
+    the errors' true tasks, of the fraction of other tasks sharing a class). Θ and the split are
+    the experiment's; its top-1 is recomputed and must match the results table."""
+    zoo = exp.zoo
+    sharing = shared_class_tasks(zoo.spec.dataset, list(zoo.spec.tasks))
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    reps = zoo_kernels(zoo, dataclasses.replace(exp.features, max_index=max(indices)), cache, progress=False)
+    projection = exp.section.projection_for(zoo.spec.arch, seed=exp.split.seed)
+    rows = []
+    for index in indices:
+        true, predicted = classification_predictions(reps[("chain", index)], zoo.tasks, zoo.runs, projection, exp.split)
+        top1 = float((true == predicted).float().mean())
+        reported = exp.results.query("feature == 'chain' and protocol == 'classification' and metric == 'top1'")
+        reported = reported.loc[reported["index"] == index, "value"]
+        if len(reported) != 1 or abs(float(reported.iloc[0]) - top1) > 1e-6:
+            raise RuntimeError(f"chain {index}: the classification redone here scores {top1:.4f}, the results table "
+                               f"{reported.tolist()}: the two differ, so where its errors land cannot be read from it")
+        rows.append({"index": index, "classified": len(true), "top1": top1, **error_landing(true, predicted, sharing)})
+    return pd.DataFrame(rows).set_index("index")
+
+
+def error_landing(true: torch.Tensor, predicted: torch.Tensor, sharing: dict[int, set[int]]) -> dict[str, Any]:
+    """Of the networks assigned a wrong task, how many got one sharing a class with theirs
+    (``sharing``: :func:`shared_class_tasks`), and the share a wrong task drawn at random would have."""
+    wrong = [(int(t), int(p)) for t, p in zip(true.tolist(), predicted.tolist()) if t != p]
+    to_shared = sum(p in sharing[t] for t, p in wrong)
+    at_random = sum(len(sharing[t]) / (len(sharing) - 1) for t, _ in wrong) / len(wrong) if wrong else float("nan")
+    return {"errors": len(wrong), "to a task sharing a class": to_shared,
+            "share": to_shared / len(wrong) if wrong else float("nan"), "share at random": at_random}
 
 
 def _protocol_rows(rep: Representation, zoo: Zoo, cfg: ProjectionConfig, split, **labels: Any) -> list[dict[str, Any]]:

@@ -179,7 +179,8 @@ SCHEMA = Keys({
                      "zoos": Each(None, lambda _: Keys({"tasks": "int", "runs": "int", **_TRAINING})),
                      "thetas": Each(None, lambda _: Keys(_fields(ProjectionConfig))),
                      "feature_zoo": "str",
-                     "features": Each(None, lambda _: Keys(_fields(FeatureConfig)))},
+                     "features": Each(None, lambda _: Keys(_fields(FeatureConfig))),
+                     "throughput": Keys({"widths": "list", "batch": "int", "steps": "int", "repeat": "int"})},
                     required=("section", "arch", "dataset", "zoos", "thetas", "reference_theta", "adopted_theta")),
 })
 

@@ -114,12 +114,30 @@ def classification_protocol(
 ) -> dict[str, float]:
     """Local-solution classification: top-1 of predicting each test run's task; ``theta_top1``
     and ``theta_loss`` say how well Θ fits the networks it was learned from (converged or not)."""
+    proj, scores, labels, _ = _classify(rep, tasks, runs, config, split)
+    return {"top1": top1(scores, labels), "theta_top1": proj.train_top1, "theta_loss": proj.train_loss}
+
+
+def classification_predictions(
+    rep: Representation,
+    tasks: torch.Tensor,
+    runs: torch.Tensor,
+    config: ProjectionConfig | None = None,
+    split: ProtocolSplit = ProtocolSplit(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test networks of :func:`classification_protocol` (same split, same Θ): their true tasks
+    and the tasks Θ assigns them, so one can ask which tasks the errors land on."""
+    _, scores, _, test_index = _classify(rep, tasks, runs, config, split)
+    known = torch.unique(tasks)
+    return tasks[test_index], known[scores.argmax(dim=1)]
+
+
+def _classify(rep, tasks, runs, config, split):
     labels, num_classes = _task_labels(tasks)
     train_index, test_index = classification_split(tasks, runs, split)
     check_finite(rep, tasks, runs)
     proj = fit_projection(rep, train_index, labels[train_index], num_classes, config)
-    scores = proj.project(rep, test_index)
-    return {"top1": top1(scores, labels[test_index]), "theta_top1": proj.train_top1, "theta_loss": proj.train_loss}
+    return proj, proj.project(rep, test_index), labels[test_index], test_index
 
 
 def retrieval_protocol(

@@ -274,6 +274,27 @@ def steps_per_network(spec, train_images: int) -> int:
     return int(spec.steps) if spec.steps is not None else -(-train_images // spec.batch_size) * spec.epochs
 
 
+def overlap_note(errors: pd.DataFrame | None, sharing: dict[int, set[int]], data: str) -> str:
+    """One paragraph (Markdown) on whether a zoo's tasks share classes and, if they do, where the
+    aligned chains' classification errors land (``errors``: :func:`ffl.gap.overlap_errors`; None
+    for disjoint tasks)."""
+    if errors is None or not any(sharing.values()):
+        return "The tasks of this zoo share no class, as the paper's do not."
+    shares = "–".join(map(str, sorted({len(others) for others in sharing.values()})))
+    parts = [f"chain {index}: {int(row['to a task sharing a class'])} of {int(row['errors'])} "
+             f"({100 * row['share']:.0f} %; a wrong task drawn at random: {100 * row['share at random']:.0f} %)"
+             if row["errors"] else f"chain {index}: no error" for index, row in errors.iterrows()]
+    text = (f"On {data} the tasks overlap, where the paper's are disjoint pairs of classes: each of the "
+            f"{len(sharing)} tasks shares a class with {shares} of the others. Of the held-out networks the "
+            f"chains give a wrong task, those given one that shares a class with their own: {'; '.join(parts)}.")
+    total, shared = errors["errors"].sum(), errors["to a task sharing a class"].sum()
+    at_random = (errors["share at random"] * errors["errors"]).sum() / total if total else float("nan")
+    if total and shared / total > max(0.5, 1.5 * at_random):
+        text += (" The errors gather on the overlapping tasks: part of the shortfall against the paper is this "
+                 "overlap, which CIFAR-100's 50 disjoint pairs do not have.")
+    return text
+
+
 def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, shown: tuple[int, ...] = PAPER_INDICES,
                why: str = "") -> str:
     """One paragraph (Markdown) for a chapter's prose: this zoo's scale against the paper's, and how

@@ -58,6 +58,7 @@ from IPython.display import Markdown, display
 import ffl.checks
 import ffl.data
 import ffl.experiment
+import ffl.gap
 import ffl.plots
 import ffl.provenance
 import ffl.report
@@ -129,6 +130,15 @@ plt.close(fig)
 ffl.report.publish(ffl.report.result_numbers(exp, "cifar100", data_root=data_root,
                                              best_over=ffl.report.PAPER_INDICES))
 
+# %%
+# Where the chains' errors land when the zoo's tasks share classes (CIFAR-10's pairs do; the paper's do not)
+sharing = ffl.gap.shared_class_tasks(dataset, list(exp.zoo.spec.tasks))
+overlap = ffl.gap.overlap_errors(exp, indices=ffl.report.PAPER_INDICES) if any(sharing.values()) else None
+if overlap is not None:
+    display(Markdown("**Chain classification errors and the tasks they land on**"), overlap.round(3))
+ffl.report.publish({"overlap_note": ffl.report.Md(ffl.report.overlap_note(
+    overlap, sharing, ffl.report.data_label(dataset, "cifar100")))})
+
 # %% [markdown]
 # ## Reading the result
 #
@@ -139,6 +149,8 @@ ffl.report.publish(ffl.report.result_numbers(exp, "cifar100", data_root=data_roo
 # {glue:text}`layer_top1_1:.1f` / {glue:text}`layer_top1_2:.1f` / {glue:text}`layer_top1_3:.1f` %.
 #
 # {glue:md}`scale_note`
+#
+# {glue:md}`overlap_note`
 #
 # On {glue:text}`data_label`, over the paper's indices 1–3: on tasks it never saw while learning
 # $\Theta$, the best aligned chain (chain {glue:text}`best_chain_rank1_index`) retrieves a run of

@@ -312,6 +312,66 @@ for i in (1, 2, 3):
 # {glue:text}`variant_best_other_top1_2:.1f` / {glue:text}`variant_best_other_top1_3:.1f` %.
 
 # %% [markdown]
+# ## What this CPU can do, and what the book costs
+#
+# Width and steps cost time, and the laptop book has two CPU cores. The engine trains a chunk of
+# networks as one batched model (:mod:`ffl.engine`); below, one PlainNet-5 training step per network
+# at each width, measured in this run in the chunk size the zoos train in, and the convolutions'
+# arithmetic rate (forward and backward) as a fraction of this machine's rate for one 1024³ matrix
+# product, measured beside it. Then every zoo the book's chapters train, with the training time its
+# cache recorded.
+
+# %%
+import ffl.book
+from ffl.models import PLAINNET5_WIDTHS
+
+speed = ffl.gap.cpu_throughput(profile).set_index("widths")
+display(Markdown("**PlainNet-5 training on this CPU (one run)**"), speed.round(3))
+chapter_spec = ffl.zoo.spec_from_profile(profile, study.section, arch=study.arch, dataset=study.dataset)
+chapter_widths, paper_widths = ("–".join(map(str, spec.model_kwargs.get("widths", PLAINNET5_WIDTHS)))
+                                for spec in (chapter_spec, paper_spec))
+for name, widths in (("chapter", chapter_widths), ("paper", paper_widths)):
+    if widths not in speed.index:
+        raise ValueError(f"profiles/{profile}.yaml: cnn_gap.throughput.widths lacks {widths} (the {name}'s widths)")
+    glue(f"{name}_widths", Markdown(widths), display=False)
+    glue(f"{name}_ms_per_step", float(speed.loc[widths, "ms per network-step"]), display=False)
+    glue(f"{name}_gemm_fraction", float(speed.loc[widths, "fraction of GEMM"]), display=False)
+width_cost = float(speed.loc[paper_widths, "ms per network-step"] / speed.loc[chapter_widths, "ms per network-step"])
+glue("paper_width_cost", width_cost, display=False)
+glue("gemm_gflops", float(speed["GEMM GFLOP/s"].max()), display=False)
+
+costs = ffl.book.zoo_costs(profile)
+display(Markdown("**Every zoo the book trains, and its recorded training time**"), costs.round(1))
+counted = costs[costs.shared == ""]
+minutes = counted.groupby("chapter", sort=False)["seconds"].sum() / 60
+glue("book_zoos", len(counted), display=False)
+glue("book_networks", int(counted["networks"].sum()), display=False)
+glue("book_untrained", int(counted["seconds"].isna().sum()), display=False)
+glue("book_train_minutes", float(minutes.sum()), display=False)
+glue("study_minutes", float(minutes.get("cnn_gap", 0.0)), display=False)
+glue("factors_minutes", float(minutes.get("factors", 0.0)), display=False)
+cnn_chapters = counted[(counted.arch == "cnn") & ~counted.chapter.isin(["factors", "cnn_gap"])]
+glue("cnn_chapter_minutes", float(cnn_chapters["seconds"].sum() / 60), display=False)
+glue("cnn_chapter_minutes_paper_widths", float(width_cost * cnn_chapters["seconds"].sum() / 60), display=False)
+
+# %% [markdown]
+# A network-step at the chapters' widths ({glue:md}`chapter_widths`) takes
+# {glue:text}`chapter_ms_per_step:.1f` ms, its convolutions running at
+# {glue:text}`chapter_gemm_fraction:.2f` of this machine's matrix-product rate
+# ({glue:text}`gemm_gflops:.0f` GFLOP/s); at the paper's widths ({glue:md}`paper_widths`),
+# {glue:text}`paper_ms_per_step:.1f` ms ({glue:text}`paper_gemm_fraction:.2f` of it):
+# {glue:text}`paper_width_cost:.1f` times as long. The rest of a step is BatchNorm, activations,
+# pooling and the optimizer on small tensors (docs/performance.md has the breakdown).
+#
+# The book's {glue:text}`book_zoos` zoos ({glue:text}`book_networks:,` networks; zoos not yet in the
+# cache: {glue:text}`book_untrained`) recorded {glue:text}`book_train_minutes:.0f` minutes of training,
+# an upper bound where a zoo trained beside other work: the PlainNet-5 chapters
+# {glue:text}`cnn_chapter_minutes:.0f`, the factors {glue:text}`factors_minutes:.0f`, this study
+# {glue:text}`study_minutes:.0f` (a zoo two chapters share counted once). At the paper's widths the
+# PlainNet-5 chapters alone would take about {glue:text}`cnn_chapter_minutes_paper_widths:.0f`
+# minutes at the same steps.
+
+# %% [markdown]
 # ## What the study says
 #
 # The zoo setting that separates tasks best with the adopted $\Theta$ is {glue:md}`best_zoo`
@@ -332,10 +392,14 @@ for i in (1, 2, 3):
 # wider networks separate tasks better, chain 1 — a 27 × 27 Gram of the first layer's filters,
 # eight of them at the narrowest — most of all. The BatchNorm treatment is not where the gap lies:
 # no alternative beats the official raw kernels at every index (the section above). The laptop
-# PlainNet-5 chapters therefore train networks of widths 16–128 (twice the old laptop's; the
-# paper's widths cost several times as much per step on this CPU, docs/performance.md) for 500–630 steps, with
-# $\Theta$ at {glue:md}`adopted_theta`; the factors chapter keeps widths 8–64 for the book's time.
-# The paper-scale profile keeps the paper's settings.
+# PlainNet-5 chapters therefore train networks of widths {glue:md}`chapter_widths` (twice the old
+# laptop's; the paper's widths cost {glue:text}`paper_width_cost:.1f` times as much per step on this
+# CPU) for about as many steps as the widest zoo above (each chapter's run table gives its own), with
+# $\Theta$ at {glue:md}`adopted_theta`, and so do the factors' zoos. The price
+# is time: the book's zoos take {glue:text}`book_train_minutes:.0f` minutes of training from
+# scratch on this machine, not the 90 minutes a laptop book was meant to take; a narrower or
+# shorter zoo would be faster and, as the curve above shows, further from the paper. The
+# paper-scale profile keeps the paper's settings.
 
 # %%
 display(Markdown(ffl.gap.stage_note(zoos)))

@@ -65,3 +65,34 @@ def test_a_run_on_another_dataset_names_it_in_every_title():
     assert book.chapter_plan("paper")[2]["parameters"]["dataset"] == "cifar100"
     with pytest.raises(ValueError, match="unknown dataset 'cifar1000'; choose one of"):
         book.chapter_plan("paper", dataset="cifar1000")
+
+
+def test_book_zoos_are_the_specs_the_chapters_train_and_a_shared_zoo_counts_once(tmp_path):
+    """`python -m ffl.book zoos`: every chapter's zoo spec, as the chapter builds it; the laptop
+    factors' Baseline is the CNN-gap study's widths-16–128 zoo (one cache), so its recorded training
+    time counts once; a zoo not in the cache has no time."""
+    import json
+
+    from ffl.experiment import factor_settings
+    from ffl.profile_settings import load, spec_from_profile
+    from ffl.zoo import cached_zoo_root
+
+    zoos = book.book_zoos("laptop")
+    by = {(z["chapter"], z["zoo"]): z["spec"] for z in zoos}
+    assert by[("tiny_imagenet_cnn", "cnn")] == spec_from_profile("laptop", "tiny_imagenet", arch="cnn",
+                                                                  dataset="tiny_imagenet")
+    assert by[("cifar100_cnn", "cnn")].dataset == "cifar10"
+    assert {name for chapter, name in by if chapter == "factors"} == set(factor_settings(load("laptop").section("factors")))
+    assert by[("factors", "Baseline")].identity() == by[("cnn_gap", "widths 16–128")].identity()
+    assert not any(chapter in ("beyond", "preliminaries") for chapter, _ in by)
+
+    root = cached_zoo_root(by[("factors", "Baseline")], tmp_path)
+    root.mkdir(parents=True)
+    (root / "provenance.json").write_text(json.dumps({"seconds": 600.5, "batch_networks": 32}))
+    costs = book.zoo_costs("laptop", tmp_path).set_index(["chapter", "zoo"])
+    assert costs.loc[("factors", "Baseline"), "seconds"] == 600.5 and costs.loc[("factors", "Baseline"), "chunk"] == 32
+    assert costs.loc[("cnn_gap", "widths 16–128"), "shared"] == "factors: Baseline"
+    assert costs.loc[("factors", "Baseline"), "shared"] == ""
+    counted = costs[costs.shared == ""]
+    assert counted.seconds.sum() == 600.5 and counted.seconds.isna().sum() == len(counted) - 1
+    assert costs.loc[("factors", "Depth"), "networks"] == 20 * 10
