@@ -203,6 +203,8 @@ def run_study(profile: str, *, seed: int = 0, data_root: str | None = None, cach
             write_results(result_file, frame, made_by)
         zoo_info = frame[frame.feature == "zoo"].set_index("metric")["value"].to_dict()
         zoo_rows.append({"zoo": zoo_name, **overrides_label(overrides), **zoo_info, "zoo_seconds": seconds,
+                         "runs": spec.runs,
+                         "theta_runs": len(classification_split(zoo.tasks, zoo.runs, split)[0]) / len(spec.tasks),
                          "widths": "–".join(str(w) for w in spec.model_kwargs.get("widths", [])),
                          "steps": steps_per_network(zoo)})
         protocol_frames.append(frame[frame.feature != "zoo"].assign(zoo=zoo_name))
