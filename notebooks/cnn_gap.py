@@ -339,7 +339,7 @@ for i in (1, 2, 3):
 # cache recorded.
 
 # %%
-import ffl.book
+import ffl.costs
 from ffl.models import PLAINNET5_WIDTHS
 
 speed = ffl.gap.cpu_throughput(profile).set_index("widths")
@@ -357,7 +357,7 @@ width_cost = float(speed.loc[paper_widths, "ms per network-step"] / speed.loc[ch
 glue("paper_width_cost", width_cost, display=False)
 glue("gemm_gflops", float(speed["GEMM GFLOP/s"].max()), display=False)
 
-costs = ffl.book.zoo_costs(profile)
+costs = ffl.costs.zoo_costs(profile)
 display(Markdown("**Every zoo the book trains, and its recorded training time**"), costs.round(1))
 counted = costs[costs.shared == ""]
 minutes = counted.groupby("chapter", sort=False)["seconds"].sum() / 60

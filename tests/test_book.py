@@ -68,16 +68,17 @@ def test_a_run_on_another_dataset_names_it_in_every_title():
 
 
 def test_book_zoos_are_the_specs_the_chapters_train_and_a_shared_zoo_counts_once(tmp_path):
-    """`python -m ffl.book zoos`: every chapter's zoo spec, as the chapter builds it; the laptop
+    """`python -m ffl.book zoos` (ffl.costs): every chapter's zoo spec, as the chapter builds it; the laptop
     factors' Baseline is the CNN-gap study's widths-16–128 zoo (one cache), so its recorded training
     time counts once; a zoo not in the cache has no time."""
     import json
 
+    from ffl import costs as book_costs
     from ffl.experiment import factor_settings
     from ffl.profile_settings import load, spec_from_profile
     from ffl.zoo import cached_zoo_root
 
-    zoos = book.book_zoos("laptop")
+    zoos = book_costs.book_zoos("laptop")
     by = {(z["chapter"], z["zoo"]): z["spec"] for z in zoos}
     assert by[("tiny_imagenet_cnn", "cnn")] == spec_from_profile("laptop", "tiny_imagenet", arch="cnn",
                                                                   dataset="tiny_imagenet")
@@ -89,7 +90,7 @@ def test_book_zoos_are_the_specs_the_chapters_train_and_a_shared_zoo_counts_once
     root = cached_zoo_root(by[("factors", "Baseline")], tmp_path)
     root.mkdir(parents=True)
     (root / "provenance.json").write_text(json.dumps({"seconds": 600.5, "batch_networks": 32}))
-    costs = book.zoo_costs("laptop", tmp_path).set_index(["chapter", "zoo"])
+    costs = book_costs.zoo_costs("laptop", tmp_path).set_index(["chapter", "zoo"])
     assert costs.loc[("factors", "Baseline"), "seconds"] == 600.5 and costs.loc[("factors", "Baseline"), "chunk"] == 32
     assert costs.loc[("cnn_gap", "widths 16–128"), "shared"] == "factors: Baseline"
     assert costs.loc[("factors", "Baseline"), "shared"] == ""

@@ -1,0 +1,66 @@
+"""What the book costs: every zoo the chapters of a profile train, and the training time each
+zoo's cache recorded (``python -m ffl.book zoos``; the CNN-gap chapter's table)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ffl.experiment import factor_settings
+from ffl.gap import StudySettings
+from ffl.profile_settings import load
+from ffl.zoo import cached_zoo_root, default_cache_dir
+
+
+def book_zoos(profile: str, *, dataset: str | None = None) -> list[dict[str, Any]]:
+    """Every zoo the chapters of ``profile`` train, in chapter order: dicts with ``chapter`` (its
+    output), ``zoo`` (a label) and ``spec`` (the :class:`ffl.zoo.ZooSpec` the chapter asks for).
+    The same spec may appear under two chapters (one cache: the factors' Baseline and a study zoo).
+    Chapters that only read other chapters' zoos (beyond) or train none list nothing."""
+    settings, out = load(profile), []
+    for entry in settings.settings.get("chapters") or []:
+        notebook = entry["notebook"]
+        params = dict(entry.get("parameters") or {})
+        if dataset is not None and "dataset" in params:
+            params["dataset"] = dataset
+        if notebook in ("tiny_imagenet", "cifar100"):
+            arch, data = params.get("arch", "mlp"), params.get("dataset", notebook)
+            zoos = {arch: (notebook, arch, data, {})}
+        elif notebook == "namedata":
+            zoos = {"gru": ("namedata", "gru", "namedata", {})}
+        elif notebook == "factors":
+            data = params.get("dataset", "cifar100")
+            zoos = {name: ("factors", s["arch"], data, s["overrides"])
+                    for name, s in factor_settings(settings.section("factors")).items()}
+        elif notebook == "cnn_gap":
+            study = StudySettings.from_profile(profile)
+            zoos = {name: (study.section, study.arch, study.dataset, overrides) for name, overrides in study.zoos.items()}
+        else:
+            continue
+        for label, (section, arch, data, overrides) in zoos.items():
+            spec = settings.section(section).spec(arch=arch, dataset=data, **overrides)
+            out.append({"chapter": entry.get("output", notebook), "zoo": label, "spec": spec})
+    return out
+
+
+def zoo_costs(profile: str, cache_dir: str | Path | None = None, *, dataset: str | None = None):
+    """What the book of ``profile`` costs to train from scratch, as its cached zoos recorded it: one
+    row per :func:`book_zoos` entry with ``networks``, ``seconds`` (the training time in the zoo's
+    provenance; NaN where it is not cached), ``chunk`` (networks per engine batch) and ``shared``
+    (the chapter that trained the same zoo first: its seconds are not counted again)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    rows, first = [], {}
+    for item in book_zoos(profile, dataset=dataset):
+        spec, root = item["spec"], cached_zoo_root(item["spec"], cache)
+        try:
+            record = json.loads((root / "provenance.json").read_text())
+            seconds, chunk = float(record["seconds"]), record.get("batch_networks")
+        except (OSError, KeyError, ValueError, TypeError):
+            seconds, chunk = float("nan"), None
+        shared = first.setdefault(root.name, f"{item['chapter']}: {item['zoo']}")
+        rows.append({"chapter": item["chapter"], "zoo": item["zoo"], "arch": spec.arch, "dataset": spec.dataset,
+                     "networks": len(spec.tasks) * spec.runs, "seconds": seconds, "chunk": chunk,
+                     "shared": "" if shared == f"{item['chapter']}: {item['zoo']}" else shared})
+    return pd.DataFrame(rows)
