@@ -45,10 +45,12 @@ def book_zoos(profile: str, *, dataset: str | None = None) -> list[dict[str, Any
     return out
 
 
-def zoo_costs(profile: str, cache_dir: str | Path | None = None, *, dataset: str | None = None):
+def zoo_costs(profile: str, cache_dir: str | Path | None = None, *, dataset: str | None = None) -> pd.DataFrame:
     """What the book of ``profile`` costs to train from scratch, as its cached zoos recorded it: one
     row per :func:`book_zoos` entry with ``networks``, ``seconds`` (the training time in the zoo's
-    provenance; NaN where it is not cached), ``chunk`` (networks per engine batch) and ``shared``
+    provenance; NaN where it is not cached), ``trained in that run`` (fewer than ``networks`` when
+    the zoo was resumed: its seconds are then those of the last run only), ``chunk`` (networks per
+    engine batch) and ``shared``
     (the chapter that trained the same zoo first: its seconds are not counted again)."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     rows, first = [], {}
@@ -57,10 +59,12 @@ def zoo_costs(profile: str, cache_dir: str | Path | None = None, *, dataset: str
         try:
             record = json.loads((root / "provenance.json").read_text())
             seconds, chunk = float(record["seconds"]), record.get("batch_networks")
+            trained = record.get("networks_trained")
         except (OSError, KeyError, ValueError, TypeError):
-            seconds, chunk = float("nan"), None
+            seconds, chunk, trained = float("nan"), None, None
         shared = first.setdefault(root.name, f"{item['chapter']}: {item['zoo']}")
         rows.append({"chapter": item["chapter"], "zoo": item["zoo"], "arch": spec.arch, "dataset": spec.dataset,
-                     "networks": len(spec.tasks) * spec.runs, "seconds": seconds, "chunk": chunk,
+                     "networks": len(spec.tasks) * spec.runs, "trained in that run": trained,
+                     "seconds": seconds, "chunk": chunk,
                      "shared": "" if shared == f"{item['chapter']}: {item['zoo']}" else shared})
     return pd.DataFrame(rows)
