@@ -281,6 +281,10 @@ def overlap_note(errors: pd.DataFrame | None, sharing: dict[int, set[int]], data
     if errors is None or not any(sharing.values()):
         return "The tasks of this zoo share no class, as the paper's do not."
     shares = "–".join(map(str, sorted({len(others) for others in sharing.values()})))
+    if not errors["errors"].sum():
+        return (f"On {data} the tasks overlap, where the paper's are disjoint pairs of classes: each of the "
+                f"{len(sharing)} tasks shares a class with {shares} of the others. The chains classify every "
+                f"held-out network into its own task at indices {', '.join(map(str, errors.index))} all the same.")
     parts = [f"chain {index}: {int(row['to a task sharing a class'])} of {int(row['errors'])} "
              f"({100 * row['share']:.0f} %; a wrong task drawn at random: {100 * row['share at random']:.0f} %)"
              if row["errors"] else f"chain {index}: no error" for index, row in errors.iterrows()]

@@ -139,3 +139,5 @@ def test_cifar10_pairs_overlap_and_errors_are_counted_by_where_they_land():
     spread = pd.DataFrame([{"index": 1, **error_landing(true, torch.tensor([0, u, u, u, 1, 1]), sharing)}]).set_index("index")
     assert "The errors gather" not in overlap_note(spread, sharing, "CIFAR-10")
     assert overlap_note(None, shared_class_tasks("tiny_imagenet", tasks), "tiny ImageNet").startswith("The tasks of this zoo share no class")
+    perfect = pd.DataFrame([{"index": i, **error_landing(true, true, sharing)} for i in (1, 2)]).set_index("index")
+    assert overlap_note(perfect, sharing, "CIFAR-10").endswith("every held-out network into its own task at indices 1, 2 all the same.")
