@@ -31,10 +31,10 @@ HEADLINE = (("classification", "top1"), ("retrieval", "rank1"))
 #: the chain indices the paper reports (§4: chain 4 of PlainNet-5 did not fit its GPU memory)
 PAPER_INDICES = (1, 2, 3)
 #: why a narrow PlainNet-5 zoo falls short of the paper, for :func:`scale_note`
-NARROW_CNN_WHY = ("The chapter *Why narrow CNNs fall short* measures why: the width of the networks and the SGD "
-                  "steps each takes move chain top-1 by several points each, chain 1 (the first layer's 27 × 27 "
-                  "Gram) most; on two CPU cores the book trains narrower networks than the paper's, for fewer "
-                  "steps, on fewer images.")
+NARROW_CNN_WHY = ("The chapter *Why narrow CNNs fall short* measures why: the width of the networks, the SGD "
+                  "steps each takes and the runs of each task Θ learns from move chain top-1 by several points "
+                  "each, chain 1 (the first layer's 27 × 27 Gram) most; on two CPU cores the book trains narrower "
+                  "networks than the paper's, for fewer steps, on fewer images, with fewer runs per task.")
 
 
 class Md(str):

@@ -294,8 +294,8 @@ glue("paper_theta_runs", paper_split.train_run_fraction * paper_spec.runs, displ
 # {glue:text}`widest_seconds:,.0f` s on this machine against {glue:text}`same_steps_seconds:,.0f` s.
 #
 # **Runs per task.** The zoos of the grid have few runs per task, so $\Theta$ learns each task from
-# {glue:text}`widest_theta_runs:.0f` networks (the paper: {glue:text}`paper_theta_runs:.0f`). The
-# same networks as {glue:md}`widest` with more runs of each task, {glue:md}`more_runs` ({glue:text}`more_runs_theta_runs:.0f` per task
+# {glue:text}`widest_theta_runs:.0f` networks (the paper: {glue:text}`paper_theta_runs:.0f`). A
+# zoo of the same settings as {glue:md}`widest` with more runs of each task, {glue:md}`more_runs` ({glue:text}`more_runs_theta_runs:.0f` per task
 # for $\Theta$, and more networks to classify), reach {glue:text}`more_runs_top1_1:.1f` /
 # {glue:text}`more_runs_top1_2:.1f` / {glue:text}`more_runs_top1_3:.1f` % (rank-1
 # {glue:text}`more_runs_rank1_1:.1f` / {glue:text}`more_runs_rank1_2:.1f` /
@@ -417,8 +417,8 @@ glue("cnn_chapter_minutes_paper_widths", float(width_cost * cnn_chapters["second
 # CPU) for about as many steps as the widest zoo above (each chapter's run table gives its own), with
 # $\Theta$ at {glue:md}`adopted_theta`, and so do the factors' zoos. The price
 # is time: the book's zoos take {glue:text}`book_train_minutes:.0f` minutes of training from
-# scratch on this machine, not the 90 minutes a laptop book was meant to take; a narrower or
-# shorter zoo would be faster and, as the curve above shows, further from the paper. The
+# scratch on this machine; a narrower or shorter zoo would be faster and, as the curve above shows,
+# further from the paper. The
 # paper-scale profile keeps the paper's settings.
 
 # %%

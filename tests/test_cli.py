@@ -12,7 +12,7 @@ import ffl.zoo
 @pytest.mark.parametrize("module, commands", [
     (ffl.zoo, ["train", "spec", "merge", "info"]),
     (ffl.bench, ["zoo", "zoo-time", "conv", "profile", "chunks", "ffl"]),
-    (ffl.book, ["run", "html"]),
+    (ffl.book, ["run", "html", "zoos"]),
 ])
 def test_help_lists_the_subcommands(module, commands, capsys):
     with pytest.raises(SystemExit) as e:
@@ -31,6 +31,15 @@ def test_book_keeps_its_options_without_a_subcommand():
         ffl.book.main(["--html-only"])
         ffl.book.main(["html"])
         assert run.call_count == 1 and html.call_count == 2
+
+
+def test_book_zoos_prints_every_zoo_and_what_is_not_trained(tmp_path, capsys):
+    from ffl.costs import book_zoos
+
+    assert ffl.book.main(["zoos", "--profile", "smoke", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    n = len({ffl.zoo.cached_zoo_root(z["spec"], tmp_path) for z in book_zoos("smoke")})
+    assert f"[ffl.book] {n} zoos," in out and f"; {n} not trained yet" in out and "cnn_gap" in out
 
 
 def test_zoo_spec_prints_the_profile_spec(capsys):
