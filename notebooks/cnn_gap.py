@@ -332,7 +332,7 @@ for i in (1, 2, 3):
 # ## What this CPU can do, and what the book costs
 #
 # Width and steps cost time, and the laptop book has two CPU cores. The engine trains a chunk of
-# networks as one batched model (:mod:`ffl.engine`); below, one PlainNet-5 training step per network
+# networks as one batched model (`ffl.engine`); below, one PlainNet-5 training step per network
 # at each width, measured in this run in the chunk size the zoos train in, and the convolutions'
 # arithmetic rate (forward and backward) as a fraction of this machine's rate for one 1024³ matrix
 # product, measured beside it. Then every zoo the book's chapters train, with the training time its
