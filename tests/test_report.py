@@ -182,3 +182,17 @@ def test_data_label_is_the_presentations_and_the_books():
     assert report.data_label("cifar10", "cifar100") == "CIFAR-10 (in place of CIFAR-100)"
     assert report.data_label("synthetic", "tiny_imagenet") == "Synthetic stand-in for Tiny ImageNet"
     assert book.data_label is report.data_label
+
+
+def test_against_paper_says_fewer_more_or_as_many_as_each_is():
+    """The scale note's comparison is read off the two specs, not typed: a zoo with more steps than
+    the paper's says more."""
+    from ffl.report import against_paper
+    from ffl.zoo import ZooSpec
+
+    ours = ZooSpec(arch="cnn", dataset="cifar10", tasks=list(range(20)), runs=20, model_kwargs={"widths": [16, 32, 64, 128]})
+    paper = ZooSpec(arch="cnn", dataset="cifar100", tasks=list(range(50)), runs=100)
+    text = against_paper(ours, paper, steps=(630, 400), images=(1000, 1000))
+    assert text == ("This page's zoo against the paper's: narrower networks (16–32–64–128 against 32–64–128–256), "
+                    "more SGD steps per network (630 against 400), as many training images per task (1,000) and "
+                    "fewer runs per task (20 against 100).")
