@@ -2,7 +2,6 @@
 zoo's cache recorded (``python -m ffl.book zoos``; the CNN-gap chapter's table)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pandas as pd
 from ffl.experiment import factor_settings
 from ffl.gap import StudySettings
 from ffl.profile_settings import load
-from ffl.zoo import cached_zoo_root, default_cache_dir
+from ffl.zoo import cached_zoo_root, default_cache_dir, read_provenance
 
 
 def book_zoos(profile: str, *, dataset: str | None = None) -> list[dict[str, Any]]:
@@ -56,12 +55,9 @@ def zoo_costs(profile: str, cache_dir: str | Path | None = None, *, dataset: str
     rows, first = [], {}
     for item in book_zoos(profile, dataset=dataset):
         spec, root = item["spec"], cached_zoo_root(item["spec"], cache)
-        try:
-            record = json.loads((root / "provenance.json").read_text())
-            seconds, chunk = float(record["seconds"]), record.get("batch_networks")
-            trained = record.get("networks_trained")
-        except (OSError, KeyError, ValueError, TypeError):
-            seconds, chunk, trained = float("nan"), None, None
+        record = read_provenance(root) or {}
+        seconds = float(record.get("seconds", float("nan")))
+        chunk, trained = record.get("batch_networks"), record.get("networks_trained")
         shared = first.setdefault(root.name, f"{item['chapter']}: {item['zoo']}")
         rows.append({"chapter": item["chapter"], "zoo": item["zoo"], "arch": spec.arch, "dataset": spec.dataset,
                      "networks": len(spec.tasks) * spec.runs, "trained in that run": trained,

@@ -39,7 +39,7 @@ from ffl.protocols import (classification_predictions, classification_protocol, 
 from ffl.report import data_note
 from ffl.report import steps_per_network as report_steps
 from ffl.data import load_task, task_classes
-from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, train_zoo
+from ffl.zoo import Zoo, cached_zoo_root, default_cache_dir, read_provenance, train_zoo
 
 FEATURE_KINDS = ("chain", "layer")
 
@@ -315,10 +315,7 @@ def _protocol_rows(rep: Representation, zoo: Zoo, cfg: ProjectionConfig, split, 
 
 def _training_seconds(root: Path) -> float:
     """The zoo's training time as its provenance recorded it (NaN for a zoo without one)."""
-    try:
-        return float(json.loads((root / "provenance.json").read_text())["seconds"])
-    except (OSError, KeyError, ValueError):
-        return float("nan")
+    return float((read_provenance(root) or {}).get("seconds", float("nan")))
 
 
 def protocol_sizes(profile: str, *, seed: int = 0, data_root: str | None = None) -> dict[str, Any]:

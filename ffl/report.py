@@ -8,16 +8,15 @@ prose names come as ``{glue name: value}`` dicts, which :func:`publish` glues fo
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ffl.data import DATA_NAMES, cifar10, load_task, resolve_root, tiny_imagenet
+from ffl.models import CONV_ARCHS, PLAINNET5_WIDTHS
 from ffl.paper import caption_note, reported
 from ffl.protocols import classification_split, retrieval_split
-from ffl.zoo import spec_from_profile
+from ffl.zoo import read_provenance, spec_from_profile
 
 if TYPE_CHECKING:  # type hints only: experiment imports nothing from here
     import torch
@@ -85,7 +84,7 @@ KERNEL_NAMES = {"torch": "PyTorch's", "triton": "Triton (ffl)", "interpret": "Tr
 def _engine_rows(exp: Experiment) -> list[tuple[str, str]]:
     """How the zoo was trained when it was not PyTorch's own operations: its provenance's kernels
     and chunk size (none for a zoo trained before they were recorded)."""
-    prov = _zoo_provenance(exp) or {}
+    prov = read_provenance(exp.zoo.root) or {}
     kernels = prov.get("kernels") or {}
     if all(kernels.get(part, "torch") == "torch" for part in ("conv", "bn")):
         return []
@@ -346,7 +345,7 @@ def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, s
     if worst <= 2.0:
         return text + f" The chains reach the paper's numbers, none more than 2 points below ({listing}).{other}"
     against = ""
-    if why and paper_spec is not None and (section, spec.arch) in PAPER_ZOOS:
+    if why and spec.arch in CONV_ARCHS and paper_spec is not None and (section, spec.arch) in PAPER_ZOOS:
         against = " " + against_paper(spec, paper_spec, steps=(steps, steps_per_network(paper_spec, paper_images)),
                                       images=(len(first.y_train), paper_images))
     return (text + f" The chains fall short of the paper by up to {worst:.1f} points ({listing}).{other} "
@@ -354,27 +353,19 @@ def scale_note(exp: Experiment, section: str, *, data_root: str | None = None, s
 
 
 def against_paper(spec, paper_spec, *, steps: tuple[int, int], images: tuple[int, int]) -> str:
-    """One sentence: how this zoo differs from the paper's in what the CNN-gap chapter found to
-    matter (widths, SGD steps, images per task, runs per task), each said as it is (fewer, more, as many)."""
-    def compare(name: str, ours: Any, theirs: Any, less: str, more: str) -> str:
+    """One sentence: how a convolutional zoo differs from the paper's in what the CNN-gap chapter
+    found to matter (widths, SGD steps, images per task, runs per task), each said as it is."""
+    def compare(name: str, ours: int, theirs: int) -> str:
         if ours == theirs:
-            return f"as many {name} ({ours:,})" if isinstance(ours, int) else f"the same {name} ({ours})"
-        word = less if ours < theirs else more
-        shown = (lambda v: f"{v:,}") if isinstance(ours, int) else str
-        return f"{word} {name} ({shown(ours)} against {shown(theirs)})"
+            return f"as many {name} ({ours:,})"
+        return f"{'fewer' if ours < theirs else 'more'} {name} ({ours:,} against {theirs:,})"
 
-    parts = []
-    if spec.arch in ("cnn", "plainnet6", "resnet5"):
-        from ffl.models import PLAINNET5_WIDTHS
-
-        ours, theirs = (list(s.model_kwargs.get("widths", PLAINNET5_WIDTHS)) for s in (spec, paper_spec))
-        widths = lambda w: "–".join(map(str, w))  # noqa: E731 - one label
-        parts.append("the paper's widths" if ours == theirs else
-                     f"{'narrower' if sum(ours) < sum(theirs) else 'wider'} networks ({widths(ours)} against {widths(theirs)})")
-    parts += [compare("SGD steps per network", steps[0], steps[1], "fewer", "more"),
-              compare("training images per task", images[0], images[1], "fewer", "more"),
-              compare("runs per task", spec.runs, paper_spec.runs, "fewer", "more")]
-    return f"This page's zoo against the paper's: {', '.join(parts[:-1])} and {parts[-1]}."
+    ours, theirs = (list(s.model_kwargs.get("widths", PLAINNET5_WIDTHS)) for s in (spec, paper_spec))
+    label = "–".join
+    widths = ("the paper's widths" if ours == theirs else f"{'narrower' if sum(ours) < sum(theirs) else 'wider'} "
+              f"networks ({label(map(str, ours))} against {label(map(str, theirs))})")
+    return (f"This page's zoo against the paper's: {widths}, {compare('SGD steps per network', *steps)}, "
+            f"{compare('training images per task', *images)} and {compare('runs per task', spec.runs, paper_spec.runs)}.")
 
 
 def stage_table(exp: Experiment) -> str:
@@ -383,7 +374,7 @@ def stage_table(exp: Experiment) -> str:
     rows = []
     for stage, value in exp.seconds.items():
         if isinstance(value, str):
-            prov = _zoo_provenance(exp) if stage == "zoo" else None
+            prov = read_provenance(exp.zoo.root) if stage == "zoo" else None
             if prov and "seconds" in prov:
                 value += f" (trained in {prov['seconds']:,.1f} s on {prov.get('hardware', prov.get('device', '?'))})"
         else:
@@ -391,10 +382,3 @@ def stage_table(exp: Experiment) -> str:
         rows.append((stage, value))
     return _markdown(rows)
 
-
-def _zoo_provenance(exp: Experiment) -> dict | None:
-    path = Path(exp.zoo.root) / "provenance.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -23,7 +23,8 @@ import importlib
 from ffl.zoo.spec import LATER_FIELDS, NON_IDENTITY_FIELDS, ZooSpec, data_seed, run_seed, spec_diff, spec_sha256
 from ffl.zoo.store import (FORMAT, FORMAT_VERSION, Piece, StaleDataError, TrainingDivergedError, Zoo, ZooCorruptError,
                            cached_zoo_root, check_networks, check_task_data, chunks, default_cache_dir,
-                           expected_networks, finalize_zoo, merge_zoos, read_record, recorded_task_data, write_piece)
+                           expected_networks, finalize_zoo, merge_zoos, read_provenance, read_record, recorded_task_data,
+                           write_piece)
 from ffl.zoo.train import (CONV_CHUNK_CAP, ChunkInputs, chunk_inputs, default_batch_networks, kernels_used, prepare_zoo,
                            train_zoo)
 

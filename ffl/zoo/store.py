@@ -579,6 +579,16 @@ def merge_zoos(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> Zo
     return Zoo.load(out)
 
 
+def read_provenance(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The zoo's ``provenance.json`` (device, hardware, ``seconds`` of its last training run,
+    ``networks_trained``, ``batch_networks``), or ``None`` where there is none or it cannot be read."""
+    try:
+        record = json.loads((Path(root) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def default_cache_dir() -> Path:
     """``$FFL_CACHE`` (set but empty: unset) or ``./cache``: where zoos and results land."""
     return env_folder("FFL_CACHE", "cache").resolve()
