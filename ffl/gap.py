@@ -28,14 +28,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ffl.experiment import RESULT_KEY, check_choices, code_hash, read_results, write_results
+from ffl.experiment import RESULT_KEY, check_choices, code_hash, protocol_rows, read_results, write_results
 from ffl.features import FeatureConfig, ProjectionConfig, Representation
 from ffl.files import write_bytes_atomic
 from ffl.kernels import StreamConfig, ZooFeatures
 from ffl.models import build_model
 from ffl.profile_settings import load
-from ffl.protocols import (classification_predictions, classification_protocol, classification_split, retrieval_protocol,
-                           retrieval_split)
+from ffl.protocols import classification_predictions, classification_split, retrieval_split
 from ffl.report import data_note
 from ffl.report import steps_per_network as report_steps
 from ffl.data import load_task, task_classes
@@ -282,12 +281,12 @@ def overlap_errors(exp, *, indices: tuple[int, ...] = (1, 2, 3), cache_dir: str 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     reps = zoo_kernels(zoo, dataclasses.replace(exp.features, max_index=max(indices)), cache, progress=False)
     projection = exp.section.projection_for(zoo.spec.arch, seed=exp.split.seed)
+    chain_top1 = exp.results.query("feature == 'chain' and protocol == 'classification' and metric == 'top1'")
     rows = []
     for index in indices:
         true, predicted = classification_predictions(reps[("chain", index)], zoo.tasks, zoo.runs, projection, exp.split)
         top1 = float((true == predicted).float().mean())
-        reported = exp.results.query("feature == 'chain' and protocol == 'classification' and metric == 'top1'")
-        reported = reported.loc[reported["index"] == index, "value"]
+        reported = chain_top1.loc[chain_top1["index"] == index, "value"]
         if len(reported) != 1 or abs(float(reported.iloc[0]) - top1) > 1e-6:
             raise RuntimeError(f"chain {index}: the classification redone here scores {top1:.4f}, the results table "
                                f"{reported.tolist()}: the two differ, so where its errors land cannot be read from it")
@@ -306,11 +305,10 @@ def error_landing(true: torch.Tensor, predicted: torch.Tensor, sharing: dict[int
 
 
 def _protocol_rows(rep: Representation, zoo: Zoo, cfg: ProjectionConfig, split, **labels: Any) -> list[dict[str, Any]]:
-    """Both protocols (§4) on one representation of ``zoo``: one row per (protocol, metric), each
-    carrying ``labels``."""
-    return [{**labels, "protocol": protocol, "metric": metric, "value": value}
-            for protocol, fn in (("classification", classification_protocol), ("retrieval", retrieval_protocol))
-            for metric, value in fn(rep, zoo.tasks, zoo.runs, cfg, split).items()]
+    """:func:`ffl.experiment.protocol_rows` (both protocols of §4 on one representation), each row
+    carrying ``labels`` (its Θ setting or feature variant, feature and index)."""
+    kind, index = labels.pop("feature"), labels.pop("index")
+    return [{**labels, **row} for row in protocol_rows(rep, kind, index, zoo, cfg, split)]
 
 
 def _training_seconds(root: Path) -> float:
