@@ -35,9 +35,8 @@ import papermill
 from ffl import fidelity
 from ffl.checks import as_folder
 from ffl.cli import Command, run_command_line
-from ffl.data import DATASETS
 from ffl.files import atomic_path, clean_stale_temp, write_bytes_atomic
-from ffl.profiles import load_profile
+from ffl.profiles import chapter_entries, load_profile
 from ffl.provenance import REPO_ROOT, git_commit, run_info
 from ffl.report import data_label
 
@@ -70,28 +69,18 @@ def book_skeleton(book_dir: Path) -> Path:
 
 
 def chapter_plan(profile: str, *, dataset: str | None = None) -> list[dict[str, Any]]:
-    """The chapters of ``profile``: dicts with ``notebook``, ``output`` and ``parameters``.
-    ``dataset`` replaces the profile's dataset in every chapter that takes one (their titles name
-    it), e.g. ``cifar10`` for the CIFAR-100 chapters where CIFAR-100 cannot be had."""
-    plan = load_profile(profile).get("chapters")
-    if not plan:
-        raise ValueError(f"profile {profile!r} lists no chapters")
-    if dataset is not None and dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    """The chapters of ``profile`` (:func:`ffl.profiles.chapter_entries`): dicts with ``notebook``,
+    ``output``, ``parameters`` and ``title``, each notebook checked to exist and each title naming
+    its data (``dataset`` replaces the profile's where a chapter takes one)."""
     out = []
-    for entry in plan:
+    for entry in chapter_entries(profile, dataset=dataset):
         notebook = entry["notebook"]
         if not (NOTEBOOK_DIR / f"{notebook}.ipynb").is_file():
             raise FileNotFoundError(f"profile {profile!r} names notebook {notebook!r}, but "
                                     f"{NOTEBOOK_DIR / (notebook + '.ipynb')} does not exist")
-        params = {"profile": profile, **entry.get("parameters", {})}
-        if dataset is not None and "dataset" in params:
-            params["dataset"] = dataset
-        title = entry.get("title")
-        if title is not None:
-            title = chapter_title(title, params.get("dataset"), notebook)
-        out.append({"notebook": notebook, "output": entry.get("output", notebook), "parameters": params,
-                    "title": title})
+        if entry["title"] is not None:
+            entry["title"] = chapter_title(entry["title"], entry["parameters"].get("dataset"), notebook)
+        out.append(entry)
     return out
 
 

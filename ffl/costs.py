@@ -10,6 +10,7 @@ import pandas as pd
 from ffl.experiment import factor_settings
 from ffl.gap import StudySettings
 from ffl.profile_settings import load
+from ffl.profiles import chapter_entries
 from ffl.zoo import cached_zoo_root, default_cache_dir, read_provenance
 
 
@@ -19,11 +20,8 @@ def book_zoos(profile: str, *, dataset: str | None = None) -> list[dict[str, Any
     The same spec may appear under two chapters (one cache: the factors' Baseline and a study zoo).
     Chapters that only read other chapters' zoos (beyond) or train none list nothing."""
     settings, out = load(profile), []
-    for entry in settings.settings.get("chapters") or []:
-        notebook = entry["notebook"]
-        params = dict(entry.get("parameters") or {})
-        if dataset is not None and "dataset" in params:
-            params["dataset"] = dataset
+    for entry in chapter_entries(profile, dataset=dataset):
+        notebook, params = entry["notebook"], entry["parameters"]
         if notebook in ("tiny_imagenet", "cifar100"):
             arch, data = params.get("arch", "mlp"), params.get("dataset", notebook)
             zoos = {arch: (notebook, arch, data, {})}
@@ -40,7 +38,7 @@ def book_zoos(profile: str, *, dataset: str | None = None) -> list[dict[str, Any
             continue
         for label, (section, arch, data, overrides) in zoos.items():
             spec = settings.section(section).spec(arch=arch, dataset=data, **overrides)
-            out.append({"chapter": entry.get("output", notebook), "zoo": label, "spec": spec})
+            out.append({"chapter": entry["output"], "zoo": label, "spec": spec})
     return out
 
 

@@ -283,3 +283,23 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
         both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = _merged(out[key], value) if both_mappings else value
     return out
+
+
+def chapter_entries(profile: str, *, dataset: str | None = None) -> list[dict[str, Any]]:
+    """The chapters a profile's book runs (its ``chapters:``), in order: dicts with ``notebook``,
+    ``output``, ``parameters`` (``profile`` first) and the ``title`` template, if any. ``dataset``
+    replaces the profile's dataset in every chapter that takes one (e.g. ``cifar10`` for the
+    CIFAR-100 chapters where CIFAR-100 cannot be had)."""
+    plan = load_profile(profile).get("chapters")
+    if not plan:
+        raise ValueError(f"profile {profile!r} lists no chapters")
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    out = []
+    for entry in plan:
+        params = {"profile": profile, **entry.get("parameters", {})}
+        if dataset is not None and "dataset" in params:
+            params["dataset"] = dataset
+        out.append({"notebook": entry["notebook"], "output": entry.get("output", entry["notebook"]),
+                    "parameters": params, "title": entry.get("title")})
+    return out
