@@ -134,7 +134,7 @@ ffl.report.publish(ffl.report.result_numbers(exp, "cifar100", data_root=data_roo
 # Where the chains' errors land when the zoo's tasks share classes (CIFAR-10's pairs do; the paper's do not)
 sharing = ffl.gap.shared_class_tasks(dataset, list(exp.zoo.spec.tasks))
 overlap = ffl.gap.overlap_errors(exp, indices=ffl.report.PAPER_INDICES) if any(sharing.values()) else None
-if overlap is not None:
+if overlap is not None and overlap["errors"].any():  # without errors the shares are undefined; the note says so
     display(Markdown("**Chain classification errors and the tasks they land on**"), overlap.round(3))
 ffl.report.publish({"overlap_note": ffl.report.Md(ffl.report.overlap_note(
     overlap, sharing, ffl.report.data_label(dataset, "cifar100")))})
